@@ -1,0 +1,94 @@
+"""Output folder handling: stage everything in a temporary sibling folder, then rename into place.
+
+An interrupted run leaves the previous output untouched (or nothing); an existing output is
+replaced only with --force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import OutputExistsError
+
+ONNX_NAME = "model.onnx"
+DATA_SUFFIX = ".data"
+PROTOBUF_LIMIT = 2 * 1024**3
+# Weights above this stay in model.onnx.data beside model.onnx (protobuf cannot hold > 2 GB);
+# below it model.onnx is one self-contained file. Margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 1024**2
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputExistsError(f"--out {out} already holds output; pass --force to replace it or choose another folder")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is removed."""
+    out = Path(out)
+    check_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        yield stage
+        publish(stage, out, force)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(stage: Path, out: Path, force: bool) -> None:
+    check_output_dir(out, force)  # again: something may have appeared while we worked
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    stage.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_onnx(model, path: Path, *, threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+    """Save `model` over `path`, whose weights may still live in `path`.data; return the files kept.
+
+    Weights of at most `threshold` bytes are folded into one self-contained file; larger ones stay
+    in `model.onnx.data` beside it, which onnxruntime and TensorRT find by relative path.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    path = Path(path)
+    data = path.with_name(path.name + DATA_SUFFIX)
+    tmp = path.with_name(path.name + ".tmp")
+    external = data.exists() and data.stat().st_size > threshold
+    if data.exists() and not external:
+        load_external_data_for_model(model, str(path.parent))
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+    if external:
+        return [path, data]
+    data.unlink(missing_ok=True)
+    return [path]
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,80 @@
+"""python -m export.build_engine: checkpoint -> ONNX (+ TensorRT engine where TensorRT and a GPU exist).
+
+A thin layer over export.pipeline.build; everything it does is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .lowering import ROPE_CHOICES
+from .pipeline import PRECISIONS, BuildOptions
+
+EPILOG = """\
+models: a checkpoint folder (config.json, *.safetensors, preprocessor_config.json), a hub id, or a
+zoo alias: rice-l-560, mlcd-bigg-448 (2D RoPE); mlcd-l-336, mlcd-b-32 (CLIP-style).
+Without --model: a small bundled 2D-RoPE demo with seeded random weights.
+
+examples:
+  python -m export.build_engine
+  python -m export.build_engine --model ./rice-vit-large-patch14-560 --out artifacts/rice --hidden-layer -2
+  python -m export.build_engine --model rice-l-560 --random-weights --dynamic-resolution
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export.build_engine",
+        description="Export an MLCD/RICE vision encoder to ONNX with a custom 2D-RoPE op, check parity "
+                    "against PyTorch on real photos, and build a TensorRT engine where possible.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint folder, hub id or zoo alias (default: demo)")
+    p.add_argument("--out", metavar="DIR", type=Path, help="output folder (default: artifacts/<model>)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="precision recipe (default: fp32)")
+    p.add_argument("--rope", choices=ROPE_CHOICES, default="auto",
+                   help="RoPE lowering: custom op with function body, opset-23 RotaryEmbedding, plain ops, "
+                        "or TensorRT plugin node (default: auto, the best for the target runtime)")
+    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"),
+                   help="input resolution, multiples of the patch size (default: the checkpoint's)")
+    p.add_argument("--dynamic-resolution", action="store_true",
+                   help="one graph for any H and W that are multiples of the patch size")
+    p.add_argument("--max-batch", type=int, default=32, metavar="N", help="largest batch for engines (default: 32)")
+    p.add_argument("--hidden-layer", type=int, metavar="N",
+                   help="also output hidden_states[N] as `hidden_state` (e.g. -2 for LLaVA-style VLMs)")
+    p.add_argument("--calib-images", type=Path, metavar="DIR", help="calibration images for int8")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build a zoo architecture with seeded random weights (no download; for benchmarks)")
+    p.add_argument("--skip-parity", action="store_true", help="do not run the onnxruntime parity check")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from .errors import MvtError
+    from .pipeline import build
+
+    opts = BuildOptions(
+        model=args.model, out=args.out, precision=args.precision, rope=args.rope,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        dynamic_resolution=args.dynamic_resolution, max_batch=args.max_batch, hidden_layer=args.hidden_layer,
+        calib_images=args.calib_images, force=args.force, random_weights=args.random_weights,
+        parity=not args.skip_parity,
+    )
+    try:
+        result = build(opts)
+    except MvtError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result.parity_passed is False:
+        print("error: parity thresholds failed (see the checklist above and parity.json)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

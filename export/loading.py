@@ -1,0 +1,162 @@
+"""Load a checkpoint: a local Hugging Face folder, a hub id, a zoo alias or the bundled demo.
+
+Safetensors only and no remote code: a checkpoint is data, never code we execute.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+from .families import CLIP_MEAN, CLIP_STD, ModelFamily, family_for_model_type
+from .zoo import DEMO, DEMO_SEED, ZooEntry, zoo_entry
+
+HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "preprocessor_config.json"]
+
+
+@dataclass
+class Checkpoint:
+    """A loaded encoder in fp32 eval mode, with what is needed to feed it."""
+
+    model: Any  # transformers PreTrainedModel
+    family: ModelFamily
+    processor: Any  # CLIP image processor
+    source: str  # what the user asked for
+    folder: Path | None  # where config/weights came from (None for built-in architectures)
+    random_weights: bool
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.config.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
+    def patch_size(self) -> int:
+        p = self.config.patch_size
+        return p if isinstance(p, int) else p[0]
+
+
+def load_checkpoint(model: str | None = None, *, random_weights: bool = False, seed: int = DEMO_SEED) -> Checkpoint:
+    """Resolve `model` (None: the demo) and load it through transformers."""
+    if model is None:
+        return _from_architecture(DEMO, source="demo", seed=seed)
+    entry = zoo_entry(model)
+    if random_weights:
+        if entry is None:
+            raise CheckpointError(
+                f"--random-weights needs a zoo architecture ({', '.join(_aliases())}); got {model!r}"
+            )
+        return _from_architecture(entry, source=entry.alias, seed=seed)
+    folder = _local_or_download(entry.hub_id if entry else model)
+    return load_folder(folder, source=model)
+
+
+def load_folder(folder: Path, source: str | None = None) -> Checkpoint:
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from None
+    if not model_type:
+        raise CheckpointError(f"{config_path} has no model_type")
+    family = family_for_model_type(model_type)
+    _check_weights(folder)
+
+    import torch
+
+    # CLIPVisionModel reads a full "clip" checkpoint's vision_config and vision_model.* weights.
+    model = family.model_class().from_pretrained(
+        folder, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
+    )
+    model.eval()
+    return Checkpoint(model, family, load_processor(folder, model.config), source or str(folder), folder, False)
+
+
+def _from_architecture(entry: ZooEntry, source: str, seed: int) -> Checkpoint:
+    import torch
+
+    family = family_for_model_type(entry.model_type)
+    config = family.config_class()(**entry.config)
+    torch.manual_seed(seed)  # seeded so that every run of the demo builds the same weights
+    model = family.model_class()(config).eval()
+    return Checkpoint(model, family, load_processor(None, config), source, None, True)
+
+
+def load_processor(folder: Path | None, config):
+    """The checkpoint's CLIPImageProcessor, or CLIP's defaults at the model's resolution."""
+    cls = _processor_class()
+    if folder is not None and (folder / "preprocessor_config.json").is_file():
+        return cls.from_pretrained(folder)
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+               image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+
+
+def _processor_class():
+    # The PIL processor needs no torchvision; transformers falls back to it anyway, with a warning.
+    try:
+        from transformers import CLIPImageProcessorPil as cls
+    except ImportError:
+        from transformers import CLIPImageProcessor as cls
+    return cls
+
+
+def _check_weights(folder: Path) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"{folder} has only pickle weights ({', '.join(pickles)}); mvt-deploy loads safetensors only. "
+            "Convert once where you trust the file: "
+            "Model.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{folder} has no *.safetensors weights")
+
+
+def _local_or_download(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json")
+        return path
+    if _looks_like_path(name):
+        raise CheckpointError(
+            f"checkpoint folder {name} does not exist; pass a folder, a hub id (owner/name) "
+            f"or a zoo alias ({', '.join(_aliases())})"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise CheckpointError(
+            f"could not fetch {name!r} from the Hugging Face hub ({type(exc).__name__}: {_first_line(exc)}). "
+            f"Download it where the hub is reachable (hf download {name}) and pass the folder, "
+            f"or use a zoo alias ({', '.join(_aliases())}) with --random-weights to export the architecture"
+        ) from None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
+
+
+def _aliases() -> list[str]:
+    from .zoo import ZOO
+
+    return [e.alias for e in ZOO]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""

@@ -1,0 +1,155 @@
+"""--rope lowerings: ONNX-to-ONNX rewrites of the canonical graph's mvt.RoPE2D nodes.
+
+    custom      mvt.RoPE2D + model-local function body (plain onnxruntime inlines the body)
+    onnx23      standard RotaryEmbedding (opset 23): onnxruntime >= 1.23, TensorRT >= 10.15
+    decomposed  the body inlined: standard elementwise ops only, any runtime
+    plugin      mvt.RoPE2D with plugin_namespace/aot attributes and no body: TensorRT's
+                ahead-of-time plugin (op type = plugin name)
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from . import onnx_rope
+from .errors import OptionError
+
+LOWERINGS = ("custom", "onnx23", "decomposed", "plugin")
+ROPE_CHOICES = ("auto",) + LOWERINGS
+PLUGIN_NAMESPACE = onnx_rope.DOMAIN
+ROTARY_OPSET = 23
+
+
+def resolve_rope(requested: str, tensorrt_version: str | None) -> str:
+    """`auto`: the best lowering for the runtime that will run the graph.
+
+    No TensorRT engine: `custom` (onnxruntime runs the body; a registered kernel can take over).
+    TensorRT >= 10.15: native RotaryEmbedding. 10.9-10.14: the AOT plugin. Older: decomposed.
+    """
+    if requested not in ROPE_CHOICES:
+        raise OptionError(f"--rope {requested} is unknown; choose one of {', '.join(ROPE_CHOICES)}")
+    if requested != "auto":
+        return requested
+    if tensorrt_version is None:
+        return "custom"
+    version = tuple(int(p) for p in tensorrt_version.split(".")[:2])
+    if version >= (10, 15):
+        return "onnx23"
+    if version >= (10, 9):
+        return "plugin"
+    return "decomposed"
+
+
+def lower_rope(model: onnx.ModelProto, lowering: str) -> onnx.ModelProto:
+    """Return a copy of the canonical `model` with its RoPE2D nodes in the `lowering` form."""
+    if lowering not in LOWERINGS:
+        raise OptionError(f"unknown RoPE lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if not onnx_rope.rope_nodes(out.graph):
+        return out  # nothing to lower (CLIP-style models)
+    {"custom": _keep_custom, "onnx23": _to_rotary_embedding, "decomposed": _inline,
+     "plugin": _to_plugin}[lowering](out)
+    return out
+
+
+def _keep_custom(model: onnx.ModelProto) -> None:
+    onnx_rope.attach_function(model)
+
+
+def _inline(model: onnx.ModelProto) -> None:
+    import onnx.inliner
+
+    onnx_rope.attach_function(model)
+    inlined = onnx.inliner.inline_selected_functions(model, [(onnx_rope.DOMAIN, onnx_rope.OP_TYPE)])
+    model.CopyFrom(inlined)
+    onnx_rope.del_functions(model)
+    _drop_opset(model, onnx_rope.DOMAIN)
+
+
+def _to_plugin(model: onnx.ModelProto) -> None:
+    onnx_rope.del_functions(model)
+    for node in onnx_rope.rope_nodes(model.graph):
+        del node.attribute[:]
+        node.attribute.extend([
+            helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE),
+            helper.make_attribute("aot", 1),  # use the ahead-of-time implementation (no Python at runtime)
+        ])
+
+
+def _to_rotary_embedding(model: onnx.ModelProto) -> None:
+    """Each RoPE2D(x [B,S,H,D], cos, sin) becomes
+
+        xf  = CastLike(x, cos)                      # rotate in float, as the reference does
+        x3  = Reshape(xf, [0, 0, -1])               # (B, S, H*D): the 3-D form takes num_heads
+        pos = Expand(Range(0, S, 1)[None], [B, S])  # onnxruntime rejects position_ids [1, S] for B > 1
+        y3  = RotaryEmbedding(x3, cos, sin, pos, num_heads=H, interleaved=0)
+        y   = CastLike(Reshape(y3, Shape(x)), x)
+    """
+    heads = _static_heads(model)
+    onnx_rope.del_functions(model)
+    new_nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if not (node.domain == onnx_rope.DOMAIN and node.op_type == onnx_rope.OP_TYPE):
+            new_nodes.append(node)
+            continue
+        x, cos, sin = node.input
+        y = node.output[0]
+        p = (node.name or y) + "/rotary/"
+        n = helper.make_node
+        new_nodes += [
+            n("CastLike", [x, cos], [p + "xf"], name=p + "cast_in"),
+            n("Shape", [x], [p + "shape"], name=p + "shape"),
+            n("Reshape", [p + "xf", p + "flat_shape"], [p + "x3"], name=p + "flatten_heads"),  # (B, S, H*D)
+            n("Shape", [x], [p + "batch_seq"], start=0, end=2, name=p + "batch_seq"),  # [B, S]
+            n("Shape", [x], [p + "seq"], start=1, end=2, name=p + "seq_shape"),
+            n("Squeeze", [p + "seq"], [p + "seq_scalar"], name=p + "seq_scalar"),
+            n("Range", [p + "zero", p + "seq_scalar", p + "one"], [p + "positions"], name=p + "range"),  # (S,)
+            n("Expand", [p + "positions", p + "batch_seq"], [p + "position_ids"], name=p + "position_ids"),  # (B, S)
+            n("RotaryEmbedding", [p + "x3", cos, sin, p + "position_ids"], [p + "y3"],
+              num_heads=heads[x], interleaved=0, name=p + "rotary"),
+            n("Reshape", [p + "y3", p + "shape"], [p + "yf"], name=p + "unflatten_heads"),  # (B, S, H, D)
+            n("CastLike", [p + "yf", x], [y], name=p + "cast_out"),
+        ]
+        model.graph.initializer.extend([
+            helper.make_tensor(p + "flat_shape", onnx.TensorProto.INT64, [3], [0, 0, -1]),
+            helper.make_tensor(p + "zero", onnx.TensorProto.INT64, [], [0]),
+            helper.make_tensor(p + "one", onnx.TensorProto.INT64, [], [1]),
+        ])
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    _drop_opset(model, onnx_rope.DOMAIN)
+    _set_default_opset(model, ROTARY_OPSET)
+
+
+def _static_heads(model: onnx.ModelProto) -> dict[str, int]:
+    """Number of heads (axis 2 of each RoPE2D input), which RotaryEmbedding needs as an attribute."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {v.name: v.type.tensor_type.shape.dim for v in inferred.graph.value_info}
+    heads = {}
+    for node in onnx_rope.rope_nodes(model.graph):
+        shape = dims.get(node.input[0])
+        if shape is None or len(shape) != 4 or not shape[2].HasField("dim_value"):
+            raise OptionError(f"--rope onnx23: the head count of {node.input[0]} is not static in the graph")
+        heads[node.input[0]] = shape[2].dim_value
+    return heads
+
+
+def _drop_opset(model: onnx.ModelProto, domain: str) -> None:
+    keep = [o for o in model.opset_import if o.domain != domain]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def _set_default_opset(model: onnx.ModelProto, version: int) -> None:
+    """Raise the default-domain opset. The exporter's ops (opset 18-20) keep their semantics up to 23:
+    the versions in between only add types (checked by onnx.checker and onnxruntime parity)."""
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, version)
+    for f in model.functions:
+        for o in f.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = max(o.version, version)
+    model.ir_version = max(model.ir_version, 11)  # opset 23 needs IR version 11

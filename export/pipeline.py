@@ -1,0 +1,213 @@
+"""The export pipeline as a Python API: checkpoint -> ONNX -> RoPE lowering -> parity -> engine.
+
+    from export.pipeline import BuildOptions, build
+    result = build(BuildOptions(model="rice-l-560", out=Path("artifacts/rice")))
+
+The CLI (build_engine.py) is a thin layer over `build`.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .artifacts import EXTERNAL_DATA_THRESHOLD, ONNX_NAME, save_onnx, sha256, staged_output, write_json
+from .engine import PLAN_NAME, build_engine, probe_tensorrt
+from .errors import OptionError
+from .families import INPUT_NAME
+from .lowering import lower_rope, resolve_rope
+from .onnx_export import ExportShape, export_canonical, validate_hidden_layer, validate_image_size
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class BuildOptions:
+    model: str | None = None  # folder, hub id or zoo alias; None: the bundled demo
+    out: Path | None = None  # None: artifacts/<model name>
+    precision: str = "fp32"
+    rope: str = "auto"
+    image_size: tuple[int, int] | None = None  # None: the checkpoint's
+    dynamic_resolution: bool = False
+    max_batch: int = 32
+    hidden_layer: int | None = None
+    calib_images: Path | None = None
+    force: bool = False
+    random_weights: bool = False
+    parity: bool = True
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict
+    parity_passed: bool | None  # None: parity was not run
+    files: list[str] = field(default_factory=list)
+
+
+class Steps:
+    """Numbered progress lines with timings: long steps (tracing bigG) say what is happening."""
+
+    def __init__(self, total: int, log: Callable[[str], None]):
+        self.total, self.log, self.n, self.timings = total, log, 0, {}
+
+    def run(self, title: str, fn, *args, **kwargs):
+        self.n += 1
+        self.log(f"[{self.n}/{self.total}] {title} ...")
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        self.timings[title] = round(seconds, 2)
+        self.log(f"      done in {seconds:.1f} s")
+        return result
+
+
+def default_out(model: str | None) -> Path:
+    name = "demo" if model is None else Path(model.rstrip("/")).name.lower()
+    return Path("artifacts") / name
+
+
+def validate_options(opts: BuildOptions) -> None:
+    """Checks that need no checkpoint, so that a typo fails before a slow load."""
+    if opts.precision not in PRECISIONS:
+        raise OptionError(f"--precision {opts.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
+    if opts.precision != "fp32":
+        raise OptionError(
+            f"--precision {opts.precision} is not available yet: the fp16/int8 ONNX recipes land with the "
+            "precision stage; export fp32 for now"
+        )
+    resolve_rope(opts.rope, None)
+    if opts.max_batch < 1:
+        raise OptionError(f"--max-batch {opts.max_batch} must be at least 1")
+    if opts.calib_images is not None and not Path(opts.calib_images).is_dir():
+        raise OptionError(f"--calib-images {opts.calib_images} is not a folder")
+
+
+def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult:
+    from .loading import load_checkpoint
+
+    validate_options(opts)
+    out = Path(opts.out) if opts.out is not None else default_out(opts.model)
+    target = probe_tensorrt()
+    rope = resolve_rope(opts.rope, target.tensorrt_version if target.skip_reason is None else None)
+    steps = Steps(5, log)
+
+    with staged_output(out, opts.force) as stage:
+        ckpt = steps.run(f"Loading {opts.model or 'the demo model'}", load_checkpoint, opts.model,
+                         random_weights=opts.random_weights)
+        if ckpt.random_weights:
+            log("      note: this model has seeded RANDOM weights (an architecture demo, not a trained encoder)")
+        height, width = opts.image_size or ckpt.image_size
+        validate_image_size(height, width, ckpt.patch_size)
+        if opts.hidden_layer is not None:
+            validate_hidden_layer(opts.hidden_layer, ckpt.config.num_hidden_layers)
+        shape = ExportShape(height, width, opts.dynamic_resolution, opts.hidden_layer)
+
+        onnx_path = stage / ONNX_NAME
+        steps.run(f"Tracing to ONNX ({height}x{width}{', any resolution' if shape.dynamic_resolution else ''})",
+                  export_canonical, ckpt, shape, onnx_path)
+        if not ckpt.family.has_rope:
+            rope = "none"
+        files = steps.run(f"Lowering RoPE ({rope}) and saving {ONNX_NAME}", _lower_and_save, onnx_path,
+                          rope, opts.external_data_threshold)
+
+        parity = None
+        if opts.parity:
+            from .parity import onnx_parity
+
+            parity = steps.run("Checking parity against PyTorch on photos", onnx_parity, ckpt, shape, onnx_path)
+            log(parity.checklist())
+            write_json(stage / "parity.json", parity.to_json())
+        else:
+            steps.n += 1
+
+        engine = {"built": False, "reason": target.skip_reason}
+        if target.skip_reason is None and not shape.dynamic_resolution:
+            profile = steps.run("Building the TensorRT engine", build_engine, onnx_path, stage / PLAN_NAME,
+                                input_name=INPUT_NAME, image_size=(height, width), max_batch=opts.max_batch)
+            engine = {"built": True, "tensorrt": target.tensorrt_version, "profiles": profile}
+            files.append(stage / PLAN_NAME)
+        else:
+            reason = target.skip_reason or "dynamic-resolution engines need H/W profiles (precision stage)"
+            engine["reason"] = reason
+            steps.n += 1
+            log(f"[{steps.n}/{steps.total}] TensorRT engine skipped: {reason}")
+
+        ckpt.processor.save_pretrained(stage)  # the exact preprocessing, for serving
+        manifest = _manifest(opts, ckpt, shape, rope, files + [stage / "preprocessor_config.json"],
+                             parity, engine, steps.timings)
+        write_json(stage / "manifest.json", manifest)
+    log(f"wrote {out}/ ({', '.join(sorted(manifest['artifacts']))}, manifest.json)")
+    return BuildResult(out, manifest, None if parity is None else parity.passed,
+                       sorted(manifest["artifacts"]))
+
+
+def _lower_and_save(onnx_path: Path, rope: str, threshold: int) -> list[Path]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    lowered = model if rope == "none" else lower_rope(model, rope)
+    return save_onnx(lowered, onnx_path, threshold=threshold)
+
+
+def _manifest(opts, ckpt, shape, rope, files, parity, engine, timings) -> dict:
+    cfg = ckpt.config
+    return {
+        "mvt_deploy": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "model": {
+            "source": ckpt.source,
+            "family": ckpt.family.name,
+            "model_type": cfg.model_type,
+            "random_weights": ckpt.random_weights,
+            "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "patch_size": ckpt.patch_size,
+            "native_image_size": list(ckpt.image_size),
+        },
+        "interface": {
+            "inputs": {INPUT_NAME: {"dtype": "float32",
+                                    "shape": ["batch", 3, "height" if shape.dynamic_resolution else shape.height,
+                                              "width" if shape.dynamic_resolution else shape.width]}},
+            "outputs": {name: {"dtype": "float32", "shape": ["batch", "sequence", cfg.hidden_size]
+                               if name != "pooler_output" else ["batch", cfg.hidden_size]}
+                        for name in shape.output_names},
+            "hidden_layer": shape.hidden_layer,
+            "dynamic_resolution": shape.dynamic_resolution,
+            "max_batch": opts.max_batch,
+        },
+        "precision": opts.precision,
+        "rope_lowering": rope,
+        "engine": engine,
+        "parity": None if parity is None else {"passed": parity.passed, "worst": parity.worst()},
+        "artifacts": {Path(f).name: {"sha256": sha256(Path(f)), "bytes": Path(f).stat().st_size} for f in files},
+        "versions": _versions(),
+        "timings_s": timings,
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+    }
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tensorrt", "polygraphy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
