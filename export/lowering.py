@@ -9,15 +9,16 @@
 
 from __future__ import annotations
 
-import onnx
-from onnx import helper
+from typing import TYPE_CHECKING
 
-from . import onnx_rope
 from .errors import OptionError
+
+if TYPE_CHECKING:
+    import onnx
 
 LOWERINGS = ("custom", "onnx23", "decomposed", "plugin")
 ROPE_CHOICES = ("auto",) + LOWERINGS
-PLUGIN_NAMESPACE = onnx_rope.DOMAIN
+PLUGIN_NAMESPACE = "mvt"  # the TensorRT plugin registers as mvt::RoPE2D
 ROTARY_OPSET = 23
 
 
@@ -43,6 +44,10 @@ def resolve_rope(requested: str, tensorrt_version: str | None) -> str:
 
 def lower_rope(model: onnx.ModelProto, lowering: str) -> onnx.ModelProto:
     """Return a copy of the canonical `model` with its RoPE2D nodes in the `lowering` form."""
+    import onnx
+
+    from . import onnx_rope
+
     if lowering not in LOWERINGS:
         raise OptionError(f"unknown RoPE lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
     out = onnx.ModelProto()
@@ -55,11 +60,15 @@ def lower_rope(model: onnx.ModelProto, lowering: str) -> onnx.ModelProto:
 
 
 def _keep_custom(model: onnx.ModelProto) -> None:
+    from . import onnx_rope
+
     onnx_rope.attach_function(model)
 
 
 def _inline(model: onnx.ModelProto) -> None:
     import onnx.inliner
+
+    from . import onnx_rope
 
     onnx_rope.attach_function(model)
     inlined = onnx.inliner.inline_selected_functions(model, [(onnx_rope.DOMAIN, onnx_rope.OP_TYPE)])
@@ -69,6 +78,10 @@ def _inline(model: onnx.ModelProto) -> None:
 
 
 def _to_plugin(model: onnx.ModelProto) -> None:
+    from onnx import helper
+
+    from . import onnx_rope
+
     onnx_rope.del_functions(model)
     for node in onnx_rope.rope_nodes(model.graph):
         del node.attribute[:]
@@ -87,6 +100,11 @@ def _to_rotary_embedding(model: onnx.ModelProto) -> None:
         y3  = RotaryEmbedding(x3, cos, sin, pos, num_heads=H, interleaved=0)
         y   = CastLike(Reshape(y3, Shape(x)), x)
     """
+    import onnx
+    from onnx import helper
+
+    from . import onnx_rope
+
     heads = _static_heads(model)
     onnx_rope.del_functions(model)
     new_nodes: list[onnx.NodeProto] = []
@@ -125,6 +143,10 @@ def _to_rotary_embedding(model: onnx.ModelProto) -> None:
 
 def _static_heads(model: onnx.ModelProto) -> dict[str, int]:
     """Number of heads (axis 2 of each RoPE2D input), which RotaryEmbedding needs as an attribute."""
+    import onnx
+
+    from . import onnx_rope
+
     inferred = onnx.shape_inference.infer_shapes(model)
     dims = {v.name: v.type.tensor_type.shape.dim for v in inferred.graph.value_info}
     heads = {}

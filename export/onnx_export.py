@@ -84,7 +84,10 @@ def export_canonical(checkpoint: Checkpoint, shape: ExportShape, path: Path, *, 
         validate_hidden_layer(shape.hidden_layer, checkpoint.config.num_hidden_layers)
 
     module = encoder_module(checkpoint, shape)
-    example = torch.zeros(2, 3, shape.height, shape.width)
+    # A non-square example for any-resolution graphs: a square one lets the tracer specialize on
+    # height == width (CLIP's interpolate_pos_encoding branches on it) and the graph would reject H != W.
+    extra_width = checkpoint.patch_size if shape.dynamic_resolution else 0
+    example = torch.zeros(2, 3, shape.height, shape.width + extra_width)  # (B, 3, H, W)
     axes = INPUT_AXES if shape.dynamic_resolution else {0: INPUT_AXES[0]}
     onnx_rope.register_schema()
     with checkpoint.family.tracing_context(), torch.no_grad(), _quiet_exporter():

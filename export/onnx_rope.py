@@ -47,6 +47,8 @@ def custom_translation_table() -> dict:
     import torch
     from onnxscript import values
 
+    from . import rope_op  # noqa: F401  (defines torch.ops.mvt.rope2d)
+
     mvt = values.Opset(DOMAIN, VERSION)
 
     def rope2d(x, cos, sin):

@@ -1,0 +1,1 @@
+"""Triton Inference Server model repository generation (encoder, preprocessing, ensemble) and serving."""
