@@ -58,26 +58,36 @@ def publish(stage: Path, out: Path, force: bool) -> None:
 
 
 def save_onnx(model, path: Path, *, threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
-    """Save `model` over `path`, whose weights may still live in `path`.data; return the files kept.
+    """Save `model` as `path`, with its weights in `path`.data when they exceed `threshold` bytes.
 
-    Weights of at most `threshold` bytes are folded into one self-contained file; larger ones stay
-    in `model.onnx.data` beside it, which onnxruntime and TensorRT find by relative path.
+    `model` may hold its weights in memory or still refer to `path`.data (loaded with
+    load_external_data=False). Returns the files that make up the model. Callers write inside a
+    staging folder, which is what makes the result atomic.
     """
     import onnx
-    from onnx.external_data_helper import load_external_data_for_model
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     path = Path(path)
     data = path.with_name(path.name + DATA_SUFFIX)
-    tmp = path.with_name(path.name + ".tmp")
-    external = data.exists() and data.stat().st_size > threshold
-    if data.exists() and not external:
+    tensors = list(_tensors(model))
+    if any(uses_external_data(t) for t in tensors):
+        if data.stat().st_size > threshold:
+            onnx.save(model, str(path))  # weights stay where they are
+            return [path, data]
         load_external_data_for_model(model, str(path.parent))
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
-    if external:
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if sum(len(t.raw_data) for t in tensors) > threshold:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data.name, size_threshold=1024)
         return [path, data]
-    data.unlink(missing_ok=True)
+    onnx.save(model, str(path))
     return [path]
+
+
+def _tensors(model):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
 
 
 def sha256(path: Path, chunk: int = 1 << 20) -> str:

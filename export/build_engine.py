@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .lowering import ROPE_CHOICES
-from .pipeline import PRECISIONS, BuildOptions
+from .pipeline import CALIBRATION_METHODS, PRECISIONS, BuildOptions
 
 EPILOG = """\
 models: a checkpoint folder (config.json, *.safetensors, preprocessor_config.json), a hub id, or a
@@ -45,12 +45,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, metavar="N", help="largest batch for engines (default: 32)")
     p.add_argument("--hidden-layer", type=int, metavar="N",
                    help="also output hidden_states[N] as `hidden_state` (e.g. -2 for LLaVA-style VLMs)")
-    p.add_argument("--calib-images", type=Path, metavar="DIR", help="calibration images for int8")
+    p.add_argument("--calib-images", type=Path, metavar="DIR",
+                   help="calibration images (JPEG/PNG) for int8 and the fp16 overflow scan "
+                        "(default: scikit-image's photographs)")
+    p.add_argument("--calib-method", choices=CALIBRATION_METHODS, default="max",
+                   help="int8 calibration: max, entropy or percentile (default: max)")
     p.add_argument("--random-weights", action="store_true",
                    help="build a zoo architecture with seeded random weights (no download; for benchmarks)")
+    p.add_argument("--runtime", choices=("tensorrt", "tensorrt-rtx"), default="tensorrt",
+                   help="engine runtime: datacenter TensorRT (needs a GPU) or TensorRT-RTX (builds on a CPU for "
+                        "RTX GPUs) (default: tensorrt)")
+    p.add_argument("--compute-capability", action="append", metavar="X.Y", dest="compute_capabilities",
+                   help="TensorRT-RTX target GPU architecture, repeatable (default: the visible GPU, "
+                        "else 7.5 8.0 8.6 8.9 12.0)")
+    p.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5",
+                   help="TensorRT builder optimization level (default: TensorRT's, 3)")
+    p.add_argument("--timing-cache", type=Path, metavar="FILE",
+                   help="TensorRT timing cache, reused across builds (default: ~/.cache/mvt-deploy/)")
     p.add_argument("--skip-parity", action="store_true", help="do not run the onnxruntime parity check")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     return p
+
+
+def _capabilities(values: list[str] | None) -> list[tuple[int, int]] | None:
+    if not values:
+        return None
+    try:
+        return [tuple(int(p) for p in v.split(".")) for v in values]
+    except ValueError:
+        raise SystemExit(f"error: --compute-capability takes MAJOR.MINOR, e.g. 8.9; got {values}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, out=args.out, precision=args.precision, rope=args.rope,
         image_size=tuple(args.image_size) if args.image_size else None,
         dynamic_resolution=args.dynamic_resolution, max_batch=args.max_batch, hidden_layer=args.hidden_layer,
-        calib_images=args.calib_images, force=args.force, random_weights=args.random_weights,
-        parity=not args.skip_parity,
+        calib_images=args.calib_images, calib_method=args.calib_method, force=args.force, random_weights=args.random_weights,
+        parity=not args.skip_parity, runtime=args.runtime, optimization_level=args.opt_level,
+        timing_cache=args.timing_cache, compute_capabilities=_capabilities(args.compute_capabilities),
     )
     try:
         result = build(opts)

@@ -1,40 +1,82 @@
-"""TensorRT engine step, on Polygraphy's API so the part that needs TensorRT and a GPU stays thin.
+"""TensorRT engine step on Polygraphy's API, so the part that needs TensorRT and a GPU stays thin.
 
-TensorRT 11 networks are strongly typed: precision comes from the ONNX graph, never from builder
-flags, so this step takes the precision recipe's model.onnx as it is.
+Two runtimes:
+  tensorrt      datacenter TensorRT (>= 10.9): needs a CUDA GPU to build; engines for that GPU.
+  tensorrt-rtx  TensorRT for RTX: builds on a CPU-only machine for chosen compute capabilities
+                (7.5-12.1, not 9.0); Polygraphy drives it with POLYGRAPHY_USE_TENSORRT_RTX=1.
+
+Both take strongly typed networks: precision comes from the ONNX graph (TensorRT 11 removed the
+fp16/int8 builder flags), so this step builds model.onnx as the precision recipe left it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import OptionError
+
 PLAN_NAME = "model.plan"
+RUNTIMES = ("tensorrt", "tensorrt-rtx")
+# TensorRT-RTX targets when no GPU is visible: every RTX-class architecture it builds for.
+RTX_DEFAULT_CCS = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0))
 
 
 @dataclass(frozen=True)
 class EngineTarget:
-    tensorrt_version: str | None  # None: no TensorRT importable
+    runtime: str
+    version: str | None  # None: not importable
     skip_reason: str | None  # why no engine is built here, or None
+    gpu: dict = field(default_factory=dict)  # name, compute capability, driver, CUDA (when visible)
+
+    @property
+    def rope_runtime(self) -> tuple[str, str] | None:
+        """(runtime, version) for the RoPE lowering choice, or None when no engine will be built."""
+        return None if self.skip_reason else (self.runtime, self.version)
 
 
-def probe_tensorrt() -> EngineTarget:
-    """What this machine can build. Never raises: a missing TensorRT or GPU is a reason, not an error."""
+def probe(runtime: str) -> EngineTarget:
+    """What this machine can build. Never raises for a missing TensorRT or GPU: that is a reason."""
+    if runtime not in RUNTIMES:
+        raise OptionError(f"--runtime {runtime} is unknown; choose one of {', '.join(RUNTIMES)}")
+    module = "tensorrt_rtx" if runtime == "tensorrt-rtx" else "tensorrt"
     try:
-        import tensorrt
-    except Exception as exc:  # ImportError, or a broken install that fails while loading its libraries
-        return EngineTarget(None, f"TensorRT is not importable ({type(exc).__name__}); "
-                                  "install mvt-deploy[tensorrt] on a machine with an NVIDIA GPU")
-    version = str(tensorrt.__version__)
+        trt = __import__(module)
+    except Exception as exc:  # ImportError, or a broken install that fails loading its libraries
+        where = "" if runtime == "tensorrt-rtx" else " on a machine with an NVIDIA GPU"
+        state = "is not installed" if isinstance(exc, ImportError) else f"failed to load ({exc})"
+        return EngineTarget(runtime, None, f"{runtime} {state}; install mvt-deploy[{runtime}]{where}")
+    version = str(trt.__version__)
+    gpu = gpu_info()
+    if runtime == "tensorrt" and not gpu:
+        return EngineTarget(runtime, version, f"TensorRT {version} is installed but no CUDA GPU is visible")
+    return EngineTarget(runtime, version, None, gpu)
+
+
+def gpu_info() -> dict:
+    """Name, compute capability, driver and CUDA versions of GPU 0, from nvidia-smi and torch."""
+    info: dict = {}
     try:
         import torch
 
-        has_gpu = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            info = {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
+                    "cuda": torch.version.cuda}
     except Exception:
-        has_gpu = False
-    if not has_gpu:
-        return EngineTarget(version, f"TensorRT {version} is installed but no CUDA GPU is visible")
-    return EngineTarget(version, None)
+        pass
+    if info and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
+                                 capture_output=True, text=True, timeout=20)
+            info["driver"] = out.stdout.strip() or None
+        except Exception:
+            pass
+    return info
 
 
 def batch_profile(max_batch: int) -> tuple[int, int, int]:
@@ -42,17 +84,77 @@ def batch_profile(max_batch: int) -> tuple[int, int, int]:
     return 1, max(1, max_batch // 2), max_batch
 
 
-def build_engine(onnx_path: Path, plan_path: Path, *, input_name: str, image_size: tuple[int, int],
-                 max_batch: int, timing_cache: Path | None = None, optimization_level: int | None = None) -> dict:
-    """Build a strongly typed engine for batch 1..max_batch at a fixed resolution; return its profile."""
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+def resolution_profile(native: tuple[int, int], patch: int) -> dict[str, tuple[int, int]]:
+    """H, W ranges for --dynamic-resolution engines: half to 1.5x the native size, patch multiples."""
+    def snap(v: float) -> int:
+        return max(patch, int(round(v / patch)) * patch)
 
-    h, w = image_size
+    h, w = native
+    return {"min": (snap(h / 2), snap(w / 2)), "opt": (h, w), "max": (snap(h * 1.5), snap(w * 1.5))}
+
+
+def profiles(input_name: str, image_size: tuple[int, int], dynamic: bool, patch: int, max_batch: int) -> dict:
     lo, opt, hi = batch_profile(max_batch)
-    profile = Profile().add(input_name, min=(lo, 3, h, w), opt=(opt, 3, h, w), max=(hi, 3, h, w))
-    config = CreateConfig(profiles=[profile], load_timing_cache=str(timing_cache) if timing_cache else None,
-                          builder_optimization_level=optimization_level)
+    hw = resolution_profile(image_size, patch) if dynamic else {k: image_size for k in ("min", "opt", "max")}
+    return {input_name: {"min": [lo, 3, *hw["min"]], "opt": [opt, 3, *hw["opt"]], "max": [hi, 3, *hw["max"]]}}
+
+
+def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes: dict, *,
+                 timing_cache: Path | None = None, optimization_level: int | None = None,
+                 compute_capabilities: list[tuple[int, int]] | None = None) -> dict:
+    """Build a strongly typed engine for `shapes` ({input: {min, opt, max}}); return build facts."""
+    _select_polygraphy_runtime(target.runtime)
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    profile = Profile()
+    for name, s in shapes.items():
+        profile.add(name, min=tuple(s["min"]), opt=tuple(s["opt"]), max=tuple(s["max"]))
+    common = dict(profiles=[profile], builder_optimization_level=optimization_level,
+                  load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None)
+    facts: dict = {"runtime": target.runtime, "version": target.version, "profiles": shapes,
+                   "builder_optimization_level": optimization_level}
+    if target.runtime == "tensorrt-rtx":
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        if compute_capabilities is None and not target.gpu:
+            compute_capabilities = list(RTX_DEFAULT_CCS)
+        config = CreateConfigRTX(use_gpu=compute_capabilities is None, compute_capabilities=compute_capabilities,
+                                 **common)
+        facts["compute_capabilities"] = (["current GPU"] if compute_capabilities is None
+                                         else [f"{a}.{b}" for a, b in compute_capabilities])
+    else:
+        config = CreateConfig(**common)
+        facts["compute_capabilities"] = [target.gpu.get("compute_capability")]
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
-    engine = EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache) if timing_cache else None)
-    SaveEngine(engine, path=str(plan_path))()
-    return {input_name: {"min": [lo, 3, h, w], "opt": [opt, 3, h, w], "max": [hi, 3, h, w]}}
+    # Serialized bytes, never a deserialized engine: that would need a GPU, and TensorRT-RTX builds
+    # on machines without one.
+    serialized = EngineBytesFromNetwork(network, config=config,
+                                        save_timing_cache=str(timing_cache) if timing_cache else None)()
+    with open(plan_path, "wb") as f:
+        f.write(memoryview(serialized))
+    facts["bytes"] = plan_path.stat().st_size
+    return facts
+
+
+def _select_polygraphy_runtime(runtime: str) -> None:
+    """Polygraphy binds to tensorrt or tensorrt_rtx when its backend is first imported: one per process."""
+    want_rtx = runtime == "tensorrt-rtx"
+    if "polygraphy.backend.trt" in sys.modules:
+        from polygraphy import config
+
+        if config.USE_TENSORRT_RTX != want_rtx:
+            raise OptionError(f"this process already loaded Polygraphy for "
+                              f"{'tensorrt-rtx' if config.USE_TENSORRT_RTX else 'tensorrt'}; "
+                              f"build {runtime} engines in a new process")
+        return
+    os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1" if want_rtx else "0"
+    from polygraphy import config
+
+    config.USE_TENSORRT_RTX = want_rtx
+
+
+def default_timing_cache(target: EngineTarget) -> Path:
+    """Reused across builds (per user, runtime and version): later builds skip most tactic timing."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mvt-deploy"
+    root.mkdir(parents=True, exist_ok=True)
+    return root / f"timing-{target.runtime}-{target.version}.cache"

@@ -22,22 +22,27 @@ PLUGIN_NAMESPACE = "mvt"  # the TensorRT plugin registers as mvt::RoPE2D
 ROTARY_OPSET = 23
 
 
-def resolve_rope(requested: str, tensorrt_version: str | None) -> str:
+def resolve_rope(requested: str, engine: tuple[str, str] | None) -> str:
     """`auto`: the best lowering for the runtime that will run the graph.
 
-    No TensorRT engine: `custom` (onnxruntime runs the body; a registered kernel can take over).
+    engine: (runtime, version) of the TensorRT that builds an engine here, or None.
+    No engine: `custom` (onnxruntime runs the body; a registered kernel can take over).
     TensorRT >= 10.15: native RotaryEmbedding. 10.9-10.14: the AOT plugin. Older: decomposed.
+    TensorRT-RTX: RotaryEmbedding (its 1.7 parser builds it; checked in CI).
     """
     if requested not in ROPE_CHOICES:
         raise OptionError(f"--rope {requested} is unknown; choose one of {', '.join(ROPE_CHOICES)}")
     if requested != "auto":
         return requested
-    if tensorrt_version is None:
+    if engine is None:
         return "custom"
-    version = tuple(int(p) for p in tensorrt_version.split(".")[:2])
-    if version >= (10, 15):
+    runtime, version = engine
+    if runtime == "tensorrt-rtx":
         return "onnx23"
-    if version >= (10, 9):
+    major_minor = tuple(int(p) for p in version.split(".")[:2])
+    if major_minor >= (10, 15):
+        return "onnx23"
+    if major_minor >= (10, 9):
         return "plugin"
     return "decomposed"
 
@@ -142,16 +147,21 @@ def _to_rotary_embedding(model: onnx.ModelProto) -> None:
 
 
 def _static_heads(model: onnx.ModelProto) -> dict[str, int]:
-    """Number of heads (axis 2 of each RoPE2D input), which RotaryEmbedding needs as an attribute."""
-    import onnx
+    """Number of heads (axis 2 of each RoPE2D input), which RotaryEmbedding needs as an attribute.
 
+    Read from the exporter's value_info; a precision recipe may have put a Cast in between, so
+    follow Cast nodes back to a tensor whose shape is known.
+    """
     from . import onnx_rope
 
-    inferred = onnx.shape_inference.infer_shapes(model)
-    dims = {v.name: v.type.tensor_type.shape.dim for v in inferred.graph.value_info}
+    dims = {v.name: v.type.tensor_type.shape.dim for v in model.graph.value_info}
+    producers = {out: node for node in model.graph.node for out in node.output}
     heads = {}
     for node in onnx_rope.rope_nodes(model.graph):
-        shape = dims.get(node.input[0])
+        name = node.input[0]
+        while name not in dims and name in producers and producers[name].op_type in ("Cast", "CastLike"):
+            name = producers[name].input[0]
+        shape = dims.get(name)
         if shape is None or len(shape) != 4 or not shape[2].HasField("dim_value"):
             raise OptionError(f"--rope onnx23: the head count of {node.input[0]} is not static in the graph")
         heads[node.input[0]] = shape[2].dim_value

@@ -46,6 +46,7 @@ class Check:
     metric: str
     value: float
     threshold: float
+    enforced: bool = True  # False: reported beside the threshold, not judged
 
     @property
     def passed(self) -> bool:
@@ -53,10 +54,10 @@ class Check:
         return self.value <= self.threshold if direction == "<=" else self.value >= self.threshold
 
     def line(self) -> str:
-        mark = "ok  " if self.passed else "FAIL"
+        mark = ("ok  " if self.passed else "FAIL") if self.enforced else ("info" if self.passed else "miss")
         direction = METRICS[self.metric][0]
         value = f"{self.value:.8f}" if self.metric == "min_cosine" else f"{self.value:.3g}"
-        return (f"  [{mark}] {self.case:<22} {self.output:<18} {self.metric:<10} "
+        return (f"  [{mark}] {self.case:<32} {self.output:<18} {self.metric:<10} "
                 f"{value:<12} {direction} {self.threshold:g}")
 
     def to_json(self) -> dict:

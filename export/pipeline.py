@@ -18,13 +18,14 @@ from typing import Callable
 
 from . import __version__
 from .artifacts import EXTERNAL_DATA_THRESHOLD, ONNX_NAME, save_onnx, sha256, staged_output, write_json
-from .engine import PLAN_NAME, build_engine, probe_tensorrt
+from . import engine as engines
 from .errors import OptionError
 from .families import INPUT_NAME
 from .lowering import lower_rope, resolve_rope
 from .onnx_export import ExportShape, export_canonical, validate_hidden_layer, validate_image_size
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # export.precision.PRECISIONS, without importing onnx for -h
+CALIBRATION_METHODS = ("max", "entropy", "percentile")
 
 
 @dataclass
@@ -37,11 +38,16 @@ class BuildOptions:
     dynamic_resolution: bool = False
     max_batch: int = 32
     hidden_layer: int | None = None
-    calib_images: Path | None = None
+    calib_images: Path | None = None  # None: scikit-image's photographs (not the parity ones)
+    calib_method: str = "max"
     force: bool = False
     random_weights: bool = False
     parity: bool = True
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    runtime: str = "tensorrt"  # or "tensorrt-rtx"
+    compute_capabilities: list[tuple[int, int]] | None = None  # TensorRT-RTX targets; None: GPU or all
+    optimization_level: int | None = None  # TensorRT builder optimization level (0-5)
+    timing_cache: Path | None = None  # None: ~/.cache/mvt-deploy, per runtime and version
 
 
 @dataclass
@@ -78,12 +84,11 @@ def validate_options(opts: BuildOptions) -> None:
     """Checks that need no checkpoint, so that a typo fails before a slow load."""
     if opts.precision not in PRECISIONS:
         raise OptionError(f"--precision {opts.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
-    if opts.precision != "fp32":
-        raise OptionError(
-            f"--precision {opts.precision} is not available yet: the fp16/int8 ONNX recipes land with the "
-            "precision stage; export fp32 for now"
-        )
+    if opts.calib_method not in CALIBRATION_METHODS:
+        raise OptionError(f"--calib-method {opts.calib_method} is unknown; choose one of {', '.join(CALIBRATION_METHODS)}")
     resolve_rope(opts.rope, None)
+    if opts.runtime not in engines.RUNTIMES:
+        raise OptionError(f"--runtime {opts.runtime} is unknown; choose one of {', '.join(engines.RUNTIMES)}")
     if opts.max_batch < 1:
         raise OptionError(f"--max-batch {opts.max_batch} must be at least 1")
     if opts.calib_images is not None and not Path(opts.calib_images).is_dir():
@@ -95,9 +100,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
     validate_options(opts)
     out = Path(opts.out) if opts.out is not None else default_out(opts.model)
-    target = probe_tensorrt()
-    rope = resolve_rope(opts.rope, target.tensorrt_version if target.skip_reason is None else None)
-    steps = Steps(5, log)
+    target = engines.probe(opts.runtime)
+    rope = resolve_rope(opts.rope, target.rope_runtime)
+    steps = Steps(6, log)
 
     with staged_output(out, opts.force) as stage:
         ckpt = steps.run(f"Loading {opts.model or 'the demo model'}", load_checkpoint, opts.model,
@@ -113,6 +118,13 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         onnx_path = stage / ONNX_NAME
         steps.run(f"Tracing to ONNX ({height}x{width}{', any resolution' if shape.dynamic_resolution else ''})",
                   export_canonical, ckpt, shape, onnx_path)
+        precision = None
+        if opts.precision == "fp32":
+            _skip(steps, log, "Precision fp32: the traced graph as it is")
+        else:
+            precision = steps.run(f"Applying the {opts.precision} recipe", _apply_precision, opts, ckpt, shape,
+                                  onnx_path, log)
+            write_json(stage / "overflow_report.json", precision.overflow_report())
         if not ckpt.family.has_rope:
             rope = "none"
         files = steps.run(f"Lowering RoPE ({rope}) and saving {ONNX_NAME}", _lower_and_save, onnx_path,
@@ -122,31 +134,61 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         if opts.parity:
             from .parity import onnx_parity
 
-            parity = steps.run("Checking parity against PyTorch on photos", onnx_parity, ckpt, shape, onnx_path)
+            parity = steps.run("Checking parity against PyTorch on photos", onnx_parity, ckpt, shape, onnx_path,
+                               precision=opts.precision)
             log(parity.checklist())
             write_json(stage / "parity.json", parity.to_json())
         else:
-            steps.n += 1
+            _skip(steps, log, "parity check skipped (--skip-parity)")
 
-        engine = {"built": False, "reason": target.skip_reason}
-        if target.skip_reason is None and not shape.dynamic_resolution:
-            profile = steps.run("Building the TensorRT engine", build_engine, onnx_path, stage / PLAN_NAME,
-                                input_name=INPUT_NAME, image_size=(height, width), max_batch=opts.max_batch)
-            engine = {"built": True, "tensorrt": target.tensorrt_version, "profiles": profile}
-            files.append(stage / PLAN_NAME)
+        if target.skip_reason is None:
+            engine = steps.run(f"Building the {target.runtime} {target.version} engine", _build_engine, opts,
+                               target, ckpt, shape, stage)
+            files.append(stage / engines.PLAN_NAME)
         else:
-            reason = target.skip_reason or "dynamic-resolution engines need H/W profiles (precision stage)"
-            engine["reason"] = reason
-            steps.n += 1
-            log(f"[{steps.n}/{steps.total}] TensorRT engine skipped: {reason}")
+            engine = {"built": False, "runtime": opts.runtime, "reason": target.skip_reason}
+            _skip(steps, log, f"TensorRT engine skipped: {target.skip_reason}")
 
         ckpt.processor.save_pretrained(stage)  # the exact preprocessing, for serving
-        manifest = _manifest(opts, ckpt, shape, rope, files + [stage / "preprocessor_config.json"],
-                             parity, engine, steps.timings)
+        extra = [stage / n for n in ("preprocessor_config.json", "overflow_report.json") if (stage / n).exists()]
+        manifest = _manifest(opts, ckpt, shape, rope, files + extra, parity, engine, steps.timings,
+                             precision.recipe if precision else {"compute": "fp32"})
         write_json(stage / "manifest.json", manifest)
     log(f"wrote {out}/ ({', '.join(sorted(manifest['artifacts']))}, manifest.json)")
     return BuildResult(out, manifest, None if parity is None else parity.passed,
                        sorted(manifest["artifacts"]))
+
+
+def _skip(steps: Steps, log, message: str) -> None:
+    """A step that does nothing this time still gets its number, so the count stays true."""
+    steps.n += 1
+    log(f"[{steps.n}/{steps.total}] {message}")
+    return None
+
+
+def _apply_precision(opts: BuildOptions, ckpt, shape: ExportShape, onnx_path: Path, log):
+    from .precision import apply_precision
+    from .precision.calibration import calibration_feeds, calibration_images
+
+    images, described = calibration_images(opts.calib_images, log)
+    feeds = calibration_feeds(ckpt.processor, images, (shape.height, shape.width), INPUT_NAME)
+    start = time.perf_counter()
+    result = apply_precision(onnx_path, opts.precision, feeds, calib_method=opts.calib_method,
+                             external_data_threshold=opts.external_data_threshold, log=log)
+    result.recipe["calibration"] = {"images": described, "seconds": round(time.perf_counter() - start, 2)}
+    return result
+
+
+def _build_engine(opts: BuildOptions, target, ckpt, shape: ExportShape, stage: Path) -> dict:
+    shapes = engines.profiles(INPUT_NAME, (shape.height, shape.width), shape.dynamic_resolution,
+                              ckpt.patch_size, opts.max_batch)
+    facts = engines.build_engine(
+        target, stage / ONNX_NAME, stage / engines.PLAN_NAME, shapes,
+        timing_cache=opts.timing_cache or engines.default_timing_cache(target),
+        optimization_level=opts.optimization_level, compute_capabilities=opts.compute_capabilities,
+    )
+    return {"built": True, **facts, "gpu": target.gpu,
+            "parity": "not measured here: running an engine needs a GPU (scripts/gpu_check.sh)"}
 
 
 def _lower_and_save(onnx_path: Path, rope: str, threshold: int) -> list[Path]:
@@ -157,7 +199,7 @@ def _lower_and_save(onnx_path: Path, rope: str, threshold: int) -> list[Path]:
     return save_onnx(lowered, onnx_path, threshold=threshold)
 
 
-def _manifest(opts, ckpt, shape, rope, files, parity, engine, timings) -> dict:
+def _manifest(opts, ckpt, shape, rope, files, parity, engine, timings, recipe) -> dict:
     cfg = ckpt.config
     return {
         "mvt_deploy": __version__,
@@ -186,6 +228,7 @@ def _manifest(opts, ckpt, shape, rope, files, parity, engine, timings) -> dict:
             "max_batch": opts.max_batch,
         },
         "precision": opts.precision,
+        "precision_recipe": recipe,
         "rope_lowering": rope,
         "engine": engine,
         "parity": None if parity is None else {"passed": parity.passed, "worst": parity.worst()},
@@ -200,7 +243,8 @@ def _versions() -> dict:
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tensorrt", "polygraphy"):
+    for pkg in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tensorrt", "tensorrt_rtx",
+                "polygraphy"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -59,7 +59,7 @@ def test_existing_output_needs_force(tiny_folders, tmp_path, capsys):
     (["--image-size", "300", "56"], "height 300 is not a multiple of patch size 14; use 294 or 308"),
     (["--image-size", "56", "10"], "width 10 is not a multiple of patch size 14; use 14"),
     (["--hidden-layer", "7"], "--hidden-layer 7 is out of range for 2 layers"),
-    (["--precision", "fp16"], "not available yet"),
+    (["--precision", "int8", "--calib-images", "/nonexistent"], "--calib-images /nonexistent is not a folder"),
 ])
 def test_bad_options_fail_clearly_and_write_nothing(tiny_folders, tmp_path, capsys, argv, message):
     out = tmp_path / "out"

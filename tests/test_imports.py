@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BLOCK = "import sys\nfor m in ('tensorrt', 'polygraphy', 'torch', 'onnx', 'onnxruntime', 'modelopt'): sys.modules[m] = None\n"
+HEAVY = ("tensorrt", "tensorrt_rtx", "polygraphy", "torch", "onnx", "onnxruntime", "modelopt", "triton", "tritonclient")
+BLOCK = f"import sys\nfor m in {HEAVY!r}: sys.modules[m] = None\n"
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -24,9 +25,10 @@ def test_build_engine_help_needs_no_heavy_dependency():
 
 
 def test_missing_tensorrt_is_a_reason_not_an_error():
-    proc = _run("from export.engine import probe_tensorrt; t = probe_tensorrt(); print(t.skip_reason)")
+    proc = _run("from export.engine import probe\nfor r in ('tensorrt', 'tensorrt-rtx'): print(probe(r).skip_reason)")
     assert proc.returncode == 0, proc.stderr
-    assert "TensorRT is not importable" in proc.stdout
+    assert "tensorrt is not installed; install mvt-deploy[tensorrt] on a machine with an NVIDIA GPU" in proc.stdout
+    assert "tensorrt-rtx is not installed; install mvt-deploy[tensorrt-rtx]\n" in proc.stdout
 
 
 def test_missing_extra_names_the_extra():

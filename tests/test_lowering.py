@@ -67,10 +67,13 @@ def test_lowering_leaves_the_canonical_model_alone(canonical):
     assert canonical.SerializeToString() == before
 
 
-@pytest.mark.parametrize("trt, expected", [(None, "custom"), ("11.4.0", "onnx23"), ("10.15.1", "onnx23"),
-                                           ("10.12.0", "plugin"), ("10.9.0", "plugin"), ("10.8.0", "decomposed")])
-def test_auto_picks_the_best_lowering_for_the_runtime(trt, expected):
-    assert resolve_rope("auto", trt) == expected
+@pytest.mark.parametrize("engine, expected", [
+    (None, "custom"), (("tensorrt", "11.4.0"), "onnx23"), (("tensorrt", "10.15.1"), "onnx23"),
+    (("tensorrt", "10.12.0"), "plugin"), (("tensorrt", "10.9.0"), "plugin"), (("tensorrt", "10.8.0"), "decomposed"),
+    (("tensorrt-rtx", "1.7.1.116"), "onnx23")])
+def test_auto_picks_the_best_lowering_for_the_runtime(engine, expected):
+    assert resolve_rope("auto", engine) == expected
+    assert resolve_rope("decomposed", engine) == "decomposed"  # an explicit choice wins
 
 
 def test_unknown_lowering_is_refused():

@@ -1,0 +1,90 @@
+"""Overflow localization: which fp32 tensors come near the fp16 range on real images.
+
+Runs the fp32 graph in onnxruntime with every float intermediate exposed as an output, keeps the
+running max |value| per tensor, and names the producer nodes to keep in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .islands import FP16_MAX, HEADROOM
+
+CHUNK = 256  # intermediate outputs per onnxruntime run: bounds host memory on large models
+
+
+@dataclass
+class OverflowFinding:
+    node: str
+    op_type: str
+    tensor: str
+    max_abs: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def float_intermediates(model) -> dict[str, tuple[str, str]]:
+    """{tensor name: (producer node name, op type)} for float32 node outputs of the main graph."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(inferred.graph.value_info) + list(inferred.graph.output)}
+    out = {}
+    for node in model.graph.node:
+        for name in node.output:
+            if name and types.get(name) == onnx.TensorProto.FLOAT:
+                out[name] = (node.name, node.op_type)
+    return out
+
+
+def max_abs_per_tensor(model_path: Path, batches: Iterable[dict]) -> dict[str, float]:
+    """Largest |value| of every float intermediate over `batches` (input feeds)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    tensors = list(float_intermediates(model))
+    existing = {o.name for o in model.graph.output}
+    batches = list(batches)
+    peaks: dict[str, float] = {}
+    for start in range(0, len(tensors), CHUNK):
+        chunk = [t for t in tensors[start:start + CHUNK]]
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in chunk if t not in existing)
+        # Sibling file so that relative external-data paths resolve.
+        tmp = Path(model_path).with_name(f".overflow-probe-{start}.onnx")
+        try:
+            onnx.save(probe, str(tmp))
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+            options.log_severity_level = 3
+            session = ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
+            for feed in batches:
+                for name, value in zip(chunk, session.run(chunk, feed)):
+                    finite = np.abs(value[np.isfinite(value)]) if value.size else np.zeros(1)
+                    peak = float(finite.max()) if finite.size else 0.0
+                    if not np.all(np.isfinite(value)):
+                        peak = float("inf")
+                    peaks[name] = max(peaks.get(name, 0.0), peak)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return peaks
+
+
+def localize_overflow(model_path: Path, batches: Iterable[dict], headroom: float = HEADROOM) -> list[OverflowFinding]:
+    """Producers of tensors whose max |value| exceeds FP16_MAX / headroom, largest first."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    producers = float_intermediates(model)
+    limit = FP16_MAX / headroom
+    findings = [OverflowFinding(*producers[t], t, peak)
+                for t, peak in max_abs_per_tensor(model_path, batches).items() if peak > limit]
+    return sorted(findings, key=lambda f: -f.max_abs)

@@ -1,0 +1,71 @@
+"""apply_precision: the fp32 canonical model.onnx -> the fp16 or int8 model.onnx, in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import OptionError
+from .islands import FP16_MAX, FP32_ISLANDS, HEADROOM
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class PrecisionResult:
+    precision: str
+    recipe: dict = field(default_factory=dict)  # for manifest.json
+    overflow: list = field(default_factory=list)  # OverflowFinding, for overflow_report.json
+
+    def overflow_report(self) -> dict:
+        return {
+            "rule": f"keep a node in fp32 when its output's max |value| on calibration images exceeds "
+                    f"fp16 max {FP16_MAX:g} / headroom {HEADROOM:g} = {FP16_MAX / HEADROOM:g}",
+            "kept_fp32": [f.to_json() for f in self.overflow],
+            "fp32_island_op_types": FP32_ISLANDS,
+        }
+
+
+def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, calib_method: str = "max",
+                    external_data_threshold: int, log=print) -> PrecisionResult:
+    """Rewrite the fp32 model at `path` (and `path`.data) into `precision`; `feeds` are calibration inputs."""
+    if precision not in PRECISIONS:
+        raise OptionError(f"--precision {precision} is unknown; choose one of {', '.join(PRECISIONS)}")
+    result = PrecisionResult(precision)
+    if precision == "fp32":
+        return result
+
+    import onnx
+
+    from ..artifacts import save_onnx
+    from .fp16 import count_float16_initializers, to_fp16
+    from .overflow import localize_overflow
+
+    path = Path(path)
+    result.overflow = localize_overflow(path, feeds)
+    kept = [f.node for f in result.overflow]
+    for f in result.overflow:
+        log(f"      keeping {f.node} ({f.op_type}) in fp32: max |{f.tensor}| = {f.max_abs:.4g} on calibration images")
+
+    source = path
+    large = path.with_name(path.name + ".data").exists() and \
+        path.with_name(path.name + ".data").stat().st_size > external_data_threshold
+    if precision == "int8":
+        from .int8 import quantize_int8
+
+        qdq = path.with_name("qdq.onnx")
+        result.recipe["int8"] = quantize_int8(path, qdq, feeds, calib_method, large=large)
+        source = qdq
+    model = onnx.load(str(source))
+    model = to_fp16(model, kept)
+    for leftover in (path.with_name("qdq.onnx"), path.with_name("qdq.onnx.data")):
+        leftover.unlink(missing_ok=True)
+    save_onnx(model, path, threshold=external_data_threshold)
+    result.recipe.update({
+        "compute": "fp16" if precision == "fp16" else "int8 Q/DQ on linear layers, fp16 elsewhere",
+        "fp32_island_op_types": sorted(FP32_ISLANDS),
+        "fp32_nodes_from_overflow": kept,
+        "float16_initializers": count_float16_initializers(model),
+        "interface": "float32",
+    })
+    return result
