@@ -125,6 +125,14 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
     else:
         config = CreateConfig(**common)
         facts["compute_capabilities"] = [target.gpu.get("compute_capability")]
+    if _has_plugin_nodes(onnx_path):
+        if target.runtime == "tensorrt-rtx":
+            raise OptionError("--rope plugin needs datacenter TensorRT (10.9+): TensorRT-RTX cannot load Python "
+                              "plugins; use --rope onnx23, custom or decomposed")
+        from kernels.trt_plugin import register_trt_plugin
+
+        register_trt_plugin()  # mvt::RoPE2D with its ahead-of-time PTX, embedded in the engine
+        facts["plugins"] = ["mvt::RoPE2D (AOT, Triton PTX)"]
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     # Serialized bytes, never a deserialized engine: that would need a GPU, and TensorRT-RTX builds
     # on machines without one.
@@ -134,6 +142,16 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
         f.write(memoryview(serialized))
     facts["bytes"] = plan_path.stat().st_size
     return facts
+
+
+def _has_plugin_nodes(onnx_path: Path) -> bool:
+    import onnx
+
+    from .lowering import PLUGIN_NAMESPACE
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(a.name == "plugin_namespace" and a.s.decode() == PLUGIN_NAMESPACE
+               for n in model.graph.node for a in n.attribute)
 
 
 def _select_polygraphy_runtime(runtime: str) -> None:

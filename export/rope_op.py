@@ -29,6 +29,13 @@ def _rope2d_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.empty_like(x)
 
 
+# On CUDA the op runs the Triton kernel (kernels/torch_op.py); CPU, fake tensors and export keep the
+# reference. Registration imports nothing heavy until the first CUDA call.
+from kernels import register_cuda_impl  # noqa: E402
+
+register_cuda_impl()
+
+
 def half_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' full tables [..., S, D] ([f_h, f_w, f_h, f_w]) -> half tables [S, D/2]."""
     half = cos.shape[-1] // 2

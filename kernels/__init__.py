@@ -1,25 +1,74 @@
 """Fused 2D-RoPE kernels behind the `mvt::rope2d` op, each beside the pure-torch reference.
 
-    from kernels import rope2d
-    y = rope2d(x, cos, sin)          # x [B, S, H, D]; cos, sin [S, D/2] fp32
+    from kernels import rope2d, rope2d_qk
+    y = rope2d(x, cos, sin)                 # x [B, S, H, D]; cos, sin [S, D/2] fp32
+    q, k = rope2d_qk(q, k, cos, sin)        # both rotated in one launch
 
-`impl="torch"` is the reference (kernels/reference.py). The Triton kernel and the TensorRT
-ahead-of-time plugin register here as further implementations. torch is imported on first use.
+Implementations (`impl=`):
+    torch    the reference (kernels/reference.py), any device
+    triton   the Triton kernel (kernels/rope_triton.py) on the tensor's device; on a CPU only
+             under TRITON_INTERPRET=1
+    auto     triton on CUDA when triton is importable, torch elsewhere
+
+Also here: the ahead-of-time PTX of the same kernel (kernels/aot.py), the TensorRT plugin
+`mvt::RoPE2D` that carries it (kernels/trt_plugin.py), and the CUDA registration of the torch
+custom op (kernels/torch_op.py). torch and triton are imported on first use.
 """
 
 from __future__ import annotations
 
-IMPLEMENTATIONS = ("auto", "torch")
+import importlib.util
+
+IMPLEMENTATIONS = ("auto", "torch", "triton")
+
+
+def _resolve(impl: str, x) -> str:
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"rope2d: impl={impl!r} is not available; choose one of {', '.join(IMPLEMENTATIONS)}")
+    if impl == "auto":
+        return "triton" if x.is_cuda and triton_available() else "torch"
+    if impl == "triton" and not triton_available():
+        raise RuntimeError("rope2d(impl='triton') needs OpenAI Triton: pip install triton "
+                           "(torch's CUDA wheels bring the matching version)")
+    return impl
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def rope2d(x, cos, sin, impl: str = "auto"):
     """Apply the non-interleaved 2D rotation to x [B, S, H, D] with half tables [S, D/2]."""
     from .reference import check_rope2d_args, rope2d_reference
 
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"rope2d: impl={impl!r} is not available; choose one of {', '.join(IMPLEMENTATIONS)}")
+    impl = _resolve(impl, x)
     check_rope2d_args(x, cos, sin)
+    if impl == "triton":
+        from .rope_triton import rope2d_triton
+
+        return rope2d_triton(x, cos, sin)
     return rope2d_reference(x, cos, sin)
 
 
-__all__ = ["rope2d", "IMPLEMENTATIONS"]
+def rope2d_qk(q, k, cos, sin, impl: str = "auto"):
+    """Rotate q and k [B, S, H, D] together (one launch with Triton); returns (q_rot, k_rot)."""
+    from .reference import check_rope2d_args, rope2d_reference
+
+    impl = _resolve(impl, q)
+    check_rope2d_args(q, cos, sin)
+    check_rope2d_args(k, cos, sin)
+    if impl == "triton":
+        from .rope_triton import rope2d_qk_triton
+
+        return rope2d_qk_triton(q, k, cos, sin)
+    return rope2d_reference(q, cos, sin), rope2d_reference(k, cos, sin)
+
+
+def register_cuda_impl(op: str = "mvt::rope2d") -> bool:
+    """Make the Triton kernel the CUDA implementation of the torch custom op `op` (see torch_op.py)."""
+    from .torch_op import register_cuda_impl as _register
+
+    return _register(op)
+
+
+__all__ = ["rope2d", "rope2d_qk", "register_cuda_impl", "triton_available", "IMPLEMENTATIONS"]

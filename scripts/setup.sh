@@ -2,7 +2,7 @@
 # Create .venv with everything a CPU machine can run: export, onnxruntime parity, tests.
 # Datacenter TensorRT is not on PyPI in installable form; see README "TensorRT".
 #   TORCH_SPEC   torch requirement to install first (default: torch==2.13.0, the tested release)
-#   EXTRAS       project extras (default: onnx,dev)
+#   EXTRAS       project extras (default: onnx,dev,tensorrt-rtx: TensorRT-RTX builds engines on a CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,5 +13,7 @@ pip() { .venv/bin/python -m pip "$@"; }
 pip install --quiet --upgrade pip
 # torch before the project, so that the project's `torch>=2.6` is already met by the tested release.
 pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-pip install --quiet -e ".[${EXTRAS:-onnx,dev}]"
+# Triton: kernel tests run in its interpreter and PTX compiles without a GPU (torch 2.13's CUDA build pins 3.7.1).
+pip install --quiet "${TRITON_SPEC:-triton==3.7.1}"
+pip install --quiet -e ".[${EXTRAS:-onnx,dev,tensorrt-rtx}]"
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers, onnxruntime as o; print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime {o.__version__}")'))"

@@ -1,7 +1,8 @@
 """Overflow localization: which fp32 tensors come near the fp16 range on real images.
 
 Runs the fp32 graph in onnxruntime with every float intermediate exposed as an output, keeps the
-running max |value| per tensor, and names the producer nodes to keep in fp32.
+running max |value| per tensor, and names the nodes to keep in fp32: the producer of such a tensor
+and every consumer (a consumer in fp16 would cast the tensor to fp16 and overflow there).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class OverflowFinding:
     op_type: str
     tensor: str
     max_abs: float
+    role: str  # "writes" or "reads" the tensor
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -79,12 +81,23 @@ def max_abs_per_tensor(model_path: Path, batches: Iterable[dict]) -> dict[str, f
 
 
 def localize_overflow(model_path: Path, batches: Iterable[dict], headroom: float = HEADROOM) -> list[OverflowFinding]:
-    """Producers of tensors whose max |value| exceeds FP16_MAX / headroom, largest first."""
+    """Nodes that write or read a tensor whose max |value| exceeds FP16_MAX / headroom, largest first."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
     producers = float_intermediates(model)
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
     limit = FP16_MAX / headroom
-    findings = [OverflowFinding(*producers[t], t, peak)
-                for t, peak in max_abs_per_tensor(model_path, batches).items() if peak > limit]
-    return sorted(findings, key=lambda f: -f.max_abs)
+    findings: dict[str, OverflowFinding] = {}
+    for tensor, peak in max_abs_per_tensor(model_path, batches).items():
+        if peak <= limit:
+            continue
+        node, op_type = producers[tensor]
+        candidates = [(node, op_type, "writes")] + [(c.name, c.op_type, "reads") for c in consumers.get(tensor, [])]
+        for name, op, role in candidates:
+            if name not in findings or findings[name].max_abs < peak:
+                findings[name] = OverflowFinding(name, op, tensor, peak, role)
+    return sorted(findings.values(), key=lambda f: -f.max_abs)

@@ -19,7 +19,7 @@ class PrecisionResult:
 
     def overflow_report(self) -> dict:
         return {
-            "rule": f"keep a node in fp32 when its output's max |value| on calibration images exceeds "
+            "rule": f"keep a node in fp32 when it writes or reads a tensor whose max |value| on calibration images exceeds "
                     f"fp16 max {FP16_MAX:g} / headroom {HEADROOM:g} = {FP16_MAX / HEADROOM:g}",
             "kept_fp32": [f.to_json() for f in self.overflow],
             "fp32_island_op_types": FP32_ISLANDS,
@@ -45,7 +45,8 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
     result.overflow = localize_overflow(path, feeds)
     kept = [f.node for f in result.overflow]
     for f in result.overflow:
-        log(f"      keeping {f.node} ({f.op_type}) in fp32: max |{f.tensor}| = {f.max_abs:.4g} on calibration images")
+        log(f"      keeping {f.node} ({f.op_type}) in fp32: it {f.role} {f.tensor}, "
+            f"max |value| {f.max_abs:.4g} on calibration images")
 
     source = path
     large = path.with_name(path.name + ".data").exists() and \

@@ -1,0 +1,155 @@
+"""fp16 and int8 recipes: parity on held-out photos, the graph really is fp16 / Q/DQ, fp32 islands,
+overflow localization, calibration inputs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from export.images import SKIMAGE_PHOTOS, sample_photos
+from export.pipeline import BuildOptions, build
+from export.precision.calibration import SKIMAGE_CALIBRATION
+
+
+def _build(folder, out, **kwargs):
+    return build(BuildOptions(model=str(folder), out=out, **kwargs), log=lambda _: None)
+
+
+def _ops(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def test_parity_photos_are_held_out_from_calibration():
+    assert not set(SKIMAGE_PHOTOS[:3]) & set(SKIMAGE_CALIBRATION)
+
+
+@pytest.mark.parametrize("family", ["mlcd-rope2d", "clip-vision"])
+def test_fp16_recipe(tiny_folders, tmp_path, family):
+    result = _build(tiny_folders[family], tmp_path / "fp16", precision="fp16")
+    assert result.parity_passed
+    model = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
+    types = {t.data_type for t in model.graph.initializer if t.dims and np.prod(t.dims) > 64}
+    assert onnx.TensorProto.FLOAT16 in types  # weights really are fp16
+    io = [v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)]
+    assert set(io) == {onnx.TensorProto.FLOAT}  # float32 interface
+    # islands: every LayerNormalization and Softmax computes on float32 tensors (as onnxruntime runs them)
+    islands = [n for n in model.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert islands
+    dtypes = _runtime_dtypes(model, [t for n in islands for t in (n.input[0], n.output[0])])
+    assert set(dtypes.values()) == {np.dtype(np.float32)}, dtypes
+    recipe = result.manifest["precision_recipe"]
+    assert "LayerNormalization" in recipe["fp32_island_op_types"] and recipe["float16_initializers"] > 0
+    assert json.loads((tmp_path / "fp16" / "overflow_report.json").read_text())["kept_fp32"] == []
+
+
+@pytest.mark.parametrize("family", ["mlcd-rope2d", "clip-vision"])
+def test_int8_recipe(tiny_folders, tmp_path, family):
+    result = _build(tiny_folders[family], tmp_path / "int8", precision="int8")
+    assert result.parity_passed
+    ops = _ops(tmp_path / "int8" / "model.onnx")
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    model = onnx.load(str(tmp_path / "int8" / "model.onnx"))
+    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    layers = result.manifest["model"]["num_hidden_layers"]
+    assert len(int8_weights) == 6 * layers  # q, k, v, out, fc1, fc2 of every layer
+    # LayerNorm, softmax, RoPE and residual adds are not quantized: no Q/DQ feeds them directly
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax", "RoPE2D"):
+            assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in node.input)
+    parity = json.loads((tmp_path / "int8" / "parity.json").read_text())
+    assert {m["ort_mode"] for m in parity["measured"]} == {"exact", "optimized"}  # both reported
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_int8_from_an_image_folder(tiny_folders, tmp_path, method):
+    images = tmp_path / "calib"
+    images.mkdir()
+    import skimage.data
+    from PIL import Image
+
+    for i, name in enumerate(SKIMAGE_CALIBRATION[:4]):
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(images / f"{i}.{'jpg' if i % 2 else 'png'}")
+    result = _build(tiny_folders["mlcd-rope2d"], tmp_path / "out", precision="int8", calib_images=images,
+                    calib_method=method)
+    assert result.parity_passed
+    recipe = result.manifest["precision_recipe"]
+    assert recipe["int8"]["calibration_method"] == method
+    assert recipe["calibration"]["images"].startswith("4 images from")
+
+
+@pytest.fixture(scope="module")
+def overflowing_checkpoint(tiny_folders, tmp_path_factory):
+    """The tiny RoPE model with one MLP made to produce activations far beyond fp16's 65504."""
+    from export.loading import load_folder
+
+    ckpt = load_folder(tiny_folders["mlcd-rope2d"])
+    mlp = ckpt.model.encoder.layers[0].mlp
+    mlp.fc1.weight.data *= 3e4  # fc1 output ~1e5-1e6
+    mlp.fc2.weight.data /= 3e4  # keeps the residual stream (and so the rest) in range
+    folder = tmp_path_factory.mktemp("overflow")
+    ckpt.model.save_pretrained(folder)
+    ckpt.processor.save_pretrained(folder)
+    return folder
+
+
+def test_overflow_localization_keeps_the_overflowing_nodes_in_fp32(overflowing_checkpoint, tmp_path):
+    result = _build(overflowing_checkpoint, tmp_path / "fp16", precision="fp16")
+    report = json.loads((tmp_path / "fp16" / "overflow_report.json").read_text())
+    kept = {f["op_type"] for f in report["kept_fp32"]}
+    assert "MatMul" in kept and all(f["max_abs"] > 65504 / 4 for f in report["kept_fp32"])
+    assert result.parity_passed, "with the overflowing nodes kept in fp32, fp16 must pass"
+
+
+def _runtime_dtypes(model, names: list[str]) -> dict[str, np.dtype]:
+    import onnxruntime as ort
+
+    from export.families import INPUT_NAME
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    shape = [1 if not isinstance(d, int) else d for d in session.get_inputs()[0].shape]
+    values = session.run(names, {INPUT_NAME: np.zeros(shape, np.float32)})
+    return {n: v.dtype for n, v in zip(names, values)}
+
+
+def _nonfinite_tensors(model, feed) -> list[str]:
+    """Names of intermediate tensors that hold inf or NaN when onnxruntime runs `model` on `feed`."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = [o for n in probe.graph.node for o in n.output if o]
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in existing)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    values = session.run(names, feed)
+    return [n for n, v in zip(names, values) if v.dtype.kind == "f" and not np.all(np.isfinite(v))]
+
+
+def test_naive_fp16_overflows_where_the_recipe_does_not(overflowing_checkpoint, tmp_path):
+    """Islands alone (no overflow localization) leave an MLP in fp16: its activations become inf.
+
+    The pooled output can still look finite on a CPU (onnxruntime's fp16 MatMul does not propagate
+    inf the IEEE way a GPU kernel does), so the test looks at every intermediate tensor.
+    """
+    from export.families import INPUT_NAME
+    from export.images import pixel_values
+    from export.loading import load_folder
+    from export.precision.fp16 import to_fp16
+
+    _build(overflowing_checkpoint, tmp_path / "fp32", parity=False)
+    _build(overflowing_checkpoint, tmp_path / "fp16", precision="fp16", parity=False)
+    ckpt = load_folder(overflowing_checkpoint)
+    feed = {INPUT_NAME: pixel_values(ckpt.processor, sample_photos(1)).numpy()}
+    naive = to_fp16(onnx.load(str(tmp_path / "fp32" / "model.onnx")), keep_fp32_nodes=[])
+    assert _nonfinite_tensors(naive, feed), "the naive fp16 graph should overflow"
+    assert _nonfinite_tensors(onnx.load(str(tmp_path / "fp16" / "model.onnx")), feed) == []

@@ -1,0 +1,98 @@
+"""Engine builds: TensorRT-RTX on this CPU machine for fp32/fp16/int8 graphs; datacenter TensorRT
+where it and a GPU exist (gated)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from export import engine as engines
+
+HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None and importlib.util.find_spec("polygraphy") is not None
+needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt-rtx / polygraphy not installed (extra: tensorrt-rtx)")
+
+
+def _cli(*argv, timeout=600) -> subprocess.CompletedProcess:
+    # A process per build: Polygraphy binds to one TensorRT flavour per process.
+    return subprocess.run([sys.executable, "-m", "export.build_engine", *map(str, argv)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_profiles_cover_batch_and_resolution():
+    assert engines.batch_profile(32) == (1, 16, 32)
+    assert engines.batch_profile(1) == (1, 1, 1)
+    fixed = engines.profiles("pixel_values", (560, 560), False, 14, 8)
+    assert fixed == {"pixel_values": {"min": [1, 3, 560, 560], "opt": [4, 3, 560, 560], "max": [8, 3, 560, 560]}}
+    dyn = engines.profiles("pixel_values", (448, 336), True, 14, 4)["pixel_values"]
+    assert dyn["min"][2:] == [224, 168] and dyn["opt"][2:] == [448, 336] and dyn["max"][2:] == [672, 504]
+    assert all(v % 14 == 0 for k in ("min", "max") for v in dyn[k][2:])
+
+
+@needs_rtx
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt_rtx_builds_an_engine_on_cpu(tiny_folders, tmp_path, precision):
+    out = tmp_path / precision
+    proc = _cli("--model", tiny_folders["mlcd-rope2d"], "--out", out, "--precision", precision,
+                "--runtime", "tensorrt-rtx", "--compute-capability", "8.9", "--max-batch", "4",
+                "--timing-cache", tmp_path / "timing.cache")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    eng = manifest["engine"]
+    assert eng["built"] and eng["runtime"] == "tensorrt-rtx" and eng["compute_capabilities"] == ["8.9"]
+    assert eng["profiles"]["pixel_values"]["max"] == [4, 3, 56, 56]
+    assert manifest["rope_lowering"] == "onnx23"  # auto: native RotaryEmbedding for TensorRT-RTX
+    plan = out / "model.plan"
+    assert plan.stat().st_size == eng["bytes"] > 10_000
+    assert manifest["artifacts"]["model.plan"]["bytes"] == plan.stat().st_size
+    assert (tmp_path / "timing.cache").exists()
+
+
+@needs_rtx
+def test_tensorrt_rtx_dynamic_resolution_engine(tiny_folders, tmp_path):
+    out = tmp_path / "dyn"
+    proc = _cli("--model", tiny_folders["clip-vision"], "--out", out, "--dynamic-resolution", "--skip-parity",
+                "--runtime", "tensorrt-rtx", "--compute-capability", "8.6", "--max-batch", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    profile = json.loads((out / "manifest.json").read_text())["engine"]["profiles"]["pixel_values"]
+    assert profile["min"] == [1, 3, 28, 28] and profile["max"] == [2, 3, 84, 84]
+
+
+@needs_rtx
+def test_plugin_lowering_is_refused_by_tensorrt_rtx(tiny_folders, tmp_path):
+    proc = _cli("--model", tiny_folders["mlcd-rope2d"], "--out", tmp_path / "p", "--rope", "plugin",
+                "--runtime", "tensorrt-rtx", "--skip-parity", "--compute-capability", "8.9")
+    assert proc.returncode == 2
+    assert "--rope plugin needs datacenter TensorRT" in proc.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def _datacenter_trt_reason() -> str | None:
+    target = engines.probe("tensorrt")
+    return target.skip_reason
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_datacenter_tensorrt_engine_matches_onnxruntime(tiny_folders, tmp_path):
+    reason = _datacenter_trt_reason()
+    if reason:
+        pytest.skip(reason)
+    import numpy as np
+    import onnxruntime as ort
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    out = tmp_path / "trt"
+    proc = _cli("--model", tiny_folders["mlcd-rope2d"], "--out", out, "--precision", "fp16", "--max-batch", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    x = np.random.RandomState(0).randn(3, 3, 56, 56).astype(np.float32)
+    want = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["pooler_output"], {"pixel_values": x})[0]
+    with TrtRunner(EngineFromBytes(BytesFromPath(str(out / "model.plan")))) as runner:
+        got = runner.infer({"pixel_values": x})["pooler_output"]
+    cos = (want * got).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.999
