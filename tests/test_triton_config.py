@@ -1,0 +1,188 @@
+"""The repository generator: every config.pbtxt is Triton's protobuf, parsed back; options are validated.
+
+No server here (test_triton_server.py serves the python-backend repository). The tensorrt_plan
+repository is generated from a FAKE plan file (this machine cannot build TensorRT engines): only
+the presence of model.plan and the manifest's engine profile are faked, to check the generated
+config against the protobuf. It is never served and proves nothing about an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs the serve extra (tritonclient)")
+
+from export.errors import OptionError  # noqa: E402
+from triton_repo.build import RepoOptions, build_repository  # noqa: E402
+from triton_repo.config import parse_config, preferred_batch_sizes, validate_model_name  # noqa: E402
+from triton_repo.testing import tiny_artifacts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """A tiny 2D-RoPE model exported with hidden_states[-2] as a third output."""
+    return tiny_artifacts(tmp_path_factory.mktemp("triton-config"), hidden_layer=-2)
+
+
+@pytest.fixture(scope="module")
+def plan_artifacts(artifacts, tmp_path_factory):
+    """FAKE engine artifacts: a placeholder model.plan and an engine profile of max batch 4 in the manifest.
+    Only for validating the generated tensorrt_plan config; this file is not an engine and is never served."""
+    folder = tmp_path_factory.mktemp("fake-plan") / "artifacts"
+    shutil.copytree(artifacts, folder)
+    (folder / "model.plan").write_bytes(b"placeholder, not a TensorRT engine")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine"] = {"built": True, "tensorrt": "fake",
+                          "profiles": {"pixel_values": {"min": [1, 3, 56, 56], "opt": [2, 3, 56, 56],
+                                                        "max": [4, 3, 56, 56]}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _configs(repo: Path) -> dict:
+    return {p.parent.name: parse_config(p) for p in sorted(repo.glob("*/config.pbtxt"))}
+
+
+def test_python_backend_repository(artifacts, tmp_path):
+    result = build_repository(RepoOptions(artifacts, tmp_path / "repo", backend="python", instances=2, max_batch=6),
+                              log=lambda _: None)
+    repo = result.out
+    cfgs = _configs(repo)
+    assert set(cfgs) == {"embed", "encoder", "preprocess"}
+    enc, pre, ens = cfgs["encoder"], cfgs["preprocess"], cfgs["embed"]
+    assert enc.backend == "python" and (repo / "encoder/1/model.py").is_file() and (repo / "encoder/1/model.onnx").is_file()
+    assert [i.name for i in enc.input] == ["pixel_values"] and list(enc.input[0].dims) == [3, 56, 56]
+    assert [o.name for o in enc.output] == ["last_hidden_state", "pooler_output", "hidden_state"]
+    assert enc.instance_group[0].count == 2 and enc.instance_group[0].kind == enc.instance_group[0].KIND_CPU
+    assert enc.max_batch_size == pre.max_batch_size == ens.max_batch_size == 6
+    assert list(enc.dynamic_batching.preferred_batch_size) == [4, 6]
+    # warm-up with a real photograph: the files are what Triton reads
+    w = enc.model_warmup[0]
+    assert (repo / "encoder/warmup" / w.inputs["pixel_values"].input_data_file).stat().st_size == 3 * 56 * 56 * 4
+    data = (repo / "preprocess/warmup" / pre.model_warmup[0].inputs["image"].input_data_file).read_bytes()
+    assert int.from_bytes(data[:4], "little") == len(data) - 4 and data[4:6] == b"\xff\xd8"  # length + JPEG
+    # preprocess: bytes in, the encoder's input out; its recipe travels with it
+    from tritonclient.grpc.model_config_pb2 import DataType
+
+    assert pre.input[0].data_type == DataType.Value("TYPE_STRING") and list(pre.input[0].dims) == [1]
+    assert list(pre.output[0].dims) == [3, 56, 56]
+    for f in ("model.py", "preprocessing.py", "preprocessor_config.json"):
+        assert (repo / "preprocess/1" / f).is_file()
+    # the ensemble wires image -> preprocess -> encoder -> every output
+    assert ens.platform == "ensemble" and [i.name for i in ens.input] == ["image"]
+    assert [o.name for o in ens.output] == ["last_hidden_state", "pooler_output", "hidden_state"]
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocess", "encoder"]
+    readme = (repo / "README.md").read_text()
+    assert "tritonserver --model-repository" in readme and "python -m triton_repo.serve" in readme
+    assert 'client.infer("embed"' in readme
+
+
+def test_onnxruntime_repository(artifacts, tmp_path):
+    repo = build_repository(RepoOptions(artifacts, tmp_path / "repo", backend="onnxruntime", name="clip_embed"),
+                            log=lambda _: None).out
+    cfgs = _configs(repo)
+    enc = cfgs["encoder"]
+    assert enc.platform == "onnxruntime_onnx" and not (repo / "encoder/1/model.py").exists()
+    assert (repo / "encoder/1/model.onnx").is_file()
+    assert enc.instance_group[0].kind == enc.instance_group[0].KIND_AUTO
+    assert cfgs["clip_embed"].max_batch_size == 8  # the manifest's max batch
+
+
+def test_tensorrt_plan_repository_from_fake_plan(plan_artifacts, tmp_path):
+    repo = build_repository(RepoOptions(plan_artifacts, tmp_path / "repo"), log=lambda _: None).out  # default: tensorrt
+    enc = _configs(repo)["encoder"]
+    assert enc.platform == "tensorrt_plan" and enc.default_model_filename == "model.plan"
+    assert (repo / "encoder/1/model.plan").is_file() and not (repo / "encoder/1/model.onnx").exists()
+    assert enc.max_batch_size == 4  # derived from the engine profile
+    assert enc.instance_group[0].kind == enc.instance_group[0].KIND_GPU
+    assert [list(o.dims) for o in enc.output] == [[17, 64], [64], [17, 64]]  # 1 + (56/14)^2 tokens
+    with pytest.raises(OptionError, match="optimization profile allows \\(4\\)"):
+        build_repository(RepoOptions(plan_artifacts, tmp_path / "repo2", max_batch=8), log=lambda _: None)
+
+
+def test_tensorrt_needs_a_plan(artifacts, tmp_path):
+    with pytest.raises(OptionError, match="--backend tensorrt needs"):
+        build_repository(RepoOptions(artifacts, tmp_path / "repo", backend="tensorrt"), log=lambda _: None)
+
+
+@pytest.mark.parametrize("name", ["../embed", "a/b", "..", "", ".hidden", "a\\b", "encoder", "preprocess"])
+def test_bad_model_names_are_refused(artifacts, tmp_path, name):
+    with pytest.raises(OptionError, match="--name"):
+        build_repository(RepoOptions(artifacts, tmp_path / "repo", backend="python", name=name), log=lambda _: None)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_good_model_names():
+    for name in ("embed", "rice-l_560", "mlcd.v2"):
+        assert validate_model_name(name) == name
+
+
+def test_existing_repository_needs_force(artifacts, tmp_path):
+    opts = RepoOptions(artifacts, tmp_path / "repo", backend="python")
+    build_repository(opts, log=lambda _: None)
+    with pytest.raises(Exception, match="--force"):
+        build_repository(opts, log=lambda _: None)
+    opts.force = True
+    build_repository(opts, log=lambda _: None)
+
+
+def test_missing_artifacts_say_what_to_do(tmp_path):
+    with pytest.raises(OptionError, match="export.build_engine"):
+        build_repository(RepoOptions(tmp_path, tmp_path / "repo"), log=lambda _: None)
+
+
+def test_misspelled_field_is_caught_offline():
+    from google.protobuf import text_format
+
+    with pytest.raises(text_format.ParseError):
+        parse_config('name: "x"\nmax_batch_sise: 8\n')
+
+
+def test_preferred_batch_sizes():
+    assert preferred_batch_sizes(1) == [1]
+    assert preferred_batch_sizes(8) == [4, 8]
+    assert preferred_batch_sizes(32) == [4, 8, 16, 32]
+
+
+def test_cli(artifacts, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "triton_repo.build", "--artifacts", str(artifacts), "--out",
+                           str(tmp_path / "repo"), "--backend", "python", "--name", "embed", "--max-batch", "4"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert parse_config(tmp_path / "repo/embed/config.pbtxt").max_batch_size == 4
+    proc = subprocess.run([sys.executable, "-m", "triton_repo.build", "--artifacts", str(artifacts), "--out",
+                           str(tmp_path / "repo3"), "--name", "../x"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and "not a valid model name" in proc.stderr
+
+
+@pytest.mark.parametrize("module", ["triton_repo.build", "triton_repo.serve"])
+def test_help_needs_no_server(module):
+    proc = subprocess.run([sys.executable, "-m", module, "-h"], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "usage" in proc.stdout
+
+
+def test_server_env_with_numpy_2_is_refused(tmp_path):
+    """The python backend silently corrupts tensors with numpy 2: an env with it is refused, with the fix."""
+    import numpy
+
+    from triton_repo.server import ServerUnavailable, find_tritonserver
+
+    if int(numpy.__version__.split(".")[0]) < 2:
+        pytest.skip("this interpreter has numpy < 2")
+    (tmp_path / "bin").mkdir()
+    python = tmp_path / "bin" / "python3"  # an "environment" whose python is this venv's (numpy 2)
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    with pytest.raises(ServerUnavailable, match="numpy 2.*setup_server_env.sh"):
+        find_tritonserver(tmp_path)
+    with pytest.raises(ServerUnavailable, match="no server environment"):
+        find_tritonserver(tmp_path / "missing")

@@ -1,0 +1,37 @@
+"""triton_repo stays importable, and its CLIs answer -h, without tritonclient, torch or onnxruntime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BLOCK = ("import sys\nfor m in ('tritonclient', 'tritonclient.grpc', 'google.protobuf', 'torch', 'onnx', "
+         "'onnxruntime', 'tensorrt'): sys.modules[m] = None\n")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK + code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_modules_import_without_optional_dependencies():
+    proc = _run("import triton_repo.build, triton_repo.config, triton_repo.serve, triton_repo.server, "
+                "triton_repo.preprocessing, triton_repo.testing")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("module", ["triton_repo.build", "triton_repo.serve"])
+def test_help_without_optional_dependencies(module):
+    proc = _run(f"import runpy; sys.argv = ['{module}', '-h']; runpy.run_module('{module}', run_name='__main__')")
+    assert proc.returncode == 0, proc.stderr
+    assert "--artifacts" in proc.stdout or "--http-port" in proc.stdout
+
+
+def test_missing_tritonclient_names_the_extra(tmp_path):
+    proc = _run("from triton_repo.config import model_config_pb2\n"
+                "from export.errors import MissingDependencyError\n"
+                "try:\n    model_config_pb2()\nexcept MissingDependencyError as e:\n    print(e)\n")
+    assert "pip install 'mvt-deploy[serve]'" in proc.stdout, proc.stderr

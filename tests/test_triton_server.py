@@ -1,0 +1,200 @@
+"""A real tritonserver serves the generated repository (python backend, CPU), over HTTP and gRPC.
+
+Needs the server environment (scripts/setup_server_env.sh: .server-venv with the nvidia-pytriton
+wheel, numpy<2, onnxruntime, pillow) and tritonclient; skips with the reason otherwise. One server
+for the whole session, on loopback ports, stopped at the end whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.triton_server
+httpclient = pytest.importorskip("tritonclient.http", reason="needs the serve extra (tritonclient[http,grpc])")
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritonclient[http,grpc])")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from triton_repo.testing import (  # noqa: E402
+    ServedRepository,
+    bomb_png,
+    cosine_rows,
+    photo_bytes,
+    reference_pooler,
+    tiny_artifacts,
+)
+
+MIN_COSINE = 0.9999
+ROOT = Path(__file__).resolve().parents[1]
+# CI sets this after scripts/setup_server_env.sh, so that a broken setup fails instead of skipping.
+REQUIRE = os.environ.get("MVT_REQUIRE_TRITON_SERVER") == "1"
+
+
+def _install_or_skip():
+    from triton_repo.server import ServerUnavailable, find_tritonserver
+
+    try:
+        return find_tritonserver()
+    except ServerUnavailable as exc:
+        if REQUIRE:
+            pytest.fail(f"MVT_REQUIRE_TRITON_SERVER=1 but no tritonserver: {exc}")
+        pytest.skip(f"no tritonserver: {exc}")
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    from triton_repo.build import RepoOptions, build_repository
+    from triton_repo.server import TritonServer, free_port
+
+    install = _install_or_skip()
+    root = tmp_path_factory.mktemp("triton-serve")
+    artifacts = tiny_artifacts(root)
+    repo = build_repository(RepoOptions(artifacts, root / "repo", backend="python", max_batch=8,
+                                        intra_op_threads=1), log=lambda _: None).out
+    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          install=install, ready_timeout_s=90)
+    with server:
+        yield ServedRepository(server, repo, artifacts, root / "checkpoint")
+
+
+@pytest.fixture(scope="session")
+def photos():
+    return photo_bytes()
+
+
+@pytest.fixture(scope="session")
+def references(served, photos):
+    return {name: reference_pooler(served.checkpoint, [data])[0] for name, data in photos.items()}
+
+
+def _http_infer(url: str, model: str, images: list[bytes], input_name: str = "image"):
+    with httpclient.InferenceServerClient(url) as client:
+        inp = httpclient.InferInput(input_name, [len(images), 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[b] for b in images], dtype=np.object_))
+        return client.infer(model, [inp]).as_numpy("pooler_output")
+
+
+def _grpc_infer(url: str, model: str, images: list[bytes]):
+    with grpcclient.InferenceServerClient(url) as client:
+        inp = grpcclient.InferInput("image", [len(images), 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[b] for b in images], dtype=np.object_))
+        out = [grpcclient.InferRequestedOutput("pooler_output"), grpcclient.InferRequestedOutput("last_hidden_state")]
+        result = client.infer(model, [inp], outputs=out)
+        return result.as_numpy("pooler_output"), result.as_numpy("last_hidden_state")
+
+
+def _assert_ready(served):
+    assert served.server.is_ready(), f"server not ready after a bad request:\n{served.server.log_tail()}"
+
+
+def test_http_jpeg_and_png_match_transformers(served, photos, references):
+    for name, data in photos.items():
+        out = _http_infer(served.http_url, served.ensemble, [data])
+        cos = cosine_rows(out, references[name][None])
+        assert out.shape == (1, 64) and cos.min() >= MIN_COSINE, (name, cos)
+
+
+def test_grpc_batch_of_three_matches_transformers(served, photos, references):
+    names = ["astronaut.jpg", "coffee.png", "chelsea.png"]
+    pooled, hidden = _grpc_infer(served.grpc_url, served.ensemble, [photos[n] for n in names])
+    assert pooled.shape == (3, 64) and hidden.shape == (3, 17, 64)
+    cos = cosine_rows(pooled, np.stack([references[n] for n in names]))
+    assert cos.min() >= MIN_COSINE, cos
+
+
+def test_dynamic_batching_batches_concurrent_requests(served, photos):
+    from triton_repo.server import model_statistics
+
+    before = model_statistics(served.http_url, "encoder")
+    requests = 48
+    data = photos["chelsea.jpg"]
+
+    def one(_):
+        return _http_infer(served.http_url, served.ensemble, [data])
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(one, range(requests)))
+    assert all(r.shape == (1, 64) for r in results)
+    after = model_statistics(served.http_url, "encoder")
+    inferences = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert inferences == requests
+    assert executions < requests, f"{executions} encoder executions for {requests} concurrent requests: no batching"
+
+
+@pytest.mark.parametrize("case", ["corrupt", "empty", "bomb", "truncated"])
+def test_bad_images_fail_their_own_request(served, photos, case):
+    data = {"corrupt": b"\x89PNG\r\n\x1a\n definitely not a png", "empty": b"", "bomb": bomb_png(100_000, 100_000),
+            "truncated": photos["astronaut.jpg"][:2000]}[case]
+    with pytest.raises(InferenceServerException, match="preprocess:"):
+        _http_infer(served.http_url, served.ensemble, [data])
+    _assert_ready(served)
+    # and the next good request is served
+    assert _http_infer(served.http_url, served.ensemble, [photos["coffee.png"]]).shape == (1, 64)
+
+
+def test_bad_image_over_grpc(served):
+    with pytest.raises(InferenceServerException, match="pixels"):
+        _grpc_infer(served.grpc_url, served.ensemble, [bomb_png(100_000, 100_000)])
+    _assert_ready(served)
+
+
+def test_wrong_input_name_is_a_request_error(served, photos):
+    with pytest.raises(InferenceServerException, match="image|input"):
+        _http_infer(served.http_url, served.ensemble, [photos["coffee.png"]], input_name="pixels")
+    _assert_ready(served)
+
+
+def test_serve_cli_runs_in_foreground_and_stops_on_sigterm(served, tmp_path):
+    from triton_repo.server import free_port
+
+    http = free_port()
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "triton_repo.serve", str(served.repository), "--http-port", str(http),
+           "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--log-file", str(log),
+           "--ready-timeout", "90"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # the CLI prints one line once the server is ready
+        assert "tritonserver ready" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert _http_infer(f"127.0.0.1:{http}", "embed", [b"not an image"] * 0 or [photo_bytes()["coffee.png"]]).shape == (1, 64)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "stopped" in out
+
+
+def test_serve_cli_missing_repository_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "triton_repo.serve", str(tmp_path / "nothing")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_server_that_cannot_start_fails_with_its_log(tmp_path):
+    """A repository whose model cannot load: the server exits and the error holds its log."""
+    from triton_repo.server import ServerStartError, TritonServer, free_port
+
+    install = _install_or_skip()
+    bad = tmp_path / "repo" / "broken"
+    (bad / "1").mkdir(parents=True)
+    (bad / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\nmax_batch_size: 1\n')
+    server = TritonServer(tmp_path / "repo", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          install=install, ready_timeout_s=60)
+    start = time.monotonic()
+    with pytest.raises(ServerStartError, match="broken|backend"):
+        with server:
+            pass
+    assert time.monotonic() - start < 60
+    assert server.process is None

@@ -1,0 +1,187 @@
+"""Triton model configurations built as Triton's own protobuf (`ModelConfig`), written as text format.
+
+Every field name is checked by protobuf when a message is built, and `parse_config` reads a
+config.pbtxt back the way Triton does, so a misspelled field fails here, never at server start.
+Needs the `serve` extra (tritonclient, protobuf); imported lazily by the generator.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export.errors import OptionError, require
+
+CONFIG_NAME = "config.pbtxt"
+BACKENDS = ("tensorrt", "onnxruntime", "python")
+# A short wait lets concurrent requests meet in one batch; Triton also batches whatever queued
+# while an execution ran, so a busy server batches with no delay at all.
+MAX_QUEUE_DELAY_US = 1000
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def model_config_pb2():
+    return require("tritonclient.grpc.model_config_pb2", "serve")
+
+
+def validate_model_name(name: str, what: str = "--name") -> str:
+    """A model name is a folder name in the repository: no separators, no `..`, nothing hidden."""
+    if not isinstance(name, str) or ".." in name or "/" in name or "\\" in name or not _NAME.match(name):
+        raise OptionError(
+            f"{what} {name!r} is not a valid model name; use letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit, without path separators or '..' (e.g. embed)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple[int, ...]  # without the batch dimension; -1 = any
+    dtype: str = "TYPE_FP32"
+
+
+@dataclass(frozen=True)
+class EncoderInterface:
+    """What the encoder takes and gives, from the artifacts' manifest."""
+
+    input: TensorSpec
+    outputs: tuple[TensorSpec, ...]
+    image_size: tuple[int, int]  # the resolution warm-up and preprocessing produce
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.outputs)
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """One warm-up request: a file under <model>/warmup/ per input (Triton reads raw bytes)."""
+
+    name: str
+    batch_size: int
+    inputs: dict[str, tuple[str, tuple[int, ...], str]] = field(default_factory=dict)  # name -> (dtype, dims, file)
+
+
+def preferred_batch_sizes(max_batch: int) -> list[int]:
+    """Powers of two from 4 up to max_batch, plus max_batch itself (e.g. 8 -> [4, 8]; 32 -> [4, 8, 16, 32])."""
+    sizes = {max_batch}
+    size = 4
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+def _io(msg, spec: TensorSpec, pb2):
+    msg.name = spec.name
+    msg.data_type = pb2.DataType.Value(spec.dtype)
+    msg.dims.extend(spec.dims)
+    return msg
+
+
+def _common(cfg, name: str, max_batch: int, instances: int, kind: str, warmup: Warmup | None, pb2,
+            dynamic_batching: bool = True) -> None:
+    cfg.name = name
+    cfg.max_batch_size = max_batch
+    if dynamic_batching:
+        cfg.dynamic_batching.preferred_batch_size.extend(preferred_batch_sizes(max_batch))
+        cfg.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
+    group = cfg.instance_group.add()
+    group.count = instances
+    group.kind = pb2.ModelInstanceGroup.Kind.Value(kind)
+    if warmup is not None:
+        w = cfg.model_warmup.add()
+        w.name = warmup.name
+        w.batch_size = warmup.batch_size
+        for input_name, (dtype, dims, filename) in warmup.inputs.items():
+            inp = w.inputs[input_name]
+            inp.data_type = pb2.DataType.Value(dtype)
+            inp.dims.extend(dims)
+            inp.input_data_file = filename
+
+
+def encoder_config(backend: str, interface: EncoderInterface, *, name: str = "encoder", max_batch: int,
+                   instances: int = 1, warmup: Warmup | None = None, parameters: dict[str, str] | None = None):
+    """The encoder: TensorRT plan (GPU), onnxruntime (GPU if present) or our python model (CPU)."""
+    pb2 = model_config_pb2()
+    cfg = pb2.ModelConfig()
+    if backend == "tensorrt":
+        cfg.platform = "tensorrt_plan"
+        cfg.default_model_filename = "model.plan"
+        kind = "KIND_GPU"
+    elif backend == "onnxruntime":
+        cfg.platform = "onnxruntime_onnx"
+        cfg.default_model_filename = "model.onnx"
+        kind = "KIND_AUTO"  # GPU where the server has one, else CPU
+    elif backend == "python":
+        cfg.backend = "python"
+        kind = "KIND_CPU"
+    else:
+        raise OptionError(f"--backend {backend} is unknown; choose one of {', '.join(BACKENDS)}")
+    _common(cfg, name, max_batch, instances, kind, warmup, pb2)
+    _io(cfg.input.add(), interface.input, pb2)
+    for out in interface.outputs:
+        _io(cfg.output.add(), out, pb2)
+    for key, value in (parameters or {}).items():
+        cfg.parameters[key].string_value = str(value)
+    return cfg
+
+
+def preprocess_config(*, name: str = "preprocess", max_batch: int, instances: int, pixel_values: TensorSpec,
+                      warmup: Warmup | None = None, parameters: dict[str, str] | None = None):
+    """Encoded image bytes (TYPE_STRING, one per batch row) -> pixel_values, on the CPU."""
+    pb2 = model_config_pb2()
+    cfg = pb2.ModelConfig()
+    cfg.backend = "python"
+    _common(cfg, name, max_batch, instances, "KIND_CPU", warmup, pb2)
+    _io(cfg.input.add(), TensorSpec("image", (1,), "TYPE_STRING"), pb2)
+    _io(cfg.output.add(), pixel_values, pb2)
+    for key, value in (parameters or {}).items():
+        cfg.parameters[key].string_value = str(value)
+    return cfg
+
+
+def ensemble_config(*, name: str, max_batch: int, preprocess: str, encoder: str, interface: EncoderInterface):
+    """image (TYPE_STRING) -> preprocess -> encoder -> every encoder output, under the same names."""
+    pb2 = model_config_pb2()
+    cfg = pb2.ModelConfig()
+    cfg.name = name
+    cfg.platform = "ensemble"
+    cfg.max_batch_size = max_batch
+    _io(cfg.input.add(), TensorSpec("image", (1,), "TYPE_STRING"), pb2)
+    for out in interface.outputs:
+        _io(cfg.output.add(), out, pb2)
+    step = cfg.ensemble_scheduling.step.add()
+    step.model_name = preprocess
+    step.model_version = -1
+    step.input_map["image"] = "image"
+    step.output_map[interface.input.name] = "_pixel_values"
+    step = cfg.ensemble_scheduling.step.add()
+    step.model_name = encoder
+    step.model_version = -1
+    step.input_map[interface.input.name] = "_pixel_values"
+    for out in interface.outputs:
+        step.output_map[out.name] = out.name
+    return cfg
+
+
+def config_text(cfg) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(cfg)
+
+
+def write_config(cfg, model_dir: Path) -> Path:
+    path = Path(model_dir) / CONFIG_NAME
+    path.write_text(config_text(cfg))
+    return path
+
+
+def parse_config(path_or_text: Path | str):
+    """config.pbtxt (a path or its text) -> ModelConfig; protobuf rejects unknown fields and bad values."""
+    from google.protobuf import text_format
+
+    text = Path(path_or_text).read_text() if isinstance(path_or_text, Path) else path_or_text
+    return text_format.Parse(text, model_config_pb2().ModelConfig())

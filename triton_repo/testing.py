@@ -1,0 +1,100 @@
+"""Helpers for tests and scripts: tiny artifacts, a served repository, encoded test images, references.
+
+Used by tests/test_triton_*.py and scripts/load_test.py; nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def tiny_artifacts(folder: Path, family_name: str = "mlcd-rope2d", *, max_batch: int = 8,
+                   hidden_layer: int | None = None) -> Path:
+    """A tiny random checkpoint of `family_name` exported by the real pipeline into `folder`/artifacts."""
+    from export.families import family_by_name
+    from export.pipeline import BuildOptions, build
+    from parity_tests.tiny_models import save_tiny_checkpoint
+
+    folder = Path(folder)
+    ckpt = save_tiny_checkpoint(family_by_name(family_name), folder / "checkpoint")
+    out = folder / "artifacts"
+    build(BuildOptions(model=str(ckpt), out=out, max_batch=max_batch, hidden_layer=hidden_layer, parity=False),
+          log=lambda _: None)
+    return out
+
+
+def encode(image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def photo_bytes() -> dict[str, bytes]:
+    """Real photographs (scikit-image) as JPEG and PNG bytes: {"astronaut.jpg": ..., ...}."""
+    from export.images import sample_photos
+
+    astronaut, coffee, chelsea = sample_photos(3)
+    return {"astronaut.jpg": encode(astronaut, "JPEG", quality=92), "coffee.png": encode(coffee, "PNG"),
+            "chelsea.jpg": encode(chelsea, "JPEG", quality=85), "chelsea.png": encode(chelsea, "PNG")}
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A few hundred bytes claiming width x height pixels: a valid PNG header over a tiny image.
+
+    The header is rewritten (with its CRC) so that a decoder that trusted it would allocate
+    width * height * 3 bytes (30 GB by default): the decompression-bomb case, cheap to make.
+    """
+    from PIL import Image
+
+    data = bytearray(encode(Image.new("RGB", (8, 8)), "PNG"))
+    ihdr = 8  # after the PNG signature: length (4), b"IHDR" (4), width (4), height (4), ...
+    assert data[ihdr + 4:ihdr + 8] == b"IHDR"
+    data[ihdr + 8:ihdr + 16] = struct.pack(">II", width, height)
+    body = bytes(data[ihdr + 4:ihdr + 8 + 13])  # chunk type + 13 data bytes
+    data[ihdr + 8 + 13:ihdr + 8 + 17] = struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def reference_pooler(checkpoint_folder: Path, images: list[bytes], output: str = "pooler_output") -> np.ndarray:
+    """transformers' processor + model on the decoded images: the reference the server must match."""
+    import torch
+    from PIL import Image
+
+    from export.loading import load_folder
+
+    ckpt = load_folder(Path(checkpoint_folder))
+    pil = [Image.open(io.BytesIO(b)) for b in images]
+    pixels = ckpt.processor(images=pil, return_tensors="pt")["pixel_values"].float()
+    with torch.no_grad():
+        return getattr(ckpt.model(pixel_values=pixels), output).numpy()
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@dataclass
+class ServedRepository:
+    """A running server on a generated repository (what the session fixture yields)."""
+
+    server: object  # triton_repo.server.TritonServer
+    repository: Path
+    artifacts: Path
+    checkpoint: Path
+    ensemble: str = "embed"
+
+    @property
+    def http_url(self) -> str:
+        return self.server.http_url
+
+    @property
+    def grpc_url(self) -> str:
+        return self.server.grpc_url
