@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint folder, hub id or zoo alias (default: demo)")
     p.add_argument("--out", metavar="DIR", type=Path, help="output folder (default: artifacts/<model>)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="precision recipe (default: fp32)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="precision recipe: fp32, fp16 (fp32 islands), int8 or fp8 (Q/DQ + fp16) (default: fp32)")
     p.add_argument("--rope", choices=ROPE_CHOICES, default="auto",
                    help="RoPE lowering: custom op with function body, opset-23 RotaryEmbedding, plain ops, "
                         "or TensorRT plugin node (default: auto, the best for the target runtime)")

@@ -24,7 +24,7 @@ from .families import INPUT_NAME
 from .lowering import lower_rope, resolve_rope
 from .onnx_export import ExportShape, export_canonical, validate_hidden_layer, validate_image_size
 
-PRECISIONS = ("fp32", "fp16", "int8")  # export.precision.PRECISIONS, without importing onnx for -h
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")  # export.precision.PRECISIONS, without importing onnx for -h
 CALIBRATION_METHODS = ("max", "entropy", "percentile")
 
 

@@ -65,6 +65,15 @@ def test_int8_recipe(tiny_folders, tmp_path, family):
     assert {m["ort_mode"] for m in parity["measured"]} == {"exact", "optimized"}  # both reported
 
 
+def test_fp8_recipe(tiny_folders, tmp_path):
+    result = _build(tiny_folders["mlcd-rope2d"], tmp_path / "fp8", precision="fp8")
+    assert result.parity_passed
+    model = onnx.load(str(tmp_path / "fp8" / "model.onnx"))
+    fp8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(t.dims) == 2]
+    assert len(fp8_weights) == 6 * result.manifest["model"]["num_hidden_layers"]
+    assert result.manifest["precision_recipe"]["fp8"]["calibration_method"] == "distribution"
+
+
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_int8_from_an_image_folder(tiny_folders, tmp_path, method):
     images = tmp_path / "calib"

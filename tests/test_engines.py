@@ -33,7 +33,7 @@ def test_profiles_cover_batch_and_resolution():
 
 
 @needs_rtx
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "fp8"])
 def test_tensorrt_rtx_builds_an_engine_on_cpu(tiny_folders, tmp_path, precision):
     out = tmp_path / precision
     proc = _cli("--model", tiny_folders["mlcd-rope2d"], "--out", out, "--precision", precision,

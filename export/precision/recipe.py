@@ -8,7 +8,8 @@ from pathlib import Path
 from ..errors import OptionError
 from .islands import FP16_MAX, FP32_ISLANDS, HEADROOM
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+QUANTIZED = ("int8", "fp8")
 
 
 @dataclass
@@ -51,11 +52,11 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
     source = path
     large = path.with_name(path.name + ".data").exists() and \
         path.with_name(path.name + ".data").stat().st_size > external_data_threshold
-    if precision == "int8":
-        from .int8 import quantize_int8
+    if precision in QUANTIZED:
+        from .qdq import quantize_qdq
 
         qdq = path.with_name("qdq.onnx")
-        result.recipe["int8"] = quantize_int8(path, qdq, feeds, calib_method, large=large)
+        result.recipe[precision] = quantize_qdq(path, qdq, feeds, precision, calib_method, large=large)
         source = qdq
     model = onnx.load(str(source))
     model = to_fp16(model, kept)
@@ -63,7 +64,7 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
         leftover.unlink(missing_ok=True)
     save_onnx(model, path, threshold=external_data_threshold)
     result.recipe.update({
-        "compute": "fp16" if precision == "fp16" else "int8 Q/DQ on linear layers, fp16 elsewhere",
+        "compute": "fp16" if precision == "fp16" else f"{precision} Q/DQ on linear layers, fp16 elsewhere",
         "fp32_island_op_types": sorted(FP32_ISLANDS),
         "fp32_nodes_from_overflow": kept,
         "float16_initializers": count_float16_initializers(model),
