@@ -38,7 +38,7 @@ def plan_artifacts(artifacts, tmp_path_factory):
     shutil.copytree(artifacts, folder)
     (folder / "model.plan").write_bytes(b"placeholder, not a TensorRT engine")
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["engine"] = {"built": True, "tensorrt": "fake",
+    manifest["engine"] = {"built": True, "runtime": "tensorrt", "version": "fake",
                           "profiles": {"pixel_values": {"min": [1, 3, 56, 56], "opt": [2, 3, 56, 56],
                                                         "max": [4, 3, 56, 56]}}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -186,3 +186,17 @@ def test_server_env_with_numpy_2_is_refused(tmp_path):
         find_tritonserver(tmp_path)
     with pytest.raises(ServerUnavailable, match="no server environment"):
         find_tritonserver(tmp_path / "missing")
+
+
+def test_tensorrt_rtx_plan_is_not_offered_to_the_tensorrt_backend(plan_artifacts, tmp_path):
+    """Triton's TensorRT backend links datacenter TensorRT; a TensorRT-RTX plan would not load."""
+    folder = tmp_path / "rtx"
+    shutil.copytree(plan_artifacts, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine"]["runtime"] = "tensorrt-rtx"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = build_repository(RepoOptions(folder, tmp_path / "repo"), log=lambda _: None)
+    assert result.backend == "onnxruntime"  # the default steps around the plan
+    assert _configs(result.out)["encoder"].platform == "onnxruntime_onnx"
+    with pytest.raises(OptionError, match="built with tensorrt-rtx"):
+        build_repository(RepoOptions(folder, tmp_path / "repo2", backend="tensorrt"), log=lambda _: None)

@@ -81,10 +81,17 @@ def read_artifacts(folder: Path) -> Artifacts:
 
 
 def resolve_backend(backend: str | None, art: Artifacts) -> str:
+    # Triton's TensorRT backend links datacenter TensorRT: a TensorRT-RTX plan does not load there.
+    runtime = (art.manifest.get("engine") or {}).get("runtime", "tensorrt")
     if backend is None:
-        return "tensorrt" if art.plan is not None else "onnxruntime"
+        return "tensorrt" if art.plan is not None and runtime == "tensorrt" else "onnxruntime"
     if backend not in BACKENDS:
         raise OptionError(f"--backend {backend} is unknown; choose one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt" and runtime != "tensorrt":
+        raise OptionError(
+            f"{art.folder}/{PLAN_NAME} was built with {runtime}, which Triton's TensorRT backend cannot load; "
+            "rebuild with `--runtime tensorrt` on a GPU machine, or use --backend onnxruntime|python"
+        )
     if backend == "tensorrt" and (art.plan is None or art.engine_max_batch is None):
         reason = (art.manifest.get("engine") or {}).get("reason") or "no engine was built"
         raise OptionError(
@@ -214,7 +221,7 @@ def repository_readme(name: str, backend: str, iface: EncoderInterface, max_batc
                       repo: Path) -> str:
     outputs = ", ".join(f"`{o.name}` {list(o.dims)}" for o in iface.outputs)
     h, w = iface.image_size
-    trt = (art.manifest.get("engine") or {}).get("tensorrt")
+    trt = (art.manifest.get("engine") or {}).get("version")
     production = {
         "tensorrt": f"The encoder is a TensorRT engine (built with TensorRT {trt or '?'}): serve it with the NGC "
                     "Triton container whose TensorRT version matches the one that built `model.plan` "
