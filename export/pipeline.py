@@ -142,6 +142,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
             _skip(steps, log, "parity check skipped (--skip-parity)")
 
         if target.skip_reason is None:
+            if not target.gpu:
+                log("      no GPU here: TensorRT-RTX builds for the listed targets and may log CUDA driver "
+                    "errors while doing so; they do not affect the engine")
             engine = steps.run(f"Building the {target.runtime} {target.version} engine", _build_engine, opts,
                                target, ckpt, shape, stage)
             files.append(stage / engines.PLAN_NAME)

@@ -42,4 +42,12 @@ rc=$?
 if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     echo "FAILED: gpu_check.py did not finish within ${limit} s"; exit 1
 fi
+
+# The pytest tests gated on a GPU and datacenter TensorRT (engine build + run, the AOT plugin engine).
+if "$py" -c "import tensorrt, polygraphy, onnx, onnxruntime" 2>/dev/null; then
+    echo "== pytest -m 'gpu or tensorrt'"
+    timeout 300 "$py" -m pytest -q -m "gpu or tensorrt" tests parity_tests || rc=1
+else
+    echo "SKIP pytest -m 'gpu or tensorrt': tensorrt, polygraphy, onnx or onnxruntime is not importable here"
+fi
 exit "$rc"
