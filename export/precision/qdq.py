@@ -9,6 +9,8 @@ activation MatMuls, LayerNorm, softmax, the RoPE op and residual adds stay out o
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 CALIBRATION_METHODS = ("max", "entropy", "percentile")
@@ -35,18 +37,31 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", m
         method = "distribution"  # the only calibrator onnxruntime accepts for float8
     qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
     nodes = quantizable_nodes(onnx.load(str(src), load_external_data=False))
-    quantize_static(
-        str(src), str(dst), FeedReader(feeds, f"calibrating {dtype} ({method})"),
-        quant_format=QuantFormat.QDQ,
-        per_channel=not fp8,
-        activation_type=qtype,
-        weight_type=qtype,
-        nodes_to_quantize=nodes,
-        calibrate_method=CalibrationMethod.Distribution if fp8 else methods[method],
-        use_external_data_format=large,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                       "CalibPercentile": 99.99, "CalibMovingAverage": False},
-    )
+    with _quiet_root_logger():
+        quantize_static(
+            str(src), str(dst), FeedReader(feeds, f"calibrating {dtype} ({method})"),
+            quant_format=QuantFormat.QDQ,
+            per_channel=not fp8,
+            activation_type=qtype,
+            weight_type=qtype,
+            nodes_to_quantize=nodes,
+            calibrate_method=CalibrationMethod.Distribution if fp8 else methods[method],
+            use_external_data_format=large,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                           "CalibPercentile": 99.99, "CalibMovingAverage": False},
+        )
     scheme = ("fp8 E4M3, per-tensor scales (Q/DQ)" if fp8 else
               "symmetric int8, per-channel weights, per-tensor activations (Q/DQ)")
     return {"dtype": dtype, "quantized_nodes": len(nodes), "calibration_method": method, "scheme": scheme}
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime's quantizer logs "consider pre-processing" on the root logger at every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

@@ -1,0 +1,123 @@
+"""Ledger metrics beyond export.metrics.compare: relative L2, nearest-neighbour agreement, and the
+ledger's own thresholds (as data, per precision), checked with the same ok/FAIL checklist lines.
+
+Nearest-neighbour agreement: for every image, rank the other images by cosine similarity of the
+pooled embeddings, once with PyTorch's embeddings and once with the stage's. top-1 agreement is
+the fraction of images whose nearest neighbour is the same; top-5 overlap is the mean of
+|top5_reference ∩ top5_stage| / 5. A retrieval index built on deployed embeddings behaves like
+PyTorch's exactly when both are 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from export.families import TOLERANCES
+from export.metrics import compare
+
+# metric -> (direction, description); a check passes when `value <direction> threshold`.
+LEDGER_METRICS = {
+    "max_abs": ("<=", "max |a - b|"),
+    "mean_abs": ("<=", "mean |a - b|"),
+    "min_cosine": (">=", "minimum cosine over rows (tokens or images)"),
+    "rel_l2": ("<=", "||a - b|| / ||a|| over the whole output"),
+    "sqnr_db": (">=", "signal-to-quantization-noise ratio in dB"),
+    "nn_top1": (">=", "nearest-neighbour agreement among pooled embeddings (top-1)"),
+    "nn_top5": (">=", "nearest-neighbour overlap among pooled embeddings (top-5)"),
+    "invariant_rel_l2": ("<=", "worst ||row - same row elsewhere|| / ||row|| (batch invariants)"),
+}
+
+# Added to export.families.TOLERANCES: relative L2 on every output, NN agreement on the pooled
+# output, and how exactly a row must be reproduced whatever its batch (accumulation order in the
+# GEMMs changes with the batch size, so not bit-exact: a few ulps of the compute precision).
+LEDGER_EXTRA = {
+    "fp32": {"*": {"rel_l2": 1e-4}, "pooler_output": {"nn_top1": 1.0, "nn_top5": 0.98},
+             "invariants": {"invariant_rel_l2": 1e-5}},
+    "fp16": {"*": {"rel_l2": 2e-2}, "pooler_output": {"nn_top1": 0.9, "nn_top5": 0.9},
+             "invariants": {"invariant_rel_l2": 5e-3}},
+    "int8": {"*": {"rel_l2": 0.1}, "pooler_output": {"nn_top1": 0.8, "nn_top5": 0.8},
+             "invariants": {"invariant_rel_l2": 5e-3}},
+    # fp8 (E4M3) deployments: judged where they run (a GPU engine, or the served model)
+    "fp8": {"*": {"rel_l2": 0.2}, "pooler_output": {"nn_top1": 0.8, "nn_top5": 0.8},
+            "invariants": {"invariant_rel_l2": 5e-3}},
+}
+
+
+def ledger_thresholds(family_tolerances: dict | None = None) -> dict:
+    """{precision: {output or "*" or "invariants": {metric: threshold}}}: the family's parity table
+    overlaid with LEDGER_EXTRA."""
+    base = family_tolerances or TOLERANCES
+    out: dict = {}
+    for precision in set(base) | set(LEDGER_EXTRA):
+        merged: dict = {}
+        for table in (base.get(precision, {}), LEDGER_EXTRA.get(precision, {})):
+            for key, metrics in table.items():
+                merged.setdefault(key, {}).update(metrics)
+        out[precision] = merged
+    return out
+
+
+def thresholds(table: dict, precision: str, output: str) -> dict[str, float]:
+    per = table.get(precision, {})
+    return {**per.get("*", {}), **per.get(output, {})} if output != "invariants" else dict(per.get("invariants", {}))
+
+
+def measure(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """export.metrics.compare plus the relative L2 error of the whole output."""
+    out = compare(reference, actual)
+    ref = reference.astype(np.float64)
+    denom = float(np.linalg.norm(ref))
+    out["rel_l2"] = float(np.linalg.norm(ref - actual.astype(np.float64)) / max(denom, 1e-30))
+    return out
+
+
+def neighbour_ranks(embeddings: np.ndarray) -> np.ndarray:
+    """(N, N-1) indices of the other images, most similar first (cosine), ties by index."""
+    x = embeddings.astype(np.float64).reshape(len(embeddings), -1)  # (N, C)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+    sim = x @ x.T  # (N, N)
+    np.fill_diagonal(sim, -np.inf)  # an image is not its own neighbour
+    order = np.argsort(-sim, axis=1, kind="stable")  # (N, N)
+    return order[:, :-1]  # the last column is the image itself (-inf)
+
+
+def nn_agreement(reference: np.ndarray, actual: np.ndarray, k: int = 5) -> dict[str, float]:
+    """{"nn_top1", "nn_top5"} of `actual`'s pooled embeddings against `reference`'s (N >= 3 images)."""
+    if reference.shape != actual.shape:
+        raise ValueError(f"shape mismatch: reference {reference.shape} vs actual {actual.shape}")
+    n = len(reference)
+    if n < 3:
+        raise ValueError(f"nearest-neighbour agreement needs at least 3 images, got {n}")
+    k = min(k, n - 1)
+    ref, act = neighbour_ranks(reference), neighbour_ranks(actual)
+    top1 = float(np.mean(ref[:, 0] == act[:, 0]))
+    overlap = [len(set(r[:k]) & set(a[:k])) / k for r, a in zip(ref, act)]
+    return {"nn_top1": top1, "nn_top5": float(np.mean(overlap))}  # top-k with k = min(5, N - 1)
+
+
+@dataclass
+class LedgerCheck:
+    stage: str
+    output: str  # an output name, or "invariants"
+    metric: str
+    value: float
+    threshold: float
+    enforced: bool = True  # False: reported beside the threshold, not judged
+    case: str = ""
+
+    @property
+    def passed(self) -> bool:
+        direction = LEDGER_METRICS[self.metric][0]
+        return self.value <= self.threshold if direction == "<=" else self.value >= self.threshold
+
+    def line(self) -> str:
+        mark = ("ok  " if self.passed else "FAIL") if self.enforced else ("info" if self.passed else "miss")
+        direction = LEDGER_METRICS[self.metric][0]
+        value = f"{self.value:.6f}" if self.metric in ("min_cosine", "nn_top1", "nn_top5") else f"{self.value:.3g}"
+        where = f"{self.output} {self.case}".strip()
+        return f"  [{mark}] {self.stage:<22} {where:<30} {self.metric:<17} {value:<11} {direction} {self.threshold:g}"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "passed": self.passed}

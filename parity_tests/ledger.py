@@ -1,0 +1,368 @@
+"""The parity ledger: where every number of a deployed model comes from, and how far it is from PyTorch.
+
+    python -m parity_tests --artifacts artifacts/demo            # -> artifacts/demo/ledger/
+    python -m parity_tests --artifacts DIR --url 127.0.0.1:8000  # + the Triton-served result
+
+From one export folder (export.build_engine's output) the ledger reloads the PyTorch reference named
+in manifest.json, makes every other stage it needs in `<out>/stages/` (stages.py), runs all of
+them on the same held-out photographs (photos.py) and writes, into `<out>` (default DIR/ledger):
+
+    parity.json   every measured value, every threshold, the invariants, the per-layer errors, skips
+    ledger.md     the same as Markdown tables
+    stages.png    SQNR per stage and output; nearest-neighbour agreement of the pooled embeddings
+    layers.png    relative L2 error of each layer's hidden state against depth, per precision
+
+and prints a checklist ending in PASSED or FAILED (exit 0 / 1; 2 for bad input).
+Thresholds are data: export.families.TOLERANCES plus parity_tests.agreement.LEDGER_EXTRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .agreement import LEDGER_METRICS, LedgerCheck, ledger_thresholds, measure, nn_agreement, thresholds
+from .stages import Stage, make_runner, plan_stages, resolve_groups
+
+REFERENCE_CHUNK = 8  # images per PyTorch / runtime call when running the photo set
+INVARIANT_MAX_BATCH = 8  # largest batch the invariants try by default (the manifest's max_batch caps it)
+LAYER_IMAGES = 2  # images for the per-layer comparison
+
+
+class LedgerInputError(Exception):
+    """Bad input (a folder that is not an export, unknown stage): exit status 2."""
+
+
+@dataclass
+class LedgerOptions:
+    artifacts: Path
+    out: Path | None = None  # None: <artifacts>/ledger
+    stages: list[str] | None = None  # None: every group (stages.STAGE_GROUPS)
+    url: str | None = None  # Triton server (HTTP) serving this folder
+    triton_model: str = "embed"
+    photos: int | None = None  # None: every held-out view (photos.held_out_photos)
+    invariant_max_batch: int | None = None  # None: min(manifest max_batch, INVARIANT_MAX_BATCH)
+    plots: bool = True
+    keep_stages: bool = True  # keep <out>/stages (the graphs the ledger made)
+
+
+@dataclass
+class Ledger:
+    out: Path
+    checks: list[LedgerCheck] = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        enforced = [c for c in self.checks if c.enforced]
+        return bool(enforced) and all(c.passed for c in enforced)
+
+    def checklist(self) -> str:
+        lines = ["parity ledger (each stage against the PyTorch reference):"]
+        lines += [c.line() for c in self.checks]
+        for s in self.data.get("stages", []):
+            if s["skip_reason"]:
+                lines.append(f"  [skip] {s['name']:<22} {s['skip_reason']}")
+        lines.append("PASSED" if self.passed else "FAILED")
+        return "\n".join(lines)
+
+
+def read_manifest(artifacts: Path) -> dict:
+    path = Path(artifacts) / "manifest.json"
+    if not Path(artifacts).is_dir():
+        raise LedgerInputError(f"--artifacts {artifacts} is not a folder; pass an export folder "
+                               "(python -m export.build_engine --out DIR)")
+    if not path.is_file():
+        raise LedgerInputError(f"{artifacts} has no manifest.json; pass the folder export.build_engine wrote")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LedgerInputError(f"{path} is not valid JSON: {exc}") from None
+    for key in ("options", "model", "interface"):
+        if key not in manifest:
+            raise LedgerInputError(f"{path} has no {key!r}; re-export the folder with this version")
+    return manifest
+
+
+def reference_checkpoint(manifest: dict):
+    """The PyTorch model the folder was exported from, as its manifest names it."""
+    from export.loading import load_checkpoint
+
+    options = manifest["options"]
+    return load_checkpoint(options.get("model"), random_weights=bool(options.get("random_weights")))
+
+
+def export_shape(manifest: dict, ckpt):
+    from export.onnx_export import ExportShape
+
+    size = manifest["options"].get("image_size") or manifest["model"].get("native_image_size") or ckpt.image_size
+    iface = manifest["interface"]
+    return ExportShape(int(size[0]), int(size[1]), bool(iface.get("dynamic_resolution")), iface.get("hidden_layer"))
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def run_on_photos(runner, pixels: np.ndarray, images: list, chunk: int) -> dict[str, np.ndarray]:
+    parts: dict[str, list] = {}
+    for sl in _chunks(len(pixels), chunk):
+        for name, value in runner(pixels[sl], images[sl]).items():
+            parts.setdefault(name, []).append(np.asarray(value, dtype=np.float32))
+    return {name: np.concatenate(v) for name, v in parts.items()}
+
+
+def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledger:
+    import torch
+    from tqdm.auto import tqdm
+
+    from export.images import pixel_values
+    from export.onnx_export import encoder_module
+
+    from .invariants import check_invariants
+    from .photos import held_out_photos
+
+    start = time.perf_counter()
+    artifacts = Path(opts.artifacts)
+    manifest = read_manifest(artifacts)
+    try:
+        groups = resolve_groups(opts.stages)
+    except Exception as exc:
+        raise LedgerInputError(str(exc)) from None
+    out = Path(opts.out) if opts.out is not None else artifacts / "ledger"
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "stages"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+
+    log(f"[1/5] Loading the PyTorch reference ({manifest['options'].get('model') or 'demo'}) ...")
+    ckpt = reference_checkpoint(manifest)
+    shape = export_shape(manifest, ckpt)
+    names = list(shape.output_names)
+    table = ledger_thresholds(ckpt.family.tolerances)
+    photos = held_out_photos(opts.photos)
+    if len(photos) < 3:
+        raise LedgerInputError(f"--photos {opts.photos}: nearest-neighbour agreement needs at least 3 images")
+    images = [p.image for p in photos]
+    pixels = pixel_values(ckpt.processor, images, (shape.height, shape.width)).numpy()  # (N, 3, H, W)
+    encoder = encoder_module(ckpt, shape)
+    with torch.no_grad():
+        reference = run_on_photos(lambda x, _: dict(zip(names, (t.numpy() for t in encoder(torch.from_numpy(x))))),
+                                  pixels, images, REFERENCE_CHUNK)
+    log(f"      {len(photos)} held-out photographs at {shape.height}x{shape.width}")
+
+    log(f"[2/5] Making the stages ({', '.join(groups)}) in {work} ...")
+    stages, facts = plan_stages(ckpt, shape, manifest, artifacts, work, groups, opts.url, log)
+
+    max_batch = int(manifest["interface"].get("max_batch") or 1)
+    inv_batch = min(max_batch, opts.invariant_max_batch or INVARIANT_MAX_BATCH)
+    ledger = Ledger(out)
+    rows: list[dict] = []
+    invariants: dict[str, list] = {}
+    log(f"[3/5] Running {sum(s.skip_reason is None for s in stages)} stages on the photographs ...")
+    for stage in tqdm(stages, desc="      stages", leave=False):
+        if stage.skip_reason:
+            continue
+        try:
+            runner = make_runner(stage, names, opts.url, opts.triton_model)
+            actual = run_on_photos(runner, pixels, images, min(REFERENCE_CHUNK, max_batch))
+        except Exception as exc:  # a stage that cannot run is a failure, said in one line
+            stage.notes.append(f"could not run: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            ledger.checks.append(LedgerCheck(stage.name, "run", "max_abs", float("inf"), 0.0, stage.enforced))
+            continue
+        for name in names:
+            if name not in actual:
+                stage.notes.append(f"{name} is not served by this stage")
+                continue
+            m = measure(reference[name], actual[name])
+            if name == "pooler_output":
+                m.update(nn_agreement(reference[name], actual[name]))
+            rows.append({"stage": stage.name, "output": name, **m})
+            for metric, threshold in thresholds(table, stage.precision, name).items():
+                if metric in m:
+                    ledger.checks.append(LedgerCheck(stage.name, name, metric, m[metric], threshold, stage.enforced))
+        results = check_invariants(runner, pixels, images, inv_batch)
+        invariants[stage.name] = [r.to_json() for r in results]
+        for r in results:
+            for metric, threshold in thresholds(table, stage.precision, "invariants").items():
+                ledger.checks.append(LedgerCheck(stage.name, "invariants", metric, r.worst_rel_l2, threshold,
+                                                 stage.enforced, case=r.name))
+
+    log("[4/5] Per-layer divergence ...")
+    layers, layer_notes = _layers(ckpt, stages, pixels[:LAYER_IMAGES])
+
+    ledger.data = {
+        "artifacts": str(artifacts),
+        "model": manifest["model"],
+        "deployed_precision": manifest.get("precision"),
+        "image_size": [shape.height, shape.width],
+        "photos": [p.name for p in photos],
+        "reference": "transformers " + type(ckpt.model).__name__ + " (fp32, eval) on the same pixel_values",
+        "stages": [s.to_json() for s in stages],
+        "facts": facts,
+        "metrics": {k: {"direction": d, "meaning": m} for k, (d, m) in LEDGER_METRICS.items()},
+        "thresholds": table,
+        "measured": rows,
+        "invariants": {"max_batch_tried": inv_batch, "results": invariants},
+        "layers": layers,
+        "layer_notes": layer_notes,
+    }
+    log("[5/5] Writing parity.json, ledger.md and plots ...")
+    ledger.data["seconds"] = round(time.perf_counter() - start, 1)
+    files = _write(ledger, rows, layers, opts.plots)
+    if not opts.keep_stages:
+        shutil.rmtree(work, ignore_errors=True)
+    log(ledger.checklist())
+    log(f"wrote {', '.join(str(f) for f in files)}")
+    return ledger
+
+
+def _layers(ckpt, stages: list[Stage], pixels: np.ndarray) -> tuple[dict, list[str]]:
+    """{"map": LayerMap json, "stages": {stage: rows}} over the fp32 (custom), fp16 and int8 graphs."""
+    from .layers import layer_divergence, locate_layers, reference_hidden_states
+
+    notes: list[str] = []
+    runnable = {s.name: s for s in stages if s.kind == "onnx" and s.skip_reason is None and s.enforced}
+    fp32 = next((s for s in runnable.values() if s.precision == "fp32" and s.name != "deployed"), None) \
+        or next((s for s in runnable.values() if s.precision == "fp32"), None)
+    if fp32 is None:
+        return {}, ["no fp32 ONNX stage: per-layer tensors are located in an fp32 graph (add --stages fp32)"]
+    reference = reference_hidden_states(ckpt, pixels)
+    layer_map = locate_layers(fp32.path, reference, pixels)
+    missing = [i for i, n in enumerate(layer_map.names) if n is None]
+    if missing:
+        notes.append(f"hidden states {missing} not found in {fp32.name} (no tensor within relative L2 "
+                     "1e-4 of PyTorch's)")
+    series = {}
+    for name in [fp32.name] + [n for n in ("fp16", "int8") if n in runnable] + \
+            (["deployed"] if "deployed" in runnable and runnable["deployed"].precision != "fp32" else []):
+        stage = runnable[name]
+        series[name] = layer_divergence(stage.path, layer_map, reference, pixels, mode="exact")
+        lost = [r["layer"] for r in series[name] if r["tensor"] and r["rel_l2"] is None]
+        if lost:
+            notes.append(f"{name}: the recipe renamed or removed the tensors of layers {lost}")
+    return {"map": layer_map.to_json(), "images": int(len(pixels)), "stages": series}, notes
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v == float("inf"):
+            return "inf"
+        return f"{v:.6f}" if 0.001 <= abs(v) <= 1.0 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown(ledger: Ledger) -> str:
+    d = ledger.data
+    model = d["model"]
+    lines = [f"# Parity ledger: {model.get('source')} ({model.get('family')})", "",
+             f"Export folder `{d['artifacts']}`, deployed precision **{d['deployed_precision']}**, "
+             f"{len(d['photos'])} held-out photographs (views of {', '.join(sorted({p.split('/')[0] for p in d['photos']}))}) "
+             f"at {d['image_size'][0]}x{d['image_size'][1]}. Reference: {d['reference']}.", "",
+             "## Stages", "", "| stage | precision | what | status |", "|---|---|---|---|"]
+    for s in d["stages"]:
+        status = f"skipped: {s['skip_reason']}" if s["skip_reason"] else ("judged" if s["enforced"] else "reported, not judged")
+        notes = "; ".join(s["notes"])
+        lines.append(f"| {s['name']} | {s['precision']} | {s['description']}{' — ' + notes if notes else ''} | {status} |")
+    cols = ["max_abs", "mean_abs", "min_cosine", "rel_l2", "sqnr_db", "nn_top1", "nn_top5"]
+    lines += ["", "## Each stage against PyTorch", "", "| stage | output | " + " | ".join(cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+    for r in d["measured"]:
+        lines.append(f"| {r['stage']} | {r['output']} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    lines += ["", "## Batch invariants (worst relative L2 between a row and the same row elsewhere)", "",
+              f"Batch sizes tried up to {d['invariants']['max_batch_tried']}.", "",
+              "| stage | identical rows | batch size | slot |", "|---|---|---|---|"]
+    for stage, results in d["invariants"]["results"].items():
+        by = {r["name"]: r["worst_rel_l2"] for r in results}
+        lines.append(f"| {stage} | {_fmt(by.get('identical rows'))} | {_fmt(by.get('batch size'))} | {_fmt(by.get('slot'))} |")
+    layers = d.get("layers") or {}
+    if layers.get("stages"):
+        series = layers["stages"]
+        lines += ["", "## Per-layer divergence (relative L2 of each hidden state; 0 = embeddings)", "",
+                  "| layer | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
+        depth = max(len(v) for v in series.values())
+        for i in range(depth):
+            lines.append(f"| {i} | " + " | ".join(_fmt(v[i]["rel_l2"]) if i < len(v) else "–" for v in series.values()) + " |")
+    for note in d.get("layer_notes", []):
+        lines.append(f"\nNote: {note}")
+    lines += ["", "## Thresholds (data: export.families.TOLERANCES + parity_tests.agreement.LEDGER_EXTRA)", "",
+              "```json", json.dumps(d["thresholds"], indent=1, sort_keys=True), "```", "",
+              "## Checklist", "", "```", ledger.checklist(), "```", "",
+              f"**{'PASSED' if ledger.passed else 'FAILED'}**", ""]
+    return "\n".join(lines)
+
+
+def _write(ledger: Ledger, rows: list[dict], layers: dict, plots: bool) -> list[Path]:
+    out = ledger.out
+    files = []
+    payload = {"passed": ledger.passed, **ledger.data,
+               "checks": [c.to_json() for c in ledger.checks]}
+    (out / "parity.json").write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    files.append(out / "parity.json")
+    (out / "ledger.md").write_text(markdown(ledger))
+    files.append(out / "ledger.md")
+    if plots:
+        from .plots import plot_layers, plot_stages
+
+        title = f"{ledger.data['model'].get('source')} — deployed {ledger.data['deployed_precision']}"
+        if rows:
+            files.append(plot_stages(rows, out / "stages.png", title))
+        if layers.get("stages"):
+            files.append(plot_layers(layers["stages"], out / "layers.png", "Per-layer divergence — " + title))
+    return files
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def parser() -> argparse.ArgumentParser:
+    from .stages import STAGE_GROUPS
+
+    p = argparse.ArgumentParser(prog="python -m parity_tests", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", type=Path, required=True, help="an export folder (with manifest.json)")
+    p.add_argument("--out", type=Path, help="where to write the ledger (default: ARTIFACTS/ledger)")
+    p.add_argument("--stages", nargs="+", metavar="STAGE",
+                   help=f"stage groups to run (default: all): {' '.join(STAGE_GROUPS)}")
+    p.add_argument("--url", help="HTTP address (host:port) of a Triton server serving this folder")
+    p.add_argument("--triton-model", default="embed", help="the served ensemble's name (default: embed)")
+    p.add_argument("--photos", type=int, help="how many held-out photo views to use (default: all 28)")
+    p.add_argument("--invariant-max-batch", type=int,
+                   help=f"largest batch for the invariants (default: min(max_batch, {INVARIANT_MAX_BATCH}))")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    p.add_argument("--discard-stages", action="store_true", help="delete OUT/stages (the graphs made) at the end")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.errors import OptionError
+
+    args = parser().parse_args(argv)
+    opts = LedgerOptions(args.artifacts, args.out, args.stages, args.url, args.triton_model, args.photos,
+                         args.invariant_max_batch, not args.no_plots, not args.discard_stages)
+    try:
+        ledger = run_ledger(opts)
+    except (LedgerInputError, OptionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if ledger.passed else 1

@@ -1,0 +1,385 @@
+"""Throughput and latency against batch size: PyTorch eager, onnxruntime (every RoPE lowering; fp32,
+fp16, int8) and TensorRT (where present), on the same inputs in one run, with ratios to PyTorch.
+
+    .venv/bin/python scripts/benchmark.py                     # the demo model (hidden 384, 6 layers, 224 px)
+    .venv/bin/python scripts/benchmark.py --short             # CI: batch 1 and 2, 2 repeats
+    .venv/bin/python scripts/benchmark.py --model PATH --batch-sizes 1 4 16 --repeats 20
+
+Backends:
+    torch-eager          transformers model, attn_implementation "sdpa", fp32, torch.no_grad
+    ort-fp32-<lowering>  the canonical graph in each RoPE lowering (plugin: TensorRT only, skipped)
+    ort-fp16             the fp16 recipe (fp16 compute, fp32 islands)
+    ort-int8             the int8 recipe as deployed to TensorRT: Q/DQ on linear layers, fp16 elsewhere
+    ort-int8-cpu         Q/DQ on the fp32 graph, no fp16 step: the CPU-friendly variant
+    tensorrt             the fp32 graph's engine (onnx23 lowering), where TensorRT and a GPU exist
+
+onnxruntime runs with its default (full) optimizations, as a CPU deployment would. Timing: every
+backend is warmed up, then the repeats are interleaved (backend A, B, C, A, B, C, ...) so that load
+from other processes spreads over all backends alike; the median is reported. Accuracy: the pooled
+embeddings' (and tokens') minimum cosine against PyTorch at the largest batch size.
+
+FLOPs per image (2 FLOPs per multiply-add; LayerNorm, softmax, activations and RoPE left out, < 1%):
+    patch embedding   2 * N * (3 * p^2) * C                        N = (H/p) * (W/p) patches
+    per layer         2 * (4 * S * C^2  +  2 * S * C * I  +  2 * S^2 * C)
+                           q,k,v,out        MLP fc1, fc2     QK^T and AV        S = N + 1 tokens
+    (RICE-ViT-L-14-560: 1,221 GFLOPs; the demo model at 224 px: 6.2 GFLOPs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHORT = {"batch_sizes": [1, 2], "repeats": 2, "warmup": 1}
+DEFAULT_BATCH_SIZES = [1, 2, 4, 8]
+# Dense fp16 tensor-core peak in TFLOPS (vendor datasheets), for the "fraction of peak" figure.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+                   "T4": 65.0, "RTX 4090": 165.0, "RTX 6000 Ada": 364.0}
+GOALS = {"ort-fp32": 1.5, "ort-int8": 2.5, "pooled_cosine": 0.99}  # the issue's goals (mid-size model, batch 4)
+
+
+def flops_per_image(config, height: int, width: int) -> dict:
+    """Analytic FLOPs of one image through a ViT encoder (see the module docstring)."""
+    p = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    c, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    n = (height // p) * (width // p)
+    s = n + 1
+    patch = 2 * n * 3 * p * p * c
+    proj, mlp, attn = 2 * 4 * s * c * c, 2 * 2 * s * c * i, 2 * 2 * s * s * c
+    total = patch + layers * (proj + mlp + attn)
+    return {"total": total, "gflops": round(total / 1e9, 3), "patch_embedding": patch,
+            "per_layer": {"qkvo_projections": proj, "mlp": mlp, "attention": attn}, "tokens": s,
+            "formula": "2*N*3*p^2*C + L*2*(4*S*C^2 + 2*S*C*I + 2*S^2*C)"}
+
+
+def gpu_peak(name: str | None) -> float | None:
+    if not name:
+        return None
+    for key, tflops in sorted(GPU_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key.lower() in name.lower():
+            return tflops * 1e12
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+def torch_backend(ckpt, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    ckpt.model.set_attn_implementation("sdpa")
+    model = ckpt.model.eval()
+
+    def run(x: np.ndarray) -> dict:
+        with torch.no_grad():
+            out = model(pixel_values=torch.from_numpy(x))
+        return {"pooler_output": out.pooler_output.numpy(), "last_hidden_state": out.last_hidden_state.numpy()}
+
+    return run
+
+
+def ort_backend(path: Path, threads: int):
+    import onnxruntime as ort
+
+    from export.families import INPUT_NAME
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    # No spin-waiting between runs: with runs interleaved across backends, idle spinning threads of one
+    # session would steal the cores the next backend (PyTorch included) is timed on.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = ["pooler_output", "last_hidden_state"]
+
+    def run(x: np.ndarray) -> dict:
+        return dict(zip(names, session.run(names, {INPUT_NAME: x})))
+
+    return run
+
+
+def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: int, log):
+    """Build an engine for the fp32 graph and return (runner, gpu info); raises when it cannot run."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    from export import engine as engines
+    from export.families import INPUT_NAME
+
+    target = engines.probe("tensorrt")
+    if target.skip_reason:
+        raise RuntimeError(target.skip_reason)
+    plan = work / "tensorrt" / engines.PLAN_NAME
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    log("      building the TensorRT engine ...")
+    shapes = engines.profiles(INPUT_NAME, tuple(size), False, patch, max_batch)
+    engines.build_engine(target, onnx_path, plan, shapes, timing_cache=engines.default_timing_cache(target))
+    runner = TrtRunner(EngineFromBytes(BytesFromPath(str(plan))))
+    runner.activate()
+
+    def run(x: np.ndarray) -> dict:
+        out = runner.infer({INPUT_NAME: x})  # synchronous: outputs are copied back to the host
+        return {k: np.asarray(out[k]) for k in ("pooler_output", "last_hidden_state")}
+
+    return run, target.gpu
+
+
+def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, str]]:
+    """{backend: model.onnx} for every onnxruntime backend, and {backend: skip reason}."""
+    from export.lowering import LOWERINGS
+    from export.onnx_export import ExportShape, export_canonical
+    from export.precision.calibration import calibration_feeds, calibration_images
+    from export.families import INPUT_NAME
+    from export.precision.qdq import quantize_qdq
+    from parity_tests.stages import lowered_graph, precision_graph
+
+    h, w = ckpt.image_size
+    shape = ExportShape(h, w)
+    canonical = work / "canonical" / "model.onnx"
+    canonical.parent.mkdir(parents=True, exist_ok=True)
+    log(f"      tracing {h}x{w} ...")
+    export_canonical(ckpt, shape, canonical)
+    graphs, skipped = {}, {}
+    for lowering in (LOWERINGS if ckpt.family.has_rope else ("none",)):
+        if lowering == "plugin":
+            skipped["ort-fp32-plugin"] = "the plugin lowering runs only in TensorRT (onnxruntime would run the " \
+                                         "same reference body as ort-fp32-custom)"
+            continue
+        name = f"ort-fp32-{lowering}"
+        graphs[name] = canonical if lowering == "none" else lowered_graph(canonical, lowering,
+                                                                          work / name / "model.onnx")
+    for precision in ("fp16", "int8"):
+        log(f"      applying the {precision} recipe ...")
+        precision_graph(ckpt, shape, canonical, precision, work / f"ort-{precision}" / "model.onnx",
+                        {"options": {}}, log)
+        graphs[f"ort-{precision}"] = work / f"ort-{precision}" / "model.onnx"
+    log("      int8 CPU-friendly variant (Q/DQ on the fp32 graph, no fp16 step) ...")
+    images, _ = calibration_images(None, log=lambda _: None)
+    feeds = calibration_feeds(ckpt.processor, images, (h, w), INPUT_NAME)
+    dst = work / "ort-int8-cpu" / "model.onnx"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    quantize_qdq(canonical, dst, feeds, "int8")  # reads the canonical graph, writes a new one
+    if ckpt.family.has_rope:
+        dst = lowered_graph(dst, "custom", dst)
+    graphs["ort-int8-cpu"] = dst
+    return graphs, skipped
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: int, threads: int, work: Path,
+              random_weights: bool = False, backends: list[str] | None = None, tensorrt: bool = True,
+              log=print) -> dict:
+    from tqdm.auto import tqdm
+
+    from export.images import pixel_values
+    from export.loading import load_checkpoint
+    from export.parity import _first_line
+    from parity_tests.photos import held_out_photos
+
+    log(f"[1/4] Loading {model or 'the demo model'} ...")
+    ckpt = load_checkpoint(model, random_weights=random_weights)
+    h, w = ckpt.image_size
+    log("[2/4] Making the graphs ...")
+    graphs, skipped = prepare_graphs(ckpt, work, log)
+    runners = {"torch-eager": torch_backend(ckpt, threads)}
+    for name, path in graphs.items():
+        runners[name] = ort_backend(path, threads)
+    gpu = {}
+    if tensorrt:
+        fp32_graph = graphs.get("ort-fp32-onnx23") or graphs.get("ort-fp32-none")
+        try:
+            runners["tensorrt"], gpu = tensorrt_backend(fp32_graph, work, (h, w), ckpt.patch_size,
+                                                        max(batch_sizes), log)
+        except Exception as exc:  # no TensorRT / no GPU: a reason, not a crash
+            skipped["tensorrt"] = f"{type(exc).__name__}: {_first_line(exc)}"
+    if backends:
+        runners = {k: v for k, v in runners.items() if k == "torch-eager" or k in backends}
+
+    photos = [p.image for p in held_out_photos()]
+    pool = pixel_values(ckpt.processor, photos, (h, w)).numpy()  # (28, 3, H, W)
+    inputs = {b: np.ascontiguousarray(pool[np.arange(b) % len(pool)]) for b in batch_sizes}  # (b, 3, H, W)
+
+    log(f"[3/4] Timing {len(runners)} backends x batch {batch_sizes}: {warmup} warm-up, {repeats} repeats, "
+        f"{threads} threads ...")
+    flops = flops_per_image(ckpt.config, h, w)
+    peak = gpu_peak(gpu.get("name"))
+    results = []
+    accuracy = {}
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for b in tqdm(batch_sizes, desc="      batch sizes"):
+        x = inputs[b]
+        outputs = {}
+        for name, run in runners.items():
+            for _ in range(warmup):
+                outputs[name] = run(x)
+        times = {name: [] for name in runners}
+        for _ in range(repeats):
+            for name, run in runners.items():  # interleaved: contention hits every backend alike
+                start = time.perf_counter()
+                run(x)
+                times[name].append(time.perf_counter() - start)
+        ref = outputs["torch-eager"]
+        base = statistics.median(times["torch-eager"])
+        for name in runners:
+            med = statistics.median(times[name])
+            row = {"backend": name, "batch": b, "median_ms": round(med * 1e3, 3),
+                   "min_ms": round(min(times[name]) * 1e3, 3), "images_per_s": round(b / med, 2),
+                   "speedup_vs_torch": round(base / med, 3),
+                   "pooled_min_cosine": _min_cosine(ref["pooler_output"], outputs[name]["pooler_output"]),
+                   "tokens_min_cosine": _min_cosine(ref["last_hidden_state"], outputs[name]["last_hidden_state"])}
+            row["tflops_achieved"] = round(flops["total"] * row["images_per_s"] / 1e12, 4)
+            row["fraction_of_gpu_peak"] = round(flops["total"] * row["images_per_s"] / peak, 4) \
+                if (peak and name == "tensorrt") else None
+            results.append(row)
+        accuracy = {r["backend"]: r["pooled_min_cosine"] for r in results if r["batch"] == b}
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "model": {"source": ckpt.source, "family": ckpt.family.name, "hidden_size": ckpt.config.hidden_size,
+                  "num_hidden_layers": ckpt.config.num_hidden_layers,
+                  "num_attention_heads": ckpt.config.num_attention_heads, "image_size": [h, w],
+                  "random_weights": ckpt.random_weights},
+        "flops_per_image": flops,
+        "settings": {"batch_sizes": batch_sizes, "repeats": repeats, "warmup": warmup, "threads": threads,
+                     "statistic": "median of repeats after warm-up, repeats interleaved across backends",
+                     "cpu_count": os.cpu_count(), "load_average_before": load_before,
+                     "load_average_after": load_after},
+        "gpu": gpu or None,
+        "gpu_peak_flops": peak,
+        "fraction_of_gpu_peak": "per TensorRT row" if peak else "not measured: no GPU here",
+        "skipped": skipped,
+        "results": results,
+        "pooled_min_cosine_at_largest_batch": accuracy,
+        "goals": goals(results),
+        "versions": _versions(),
+    }
+
+
+def goals(results: list[dict]) -> dict:
+    """The issue's goals at batch 4 (or the largest batch measured below it), as measured."""
+    batches = sorted({r["batch"] for r in results})
+    batch = 4 if 4 in batches else batches[-1]
+    at = {r["backend"]: r for r in results if r["batch"] == batch}
+    out = {"batch": batch}
+    for backend, goal in (("ort-fp32-custom", GOALS["ort-fp32"]), ("ort-fp32-onnx23", GOALS["ort-fp32"]),
+                          ("ort-int8", GOALS["ort-int8"]), ("ort-int8-cpu", GOALS["ort-int8"])):
+        if backend in at:
+            r = at[backend]
+            met = r["speedup_vs_torch"] >= goal and (goal < 2 or r["pooled_min_cosine"] >= GOALS["pooled_cosine"])
+            out[backend] = {"speedup": r["speedup_vs_torch"], "goal": goal, "pooled_min_cosine": r["pooled_min_cosine"],
+                            "met": bool(met)}
+    return out
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)  # (rows, C)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return round(float(cos.min()), 6)
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "tensorrt"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def table(report: dict) -> str:
+    """Markdown: one row per backend, one column group per batch size (images/s, x torch, cosine)."""
+    batches = report["settings"]["batch_sizes"]
+    backends = list(dict.fromkeys(r["backend"] for r in report["results"]))
+    head = "| backend | " + " | ".join(f"b={b} img/s (ms) | x torch" for b in batches) + " | pooled cos |"
+    lines = [head, "|---|" + "---|---|" * len(batches) + "---|"]
+    for name in backends:
+        cells = []
+        for b in batches:
+            r = next(r for r in report["results"] if r["backend"] == name and r["batch"] == b)
+            cells.append(f"{r['images_per_s']:.1f} ({r['median_ms']:.1f}) | {r['speedup_vs_torch']:.2f}x")
+        cos = report["pooled_min_cosine_at_largest_batch"].get(name)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {cos:.6f} |")
+    for name, reason in report["skipped"].items():
+        lines.append(f"| {name} | skipped: {reason} |")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo", help="demo (default), a checkpoint folder, a hub id or a zoo alias")
+    p.add_argument("--random-weights", action="store_true", help="a zoo alias's architecture with random weights")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help=f"default {DEFAULT_BATCH_SIZES}")
+    p.add_argument("--repeats", type=int, help="timed runs per backend and batch size (default 10)")
+    p.add_argument("--warmup", type=int, help="untimed runs first (default 3)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads (default: all cores)")
+    p.add_argument("--short", action="store_true", help=f"CI mode: {SHORT} unless given")
+    p.add_argument("--backends", nargs="+", help="only these backends (torch-eager always runs: it is the baseline)")
+    p.add_argument("--no-tensorrt", action="store_true", help="do not try TensorRT")
+    p.add_argument("--out", type=Path, help="folder for benchmark.json and benchmark.png (default artifacts/benchmark)")
+    p.add_argument("--work", type=Path, help="folder for the graphs (default: a temporary folder)")
+    p.add_argument("--no-plot", action="store_true", help="skip benchmark.png (no matplotlib needed)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.errors import MvtError
+
+    args = parser().parse_args(argv)
+    batch_sizes = args.batch_sizes or (SHORT["batch_sizes"] if args.short else DEFAULT_BATCH_SIZES)
+    repeats = args.repeats or (SHORT["repeats"] if args.short else 10)
+    warmup = args.warmup if args.warmup is not None else (SHORT["warmup"] if args.short else 3)
+    if min(batch_sizes) < 1 or repeats < 1 or warmup < 0:
+        print("error: --batch-sizes and --repeats must be >= 1, --warmup >= 0", file=sys.stderr)
+        return 2
+    model = None if args.model == "demo" else args.model
+    out = args.out or Path("artifacts") / "benchmark"
+    try:
+        with tempfile.TemporaryDirectory(prefix="mvt-bench-") as tmp:
+            work = args.work or Path(tmp)
+            report = benchmark(model, sorted(set(batch_sizes)), repeats, warmup, args.threads, work,
+                               random_weights=args.random_weights, backends=args.backends,
+                               tensorrt=not args.no_tensorrt)
+    except MvtError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(report, indent=1) + "\n")
+    files = [out / "benchmark.json"]
+    (out / "benchmark.md").write_text(table(report) + "\n")
+    files.append(out / "benchmark.md")
+    if not args.no_plot:
+        from parity_tests.plots import plot_benchmark
+
+        m = report["model"]
+        title = (f"{m['source']} ({m['hidden_size']} wide, {m['num_hidden_layers']} layers, "
+                 f"{m['image_size'][0]} px, {report['flops_per_image']['gflops']} GFLOPs/image), "
+                 f"{report['settings']['threads']} threads")
+        files.append(plot_benchmark(report["results"], out / "benchmark.png", title))
+    print("[4/4] Results")
+    print(table(report))
+    print(f"FLOPs per image: {report['flops_per_image']['gflops']} G ({report['flops_per_image']['formula']})")
+    for backend, goal in report["goals"].items():
+        if isinstance(goal, dict):
+            print(f"goal at batch {report['goals']['batch']}: {backend} {goal['speedup']:.2f}x >= {goal['goal']}x"
+                  f"{' with pooled cosine >= 0.99' if goal['goal'] > 2 else ''}: {'met' if goal['met'] else 'NOT met'}")
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

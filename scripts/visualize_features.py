@@ -1,0 +1,109 @@
+"""Token features as RGB (PCA): PyTorch next to a deployed backend, one PCA basis, one PNG.
+
+    .venv/bin/python scripts/visualize_features.py --artifacts artifacts/demo
+    .venv/bin/python scripts/visualize_features.py --artifacts DIR --image cat.jpg --size 448 448  # any-resolution export
+    .venv/bin/python scripts/visualize_features.py --artifacts DIR --backend triton --url 127.0.0.1:8000
+    .venv/bin/python scripts/visualize_features.py --artifacts DIR --backend tensorrt               # GPU
+
+The reference is the PyTorch model named in DIR/manifest.json; the backend runs DIR/model.onnx
+(onnxruntime), DIR/model.plan (TensorRT) or the served ensemble (Triton, at the export's resolution:
+the server preprocesses). The PNG shows the image as the model sees it, the PCA-RGB map of PyTorch's
+patch tokens and that of the backend's tokens, projected on PyTorch's basis (parity_tests/features.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BACKENDS = ("onnxruntime", "tensorrt", "triton")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", type=Path, required=True, help="an export folder (manifest.json, model.onnx)")
+    p.add_argument("--image", type=Path, help="an image file (default: scikit-image's astronaut)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="resolution (default: the export's; others need a --dynamic-resolution export)")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--onnx", type=Path, help="another ONNX file to run instead of ARTIFACTS/model.onnx")
+    p.add_argument("--url", help="Triton HTTP address (with --backend triton)")
+    p.add_argument("--triton-model", default="embed")
+    p.add_argument("--output", default="last_hidden_state", help="token output to show (last_hidden_state, "
+                   "or hidden_state for a --hidden-layer export)")
+    p.add_argument("--out", type=Path, help="PNG path (default: ARTIFACTS/features-<backend>-<H>x<W>.png)")
+    return p
+
+
+def run(args, log=print) -> dict:
+    import torch
+    from PIL import Image
+
+    from export.errors import OptionError
+    from export.images import pixel_values, sample_photos
+    from export.onnx_export import ExportShape, encoder_module, validate_image_size
+    from parity_tests.features import feature_figure
+    from parity_tests.ledger import export_shape, read_manifest, reference_checkpoint
+    from parity_tests.stages import OnnxRunner, TensorRTRunner, TritonRunner
+
+    manifest = read_manifest(args.artifacts)
+    log(f"loading the PyTorch reference ({manifest['options'].get('model') or 'demo'}) ...")
+    ckpt = reference_checkpoint(manifest)
+    shape = export_shape(manifest, ckpt)
+    h, w = args.size or (shape.height, shape.width)
+    validate_image_size(h, w, ckpt.patch_size)
+    if (h, w) != (shape.height, shape.width):
+        if not shape.dynamic_resolution:
+            raise OptionError(f"--size {h} {w}: {args.artifacts} takes only {shape.height}x{shape.width}; "
+                              "export with --dynamic-resolution to use other resolutions")
+        if args.backend == "triton":
+            raise OptionError("--backend triton: the server preprocesses to the export's resolution; drop --size")
+    if args.output not in shape.output_names:
+        raise OptionError(f"--output {args.output}: this export has {', '.join(shape.output_names)}")
+    image = Image.open(args.image).convert("RGB") if args.image else sample_photos(1)[0]
+    pixels = pixel_values(ckpt.processor, [image], (h, w)).numpy()  # (1, 3, H, W)
+
+    names = list(shape.output_names)
+    encoder = encoder_module(ckpt, ExportShape(h, w, shape.dynamic_resolution, shape.hidden_layer))
+    with torch.no_grad():
+        reference = dict(zip(names, (t.numpy() for t in encoder(torch.from_numpy(pixels)))))
+    if args.backend == "onnxruntime":
+        path = args.onnx or args.artifacts / "model.onnx"
+        runner = OnnxRunner(path, "optimized" if manifest.get("precision") == "fp32" else "exact", [args.output])
+        label = f"onnxruntime ({manifest.get('precision')}, {Path(path).name})"
+    elif args.backend == "tensorrt":
+        runner, label = TensorRTRunner(args.artifacts / "model.plan", [args.output]), "TensorRT"
+    else:
+        if not args.url:
+            raise OptionError("--backend triton needs --url HOST:PORT")
+        runner, label = TritonRunner(args.url, args.triton_model, [args.output]), f"Triton ({args.url})"
+    deployed = runner(pixels, [image])[args.output]  # (1, S, C)
+    out = args.out or args.artifacts / f"features-{args.backend}-{h}x{w}.png"
+    title = f"{manifest['model'].get('source')}: {args.output}"
+    facts = feature_figure(reference[args.output][0], deployed[0], pixels[0], ckpt.patch_size, ckpt.processor,
+                           out, label, title)
+    facts.update(png=str(out), backend=args.backend)
+    log(json.dumps(facts))
+    log(f"wrote {out}")
+    return facts
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.errors import MvtError
+    from parity_tests.ledger import LedgerInputError
+
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except (MvtError, LedgerInputError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

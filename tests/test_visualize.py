@@ -1,0 +1,73 @@
+"""scripts/visualize_features.py: the PCA-RGB figure of PyTorch's and the deployed model's tokens."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("visualize_features", ROOT / "scripts" / "visualize_features.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def any_resolution_folder(exported, tiny_folders, tmp_path_factory):
+    """An export folder around the session's canonical any-resolution export (no second trace):
+    model.onnx + the manifest fields the script reads."""
+    ckpt, shape, path = exported("mlcd-rope2d")
+    folder = tmp_path_factory.mktemp("viz") / "artifacts"
+    folder.mkdir()
+    shutil.copyfile(path, folder / "model.onnx")
+    if path.with_name("model.onnx.data").exists():
+        shutil.copyfile(path.with_name("model.onnx.data"), folder / "model.onnx.data")
+    manifest = {"options": {"model": str(tiny_folders["mlcd-rope2d"]), "random_weights": False, "image_size": None},
+                "model": {"source": str(tiny_folders["mlcd-rope2d"]), "family": ckpt.family.name,
+                          "native_image_size": list(ckpt.image_size), "patch_size": ckpt.patch_size},
+                "interface": {"dynamic_resolution": True, "hidden_layer": shape.hidden_layer, "max_batch": 8},
+                "precision": "fp32", "rope_lowering": "custom"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_feature_png_at_the_native_resolution(any_resolution_folder, tmp_path):
+    out = tmp_path / "native.png"
+    assert _script().main(["--artifacts", str(any_resolution_folder), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_feature_png_at_a_higher_non_square_resolution(any_resolution_folder, tmp_path):
+    args = _script().parser().parse_args(["--artifacts", str(any_resolution_folder), "--size", "112", "84",
+                                          "--out", str(tmp_path / "big.png"), "--output", "hidden_state"])
+    facts = _script().run(args, log=lambda _: None)
+    assert facts["grid"] == [8, 6] and facts["tokens_min_cosine"] > 0.99999
+    assert facts["rgb_max_abs_difference"] < 1e-3  # one basis: the maps agree, not just look alike
+    assert (tmp_path / "big.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bad_size_is_explained(any_resolution_folder, capsys):
+    assert _script().main(["--artifacts", str(any_resolution_folder), "--size", "100", "56"]) == 2
+    assert "multiple of patch size" in capsys.readouterr().err
+
+
+def test_one_pca_basis_shows_a_different_model():
+    """Tokens from another model land elsewhere in the reference basis: the maps differ."""
+    from parity_tests.features import fit_pca
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(16, 32))
+    basis = fit_pca(ref)
+    same = basis.rgb(ref + 1e-6, (4, 4))
+    other = basis.rgb(rng.normal(size=(16, 32)), (4, 4))
+    assert np.abs(same - basis.rgb(ref, (4, 4))).max() < 1e-4
+    assert np.abs(other - basis.rgb(ref, (4, 4))).mean() > 0.1
