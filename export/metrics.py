@@ -33,6 +33,16 @@ def compare(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
     }
 
 
+def passes(metric: str, value: float, threshold: float, table: dict = METRICS) -> bool:
+    """Whether `value` meets `threshold` in `metric`'s direction (table: metric -> (direction, text))."""
+    return value <= threshold if table[metric][0] == "<=" else value >= threshold
+
+
+def mark(passed: bool, enforced: bool) -> str:
+    """The checklist tag: judged checks say ok/FAIL, reported-only ones info/miss."""
+    return ("ok  " if passed else "FAIL") if enforced else ("info" if passed else "miss")
+
+
 def thresholds_for(table: dict, precision: str, output: str) -> dict[str, float]:
     """`table[precision]["*"]` overlaid with `table[precision][output]`."""
     per_precision = table.get(precision, {})
@@ -50,14 +60,12 @@ class Check:
 
     @property
     def passed(self) -> bool:
-        direction = METRICS[self.metric][0]
-        return self.value <= self.threshold if direction == "<=" else self.value >= self.threshold
+        return passes(self.metric, self.value, self.threshold)
 
     def line(self) -> str:
-        mark = ("ok  " if self.passed else "FAIL") if self.enforced else ("info" if self.passed else "miss")
         direction = METRICS[self.metric][0]
         value = f"{self.value:.8f}" if self.metric == "min_cosine" else f"{self.value:.3g}"
-        return (f"  [{mark}] {self.case:<32} {self.output:<18} {self.metric:<10} "
+        return (f"  [{mark(self.passed, self.enforced)}] {self.case:<32} {self.output:<18} {self.metric:<10} "
                 f"{value:<12} {direction} {self.threshold:g}")
 
     def to_json(self) -> dict:

@@ -15,15 +15,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from export.families import TOLERANCES
-from export.metrics import compare
+from export.metrics import METRICS, compare, mark, passes
 
 # metric -> (direction, description); a check passes when `value <direction> threshold`.
 LEDGER_METRICS = {
-    "max_abs": ("<=", "max |a - b|"),
-    "mean_abs": ("<=", "mean |a - b|"),
-    "min_cosine": (">=", "minimum cosine over rows (tokens or images)"),
+    **METRICS,
     "rel_l2": ("<=", "||a - b|| / ||a|| over the whole output"),
-    "sqnr_db": (">=", "signal-to-quantization-noise ratio in dB"),
     "nn_top1": (">=", "nearest-neighbour agreement among pooled embeddings (top-1)"),
     "nn_top5": (">=", "nearest-neighbour overlap among pooled embeddings (top-5)"),
     "invariant_rel_l2": ("<=", "worst ||row - same row elsewhere|| / ||row|| (batch invariants)"),
@@ -109,15 +106,13 @@ class LedgerCheck:
 
     @property
     def passed(self) -> bool:
-        direction = LEDGER_METRICS[self.metric][0]
-        return self.value <= self.threshold if direction == "<=" else self.value >= self.threshold
+        return passes(self.metric, self.value, self.threshold, LEDGER_METRICS)
 
     def line(self) -> str:
-        mark = ("ok  " if self.passed else "FAIL") if self.enforced else ("info" if self.passed else "miss")
         direction = LEDGER_METRICS[self.metric][0]
         value = f"{self.value:.6f}" if self.metric in ("min_cosine", "nn_top1", "nn_top5") else f"{self.value:.3g}"
         where = f"{self.output} {self.case}".strip()
-        return f"  [{mark}] {self.stage:<22} {where:<30} {self.metric:<17} {value:<11} {direction} {self.threshold:g}"
+        return f"  [{mark(self.passed, self.enforced)}] {self.stage:<22} {where:<30} {self.metric:<17} {value:<11} {direction} {self.threshold:g}"
 
     def to_json(self) -> dict:
         return {**asdict(self), "passed": self.passed}
