@@ -40,6 +40,7 @@ class BuildOptions:
     hidden_layer: int | None = None
     calib_images: Path | None = None  # None: scikit-image's photographs (not the parity ones)
     calib_method: str = "max"
+    high_precision: str = "fp16"  # int8/fp8: dtype of the unquantized layers (fp32 for onnxruntime on CPU)
     force: bool = False
     random_weights: bool = False
     parity: bool = True
@@ -177,6 +178,7 @@ def _apply_precision(opts: BuildOptions, ckpt, shape: ExportShape, onnx_path: Pa
     feeds = calibration_feeds(ckpt.processor, images, (shape.height, shape.width), INPUT_NAME)
     start = time.perf_counter()
     result = apply_precision(onnx_path, opts.precision, feeds, calib_method=opts.calib_method,
+                             high_precision=opts.high_precision,
                              external_data_threshold=opts.external_data_threshold, log=log)
     result.recipe["calibration"] = {"images": described, "seconds": round(time.perf_counter() - start, 2)}
     return result

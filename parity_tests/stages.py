@@ -97,7 +97,8 @@ def lowered_graph(canonical: Path, lowering: str, dst: Path) -> Path:
     return dst
 
 
-def precision_graph(ckpt, shape, canonical: Path, precision: str, dst: Path, manifest: dict, log) -> dict:
+def precision_graph(ckpt, shape, canonical: Path, precision: str, dst: Path, manifest: dict, log,
+                    high_precision: str = "fp16") -> dict:
     """The project's fp16 / int8 recipe applied to a copy of the canonical graph (as build() does)."""
     import onnx
 
@@ -111,30 +112,11 @@ def precision_graph(ckpt, shape, canonical: Path, precision: str, dst: Path, man
     feeds = calibration_feeds(ckpt.processor, images, (shape.height, shape.width), INPUT_NAME)
     copy_onnx(canonical, dst)
     result = apply_precision(dst, precision, feeds, calib_method=options.get("calib_method") or "max",
-                             external_data_threshold=EXTERNAL_DATA_THRESHOLD, log=lambda _: None)
+                             high_precision=high_precision, external_data_threshold=EXTERNAL_DATA_THRESHOLD, log=lambda _: None)
     if ckpt.family.has_rope:
         save_onnx(lower_rope(onnx.load(str(dst)), "custom"), dst)
     result.recipe["calibration"] = described
     return result.recipe
-
-
-def int8_cpu_graph(ckpt, shape, canonical: Path, dst: Path, manifest: dict) -> dict:
-    """int8 Q/DQ on the fp32 canonical graph (no fp16): onnxruntime fuses it into integer kernels."""
-    import onnx
-
-    from export.lowering import lower_rope
-    from export.precision.calibration import calibration_feeds, calibration_images
-    from export.precision.qdq import quantize_qdq
-
-    options = manifest.get("options", {})
-    folder = options.get("calib_images")
-    images, described = calibration_images(Path(folder) if folder else None, log=lambda _: None)
-    feeds = calibration_feeds(ckpt.processor, images, (shape.height, shape.width), INPUT_NAME)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    recipe = quantize_qdq(canonical, dst, feeds, "int8", options.get("calib_method") or "max")
-    if ckpt.family.has_rope:
-        save_onnx(lower_rope(onnx.load(str(dst)), "custom"), dst)
-    return {**recipe, "compute": "int8 Q/DQ on linear layers, fp32 elsewhere", "calibration": described}
 
 
 def plan_stages(ckpt, shape, manifest: dict, artifacts: Path, work: Path, groups, url: str | None,
@@ -183,7 +165,8 @@ def plan_stages(ckpt, shape, manifest: dict, artifacts: Path, work: Path, groups
         if precision == "int8":
             log("      int8 CPU variant (Q/DQ on the fp32 graph, no fp16 step) ...")
             cpu = work / "int8-cpu" / ONNX_NAME
-            facts["recipes"]["int8-cpu"] = int8_cpu_graph(ckpt, shape, canonical, cpu, manifest)
+            facts["recipes"]["int8-cpu"] = precision_graph(ckpt, shape, canonical, "int8", cpu, manifest, log,
+                                                              high_precision="fp32")
             stages.append(Stage("int8-cpu", "int8", "onnx", "int8 Q/DQ on the fp32 graph without the fp16 step, "
                                 "onnxruntime optimizations on: integer kernels (QLinearMatMul) with "
                                 "requantization, what a CPU deployment of int8 gets (our int8 recipe's fp16 "

@@ -65,6 +65,23 @@ def test_int8_recipe(tiny_folders, tmp_path, family):
     assert {m["ort_mode"] for m in parity["measured"]} == {"exact", "optimized"}  # both reported
 
 
+def test_int8_for_cpu_keeps_the_rest_in_fp32(tiny_folders, tmp_path):
+    """--high-precision fp32: Q/DQ on the fp32 graph, which onnxruntime fuses into integer kernels."""
+    import onnxruntime as ort
+
+    result = _build(tiny_folders["mlcd-rope2d"], tmp_path / "cpu", precision="int8", high_precision="fp32")
+    assert result.parity_passed
+    assert result.manifest["precision_recipe"]["high_precision"] == "fp32"
+    path = tmp_path / "cpu" / "model.onnx"
+    model = onnx.load(str(path))
+    assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = _ops(tmp_path / "optimized.onnx")
+    assert fused["QLinearMatMul"] + fused["MatMulIntegerToFloat"] > 0, fused
+
+
 def test_fp8_recipe(tiny_folders, tmp_path):
     result = _build(tiny_folders["mlcd-rope2d"], tmp_path / "fp8", precision="fp8")
     assert result.parity_passed

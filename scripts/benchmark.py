@@ -139,9 +139,6 @@ def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, st
     """{backend: model.onnx} for every onnxruntime backend, and {backend: skip reason}."""
     from export.lowering import LOWERINGS
     from export.onnx_export import ExportShape, export_canonical
-    from export.precision.calibration import calibration_feeds, calibration_images
-    from export.families import INPUT_NAME
-    from export.precision.qdq import quantize_qdq
     from parity_tests.stages import lowered_graph, precision_graph
 
     h, w = ckpt.image_size
@@ -164,14 +161,9 @@ def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, st
         precision_graph(ckpt, shape, canonical, precision, work / f"ort-{precision}" / "model.onnx",
                         {"options": {}}, log)
         graphs[f"ort-{precision}"] = work / f"ort-{precision}" / "model.onnx"
-    log("      int8 CPU-friendly variant (Q/DQ on the fp32 graph, no fp16 step) ...")
-    images, _ = calibration_images(None, log=lambda _: None)
-    feeds = calibration_feeds(ckpt.processor, images, (h, w), INPUT_NAME)
+    log("      int8 for CPUs (--high-precision fp32: Q/DQ on the fp32 graph) ...")
     dst = work / "ort-int8-cpu" / "model.onnx"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_qdq(canonical, dst, feeds, "int8")  # reads the canonical graph, writes a new one
-    if ckpt.family.has_rope:
-        dst = lowered_graph(dst, "custom", dst)
+    precision_graph(ckpt, shape, canonical, "int8", dst, {"options": {}}, log, high_precision="fp32")
     graphs["ort-int8-cpu"] = dst
     return graphs, skipped
 
