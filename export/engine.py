@@ -11,6 +11,7 @@ fp16/int8 builder flags), so this step builds model.onnx as the precision recipe
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -49,7 +50,10 @@ def probe(runtime: str) -> EngineTarget:
     except Exception as exc:  # ImportError, or a broken install that fails loading its libraries
         where = "" if runtime == "tensorrt-rtx" else " on a machine with an NVIDIA GPU"
         state = "is not installed" if isinstance(exc, ImportError) else f"failed to load ({exc})"
-        return EngineTarget(runtime, None, f"{runtime} {state}; install mvt-deploy[{runtime}]{where}")
+        hint = ""
+        if runtime == "tensorrt" and importlib.util.find_spec("tensorrt_rtx") is not None:
+            hint = " (--runtime tensorrt-rtx builds an engine for RTX GPUs here)"
+        return EngineTarget(runtime, None, f"{runtime} {state}; install mvt-deploy[{runtime}]{where}{hint}")
     version = str(trt.__version__)
     gpu = gpu_info()
     if runtime == "tensorrt" and not gpu:
