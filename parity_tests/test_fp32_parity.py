@@ -52,3 +52,26 @@ def test_parity_detects_a_wrong_model(exported, tmp_path):
     onnx.save(model, str(path))
     report = onnx_parity(ckpt, shape, path)
     assert not report.passed
+
+
+def test_head_dim_104_like_bigg(tmp_path):
+    """MLCD-bigG's head dim (104) is not a power of two: every lowering still matches transformers."""
+    from dataclasses import replace
+
+    from export.families import MLCD_ROPE2D
+    from export.loading import load_folder
+    from export.onnx_export import ExportShape, export_canonical
+    from parity_tests.tiny_models import save_tiny_checkpoint
+
+    family = replace(MLCD_ROPE2D, tiny_config={**MLCD_ROPE2D.tiny_config, "hidden_size": 208,
+                                                 "num_attention_heads": 2, "num_hidden_layers": 1})
+    ckpt = load_folder(save_tiny_checkpoint(family, tmp_path / "ckpt"))
+    assert ckpt.config.hidden_size // ckpt.config.num_attention_heads == 104
+    shape = ExportShape(56, 42)
+    canonical = tmp_path / "canonical.onnx"
+    export_canonical(ckpt, shape, canonical)
+    for lowering in ("custom", "onnx23", "decomposed"):
+        path = tmp_path / f"{lowering}.onnx"
+        onnx.save(lower_rope(onnx.load(str(canonical)), lowering), str(path))
+        report = onnx_parity(ckpt, shape, path, batch_sizes=(2,))
+        assert report.passed, report.checklist()
