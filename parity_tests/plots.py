@@ -35,10 +35,7 @@ def plot_layers(series: dict[str, list[dict]], path: Path, title: str = "") -> P
     ax.set_title(title or "Per-layer divergence")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_stages(rows: list[dict], path: Path, title: str = "") -> Path:
@@ -72,10 +69,7 @@ def plot_stages(rows: list[dict], path: Path, title: str = "") -> Path:
     ax2.set_title("nearest neighbours (pooled)", fontsize=9)
     ax2.legend(fontsize=8, loc="lower left")
     fig.suptitle(title or "Parity ledger")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_benchmark(results: list[dict], path: Path, title: str = "") -> Path:
@@ -99,10 +93,7 @@ def plot_benchmark(results: list[dict], path: Path, title: str = "") -> Path:
         a.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.suptitle(title or "Benchmark")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_features(panels: list[tuple[str, object]], path: Path, title: str = "") -> Path:
@@ -115,6 +106,10 @@ def plot_features(panels: list[tuple[str, object]], path: Path, title: str = "")
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
