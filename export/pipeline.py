@@ -154,7 +154,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
             _skip(steps, log, f"TensorRT engine skipped: {target.skip_reason}")
 
         ckpt.processor.save_pretrained(stage)  # the exact preprocessing, for serving
-        extra = [stage / n for n in ("preprocessor_config.json", "overflow_report.json") if (stage / n).exists()]
+        extra = [stage / n for n in ("preprocessor_config.json", "overflow_report.json", "parity.json")
+                 if (stage / n).exists()]
         manifest = _manifest(opts, ckpt, shape, rope, files + extra, parity, engine, steps.timings,
                              precision.recipe if precision else {"compute": "fp32"})
         write_json(stage / "manifest.json", manifest)
