@@ -53,9 +53,9 @@ def parser() -> argparse.ArgumentParser:
                    help="int8 calibration: max, entropy or percentile (default: max)")
     p.add_argument("--random-weights", action="store_true",
                    help="build a zoo architecture with seeded random weights (no download; for benchmarks)")
-    p.add_argument("--high-precision", choices=("fp16", "fp32"), default="fp16",
-                   help="int8/fp8: dtype of the layers left unquantized: fp16 (TensorRT's fastest) or fp32 "
-                        "(onnxruntime on a CPU then runs int8 kernels) (default: fp16)")
+    p.add_argument("--quant-target", choices=("tensorrt", "cpu"), default="tensorrt",
+                   help="int8/fp8 graph form: tensorrt (symmetric int8, fp16 elsewhere) or cpu (uint8 "
+                        "activations, fp32 elsewhere: onnxruntime's integer kernels) (default: tensorrt)")
     p.add_argument("--runtime", choices=("tensorrt", "tensorrt-rtx"), default="tensorrt",
                    help="engine runtime: datacenter TensorRT (needs a GPU) or TensorRT-RTX (builds on a CPU for "
                         "RTX GPUs) (default: tensorrt)")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         image_size=tuple(args.image_size) if args.image_size else None,
         dynamic_resolution=args.dynamic_resolution, max_batch=args.max_batch, hidden_layer=args.hidden_layer,
         calib_images=args.calib_images, calib_method=args.calib_method,
-        high_precision=args.high_precision, force=args.force, random_weights=args.random_weights,
+        quant_target=args.quant_target, force=args.force, random_weights=args.random_weights,
         parity=not args.skip_parity, runtime=args.runtime, optimization_level=args.opt_level,
         timing_cache=args.timing_cache, compute_capabilities=_capabilities(args.compute_capabilities),
     )

@@ -40,7 +40,7 @@ class BuildOptions:
     hidden_layer: int | None = None
     calib_images: Path | None = None  # None: scikit-image's photographs (not the parity ones)
     calib_method: str = "max"
-    high_precision: str = "fp16"  # int8/fp8: dtype of the unquantized layers (fp32 for onnxruntime on CPU)
+    quant_target: str = "tensorrt"  # int8/fp8 graph form: "tensorrt" (symmetric, fp16 rest) or "cpu"
     force: bool = False
     random_weights: bool = False
     parity: bool = True
@@ -85,6 +85,10 @@ def validate_options(opts: BuildOptions) -> None:
     """Checks that need no checkpoint, so that a typo fails before a slow load."""
     if opts.precision not in PRECISIONS:
         raise OptionError(f"--precision {opts.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
+    if opts.quant_target not in ("tensorrt", "cpu"):
+        raise OptionError(f"--quant-target {opts.quant_target} is unknown; choose tensorrt or cpu")
+    if opts.precision == "fp8" and opts.quant_target == "cpu":
+        raise OptionError("--precision fp8 targets Hopper/Ada GPUs (TensorRT); use int8 for CPUs")
     if opts.calib_method not in CALIBRATION_METHODS:
         raise OptionError(f"--calib-method {opts.calib_method} is unknown; choose one of {', '.join(CALIBRATION_METHODS)}")
     resolve_rope(opts.rope, None)
@@ -179,7 +183,7 @@ def _apply_precision(opts: BuildOptions, ckpt, shape: ExportShape, onnx_path: Pa
     feeds = calibration_feeds(ckpt.processor, images, (shape.height, shape.width), INPUT_NAME)
     start = time.perf_counter()
     result = apply_precision(onnx_path, opts.precision, feeds, calib_method=opts.calib_method,
-                             high_precision=opts.high_precision,
+                             quant_target=opts.quant_target,
                              external_data_threshold=opts.external_data_threshold, log=log)
     result.recipe["calibration"] = {"images": described, "seconds": round(time.perf_counter() - start, 2)}
     return result

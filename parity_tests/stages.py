@@ -6,8 +6,9 @@
     fp16, int8        the project's precision recipes applied to the canonical graph, calibrated
                       as the folder's manifest says; int8 judged as TensorRT runs it (onnxruntime
                       with optimizations off: float simulation of Q/DQ)
-    int8-cpu          reported, not judged: Q/DQ on the fp32 graph (no fp16 step), which onnxruntime
-                      runs with integer kernels: what a CPU deployment of int8 gets
+    int8-cpu          reported, not judged: the int8 recipe with --quant-target cpu (uint8 activations,
+                      fp32 elsewhere), which onnxruntime runs with integer kernels: what a CPU
+                      deployment of int8 gets
     tensorrt          the folder's model.plan, where TensorRT and a GPU exist
     triton            a running Triton server (--url), fed the photographs as PNG bytes
 
@@ -98,7 +99,7 @@ def lowered_graph(canonical: Path, lowering: str, dst: Path) -> Path:
 
 
 def precision_graph(ckpt, shape, canonical: Path, precision: str, dst: Path, manifest: dict, log,
-                    high_precision: str = "fp16") -> dict:
+                    quant_target: str = "tensorrt") -> dict:
     """The project's fp16 / int8 recipe applied to a copy of the canonical graph (as build() does)."""
     import onnx
 
@@ -112,7 +113,7 @@ def precision_graph(ckpt, shape, canonical: Path, precision: str, dst: Path, man
     feeds = calibration_feeds(ckpt.processor, images, (shape.height, shape.width), INPUT_NAME)
     copy_onnx(canonical, dst)
     result = apply_precision(dst, precision, feeds, calib_method=options.get("calib_method") or "max",
-                             high_precision=high_precision, external_data_threshold=EXTERNAL_DATA_THRESHOLD, log=lambda _: None)
+                             quant_target=quant_target, external_data_threshold=EXTERNAL_DATA_THRESHOLD, log=lambda _: None)
     if ckpt.family.has_rope:
         save_onnx(lower_rope(onnx.load(str(dst)), "custom"), dst)
     result.recipe["calibration"] = described
@@ -163,14 +164,13 @@ def plan_stages(ckpt, shape, manifest: dict, artifacts: Path, work: Path, groups
                                "runs int8)" if precision == "int8" else " (onnxruntime without optimizations)"),
                             path, ort_mode="exact"))
         if precision == "int8":
-            log("      int8 CPU variant (Q/DQ on the fp32 graph, no fp16 step) ...")
+            log("      int8 for CPUs (--quant-target cpu) ...")
             cpu = work / "int8-cpu" / ONNX_NAME
             facts["recipes"]["int8-cpu"] = precision_graph(ckpt, shape, canonical, "int8", cpu, manifest, log,
-                                                              high_precision="fp32")
-            stages.append(Stage("int8-cpu", "int8", "onnx", "int8 Q/DQ on the fp32 graph without the fp16 step, "
-                                "onnxruntime optimizations on: integer kernels (QLinearMatMul) with "
-                                "requantization, what a CPU deployment of int8 gets (our int8 recipe's fp16 "
-                                "Q/DQ runs as float simulation in onnxruntime)", cpu, ort_mode="optimized",
+                                                              quant_target="cpu")
+            stages.append(Stage("int8-cpu", "int8", "onnx", "the int8 recipe with --quant-target cpu (uint8 "
+                                "activations, fp32 elsewhere), onnxruntime optimizations on: its integer "
+                                "kernels, what a CPU deployment of int8 gets", cpu, ort_mode="optimized",
                                 enforced=False))
     if "tensorrt" in groups:
         stages.append(tensorrt_stage(artifacts, manifest))

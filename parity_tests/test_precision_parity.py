@@ -66,12 +66,15 @@ def test_int8_recipe(tiny_folders, tmp_path, family):
 
 
 def test_int8_for_cpu_keeps_the_rest_in_fp32(tiny_folders, tmp_path):
-    """--high-precision fp32: Q/DQ on the fp32 graph, which onnxruntime fuses into integer kernels."""
+    """--quant-target cpu: uint8-activation Q/DQ on the fp32 graph, fused by onnxruntime into integer kernels."""
     import onnxruntime as ort
 
-    result = _build(tiny_folders["mlcd-rope2d"], tmp_path / "cpu", precision="int8", high_precision="fp32")
+    result = _build(tiny_folders["mlcd-rope2d"], tmp_path / "cpu", precision="int8", quant_target="cpu")
     assert result.parity_passed
-    assert result.manifest["precision_recipe"]["high_precision"] == "fp32"
+    recipe = result.manifest["precision_recipe"]
+    assert recipe["unquantized_dtype"] == "fp32" and recipe["quant_target"] == "cpu"
+    model_types = {t.data_type for t in onnx.load(str(tmp_path / "cpu" / "model.onnx")).graph.initializer}
+    assert onnx.TensorProto.UINT8 in model_types  # activation zero points
     path = tmp_path / "cpu" / "model.onnx"
     model = onnx.load(str(path))
     assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)

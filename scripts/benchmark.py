@@ -10,7 +10,7 @@ Backends:
     ort-fp32-<lowering>  the canonical graph in each RoPE lowering (plugin: TensorRT only, skipped)
     ort-fp16             the fp16 recipe (fp16 compute, fp32 islands)
     ort-int8             the int8 recipe as deployed to TensorRT: Q/DQ on linear layers, fp16 elsewhere
-    ort-int8-cpu         Q/DQ on the fp32 graph, no fp16 step: the CPU-friendly variant
+    ort-int8-cpu         the int8 recipe with --quant-target cpu: uint8 activations, fp32 elsewhere
     tensorrt             the fp32 graph's engine (onnx23 lowering), where TensorRT and a GPU exist
 
 onnxruntime runs with its default (full) optimizations, as a CPU deployment would. Timing: every
@@ -161,9 +161,9 @@ def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, st
         precision_graph(ckpt, shape, canonical, precision, work / f"ort-{precision}" / "model.onnx",
                         {"options": {}}, log)
         graphs[f"ort-{precision}"] = work / f"ort-{precision}" / "model.onnx"
-    log("      int8 for CPUs (--high-precision fp32: Q/DQ on the fp32 graph) ...")
+    log("      int8 for CPUs (--quant-target cpu: uint8 activations, fp32 elsewhere) ...")
     dst = work / "ort-int8-cpu" / "model.onnx"
-    precision_graph(ckpt, shape, canonical, "int8", dst, {"options": {}}, log, high_precision="fp32")
+    precision_graph(ckpt, shape, canonical, "int8", dst, {"options": {}}, log, quant_target="cpu")
     graphs["ort-int8-cpu"] = dst
     return graphs, skipped
 

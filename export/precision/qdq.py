@@ -23,8 +23,12 @@ def quantizable_nodes(model) -> list[str]:
 
 
 def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", method: str = "max",
-                 large: bool = False) -> dict:
-    """Write the Q/DQ model of `src` to `dst` in `dtype` (int8 or fp8); return what was done."""
+                 large: bool = False, unsigned_activations: bool = False) -> dict:
+    """Write the Q/DQ model of `src` to `dst` in `dtype` (int8 or fp8); return what was done.
+
+    unsigned_activations: uint8 activations with zero points (onnxruntime CPU's U8S8 kernels)
+    instead of symmetric int8 (TensorRT). Weights stay symmetric int8 per channel either way.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -36,21 +40,24 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", m
     if fp8:
         method = "distribution"  # the only calibrator onnxruntime accepts for float8
     qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
+    act_type = QuantType.QUInt8 if unsigned_activations and not fp8 else qtype
     nodes = quantizable_nodes(onnx.load(str(src), load_external_data=False))
     with _quiet_root_logger():
         quantize_static(
             str(src), str(dst), FeedReader(feeds, f"calibrating {dtype} ({method})"),
             quant_format=QuantFormat.QDQ,
             per_channel=not fp8,
-            activation_type=qtype,
+            activation_type=act_type,
             weight_type=qtype,
             nodes_to_quantize=nodes,
             calibrate_method=CalibrationMethod.Distribution if fp8 else methods[method],
             use_external_data_format=large,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+            extra_options={"ActivationSymmetric": act_type != QuantType.QUInt8, "WeightSymmetric": True,
                            "CalibPercentile": 99.99, "CalibMovingAverage": False},
         )
     scheme = ("fp8 E4M3, per-tensor scales (Q/DQ)" if fp8 else
+              "uint8 activations with zero points, symmetric int8 per-channel weights (Q/DQ)"
+              if unsigned_activations else
               "symmetric int8, per-channel weights, per-tensor activations (Q/DQ)")
     return {"dtype": dtype, "quantized_nodes": len(nodes), "calibration_method": method, "scheme": scheme}
 

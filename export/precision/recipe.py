@@ -10,9 +10,11 @@ from .islands import FP16_MAX, FP32_ISLANDS, HEADROOM
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 QUANTIZED = ("int8", "fp8")
-# What int8/fp8 leave out of the low precision runs in: fp16 (what TensorRT runs fastest) or fp32
-# (lets onnxruntime on a CPU fuse the Q/DQ pairs into integer kernels).
-HIGH_PRECISIONS = ("fp16", "fp32")
+# Who runs an int8/fp8 graph decides its form:
+#   tensorrt  symmetric int8 (zero point 0, as TensorRT requires), fp16 for everything not quantized
+#   cpu       uint8 activations with zero points and int8 weights, fp32 elsewhere: the U8S8 integer
+#             kernels onnxruntime's CPU provider fuses Q/DQ into (its fastest int8 path)
+QUANT_TARGETS = ("tensorrt", "cpu")
 
 
 @dataclass
@@ -31,19 +33,22 @@ class PrecisionResult:
 
 
 def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, calib_method: str = "max",
-                    high_precision: str = "fp16", external_data_threshold: int, log=print) -> PrecisionResult:
+                    quant_target: str = "tensorrt", external_data_threshold: int, log=print) -> PrecisionResult:
     """Rewrite the fp32 model at `path` (and `path`.data) into `precision`; `feeds` are calibration inputs.
 
-    high_precision: the dtype of what int8/fp8 do not quantize (ignored for fp16).
+    quant_target: the runtime an int8/fp8 graph is shaped for (QUANT_TARGETS; ignored for fp16).
     """
     if precision not in PRECISIONS:
         raise OptionError(f"--precision {precision} is unknown; choose one of {', '.join(PRECISIONS)}")
-    if high_precision not in HIGH_PRECISIONS:
-        raise OptionError(f"--high-precision {high_precision} is unknown; choose one of {', '.join(HIGH_PRECISIONS)}")
+    if quant_target not in QUANT_TARGETS:
+        raise OptionError(f"--quant-target {quant_target} is unknown; choose one of {', '.join(QUANT_TARGETS)}")
+    if precision == "fp8" and quant_target == "cpu":
+        raise OptionError("--precision fp8 targets Hopper/Ada GPUs (TensorRT); use --quant-target tensorrt, "
+                          "or int8 for CPUs")
     result = PrecisionResult(precision)
     if precision == "fp32":
         return result
-    rest = "fp16" if precision == "fp16" else high_precision
+    rest = "fp32" if precision in QUANTIZED and quant_target == "cpu" else "fp16"
 
     import onnx
 
@@ -65,7 +70,8 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
         from .qdq import quantize_qdq
 
         qdq = path.with_name("qdq.onnx")
-        result.recipe[precision] = quantize_qdq(path, qdq, feeds, precision, calib_method, large=large)
+        result.recipe[precision] = quantize_qdq(path, qdq, feeds, precision, calib_method, large=large,
+                                                unsigned_activations=quant_target == "cpu")
         source = qdq
     model = onnx.load(str(source))
     if rest == "fp16":
@@ -75,7 +81,8 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
     save_onnx(model, path, threshold=external_data_threshold)
     result.recipe.update({
         "compute": "fp16" if precision == "fp16" else f"{precision} Q/DQ on linear layers, {rest} elsewhere",
-        "high_precision": rest,
+        "unquantized_dtype": rest,
+        **({"quant_target": quant_target} if precision in QUANTIZED else {}),
         "fp32_island_op_types": sorted(FP32_ISLANDS),
         "fp32_nodes_from_overflow": kept,
         "float16_initializers": count_float16_initializers(model),
