@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 from .lowering import ROPE_CHOICES
-from .pipeline import CALIBRATION_METHODS, PRECISIONS, BuildOptions
+from .pipeline import BuildOptions
+from .precision.qdq import CALIBRATION_METHODS
+from .precision.recipe import PRECISIONS, QUANT_TARGETS
 
 EPILOG = """\
 models: a checkpoint folder (config.json, *.safetensors, preprocessor_config.json), a hub id, or a
@@ -53,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
                    help="int8 calibration: max, entropy or percentile (default: max)")
     p.add_argument("--random-weights", action="store_true",
                    help="build a zoo architecture with seeded random weights (no download; for benchmarks)")
-    p.add_argument("--quant-target", choices=("tensorrt", "cpu"), default="tensorrt",
+    p.add_argument("--quant-target", choices=QUANT_TARGETS, default="tensorrt",
                    help="int8/fp8 graph form: tensorrt (symmetric int8, fp16 elsewhere) or cpu (uint8 "
                         "activations, fp32 elsewhere: onnxruntime's integer kernels) (default: tensorrt)")
     p.add_argument("--runtime", choices=("tensorrt", "tensorrt-rtx"), default="tensorrt",

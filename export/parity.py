@@ -79,7 +79,6 @@ def onnx_parity(checkpoint: Checkpoint, shape: ExportShape, onnx_path: Path, *, 
     """Compare `onnx_path` with the PyTorch reference. `modes`: {ORT mode: enforced}; by default
     fp32 is judged with onnxruntime's defaults, fp16 in "exact" mode, int8 in "exact" mode (the
     TensorRT-like one) with "optimized" (integer kernels) reported beside it."""
-    import onnx
     import torch
 
     tolerances = tolerances or checkpoint.family.tolerances
@@ -88,19 +87,18 @@ def onnx_parity(checkpoint: Checkpoint, shape: ExportShape, onnx_path: Path, *, 
         modes = {"fp32": {"optimized": True}, "fp16": {"exact": True}}.get(precision,
                                                                           {"exact": True, "optimized": False})
     report = ParityReport(precision)
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    with _runnable_copy(model, Path(onnx_path)) as runnable, torch.no_grad():
-        sessions = {}
-        for mode, enforced in modes.items():
-            try:
-                sessions[mode] = _session(runnable, mode)
-            except Exception as exc:  # an informational mode must not hide the judged one
-                if enforced:
-                    raise
-                report.notes.append(f"onnxruntime {mode} mode could not load the graph: {_first_line(exc)}")
-        if runnable != Path(onnx_path):
-            report.notes.append("plugin nodes ran with the RoPE2D reference body (pluginref); "
-                                "the plugin kernel itself runs only in TensorRT")
+    sessions = {}
+    for mode, enforced in modes.items():
+        try:
+            sessions[mode], pluginref = onnx_session(onnx_path, mode)
+        except Exception as exc:  # an informational mode must not hide the judged one
+            if enforced:
+                raise
+            report.notes.append(f"onnxruntime {mode} mode could not load the graph: {_first_line(exc)}")
+    if sessions and pluginref:
+        report.notes.append("plugin nodes ran with the RoPE2D reference body (pluginref); "
+                            "the plugin kernel itself runs only in TensorRT")
+    with torch.no_grad():
         for height, width in parity_sizes(checkpoint, shape):
             encoder = encoder_module(checkpoint, ExportShape(height, width, shape.dynamic_resolution,
                                                              shape.hidden_layer))
@@ -123,6 +121,19 @@ def onnx_parity(checkpoint: Checkpoint, shape: ExportShape, onnx_path: Path, *, 
 
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def onnx_session(path: Path, mode: str = "optimized"):
+    """(onnxruntime CPU session for `path`, whether plugin nodes run with the reference body).
+
+    Plugin-form RoPE2D nodes have no body; they get the reference body in a sibling copy that
+    lives only while the session is created (the session holds the graph afterwards).
+    """
+    import onnx
+
+    path = Path(path)
+    with _runnable_copy(onnx.load(str(path), load_external_data=False), path) as runnable:
+        return _session(runnable, mode), runnable != path
 
 
 def _session(path: Path, mode: str = "optimized"):

@@ -23,9 +23,8 @@ from .errors import OptionError
 from .families import INPUT_NAME
 from .lowering import lower_rope, resolve_rope
 from .onnx_export import ExportShape, export_canonical, validate_hidden_layer, validate_image_size
+from .precision.recipe import check_options as check_precision_options
 
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")  # export.precision.PRECISIONS, without importing onnx for -h
-CALIBRATION_METHODS = ("max", "entropy", "percentile")
 
 
 @dataclass
@@ -83,14 +82,7 @@ def default_out(model: str | None) -> Path:
 
 def validate_options(opts: BuildOptions) -> None:
     """Checks that need no checkpoint, so that a typo fails before a slow load."""
-    if opts.precision not in PRECISIONS:
-        raise OptionError(f"--precision {opts.precision} is unknown; choose one of {', '.join(PRECISIONS)}")
-    if opts.quant_target not in ("tensorrt", "cpu"):
-        raise OptionError(f"--quant-target {opts.quant_target} is unknown; choose tensorrt or cpu")
-    if opts.precision == "fp8" and opts.quant_target == "cpu":
-        raise OptionError("--precision fp8 targets Hopper/Ada GPUs (TensorRT); use int8 for CPUs")
-    if opts.calib_method not in CALIBRATION_METHODS:
-        raise OptionError(f"--calib-method {opts.calib_method} is unknown; choose one of {', '.join(CALIBRATION_METHODS)}")
+    check_precision_options(opts.precision, opts.quant_target, opts.calib_method)
     resolve_rope(opts.rope, None)
     if opts.runtime not in engines.RUNTIMES:
         raise OptionError(f"--runtime {opts.runtime} is unknown; choose one of {', '.join(engines.RUNTIMES)}")

@@ -50,7 +50,7 @@ def _run_exposed(path: Path, names: list[str], pixels: np.ndarray, mode: str = "
     """Run `path` with `names` added as graph outputs; {name: value} for those the graph has."""
     import onnx
 
-    from export.parity import _runnable_copy, _session
+    from export.parity import onnx_session
 
     model = onnx.load(str(path), load_external_data=False)
     produced = {o for n in model.graph.node for o in n.output}
@@ -60,9 +60,8 @@ def _run_exposed(path: Path, names: list[str], pixels: np.ndarray, mode: str = "
     probe = Path(path).with_name(f".layers-probe-{Path(path).stem}.onnx")  # sibling: external data resolves
     try:
         onnx.save(model, str(probe))
-        with _runnable_copy(onnx.load(str(probe), load_external_data=False), probe) as runnable:
-            session = _session(runnable, mode)
-            values = session.run(present, {INPUT_NAME: np.ascontiguousarray(pixels, np.float32)})
+        session, _ = onnx_session(probe, mode)
+        values = session.run(present, {INPUT_NAME: np.ascontiguousarray(pixels, np.float32)})
     finally:
         probe.unlink(missing_ok=True)
     return {n: v.astype(np.float32) for n, v in zip(present, values)}

@@ -207,16 +207,9 @@ class OnnxRunner:
     """onnxruntime on CPU; plugin-form graphs run through a sibling copy with the reference body."""
 
     def __init__(self, path: Path, mode: str = "optimized", output_names=None):
-        import onnx
+        from export.parity import onnx_session
 
-        from export.parity import _runnable_copy, _session
-
-        self._copy = _runnable_copy(onnx.load(str(path), load_external_data=False), Path(path))
-        runnable = self._copy.__enter__()
-        try:
-            self.session = _session(runnable, mode)
-        finally:
-            self._copy.__exit__(None, None, None)  # the session holds the graph; the copy can go
+        self.session, _ = onnx_session(path, mode)
         self.output_names = list(output_names or [o.name for o in self.session.get_outputs()])
 
     def __call__(self, pixels: np.ndarray, images=None) -> dict[str, np.ndarray]:

@@ -111,11 +111,9 @@ def ort_backend(path: Path, threads: int):
 
 def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: int, log):
     """Build an engine for the fp32 graph and return (runner, gpu info); raises when it cannot run."""
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
     from export import engine as engines
     from export.families import INPUT_NAME
+    from parity_tests.stages import TensorRTRunner
 
     target = engines.probe("tensorrt")
     if target.skip_reason:
@@ -125,14 +123,7 @@ def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: i
     log("      building the TensorRT engine ...")
     shapes = engines.profiles(INPUT_NAME, tuple(size), False, patch, max_batch)
     engines.build_engine(target, onnx_path, plan, shapes, timing_cache=engines.default_timing_cache(target))
-    runner = TrtRunner(EngineFromBytes(BytesFromPath(str(plan))))
-    runner.activate()
-
-    def run(x: np.ndarray) -> dict:
-        out = runner.infer({INPUT_NAME: x})  # synchronous: outputs are copied back to the host
-        return {k: np.asarray(out[k]) for k in ("pooler_output", "last_hidden_state")}
-
-    return run, target.gpu
+    return TensorRTRunner(plan, ("pooler_output", "last_hidden_state")), target.gpu
 
 
 def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, str]]:

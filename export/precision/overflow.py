@@ -45,18 +45,17 @@ def float_intermediates(model) -> dict[str, tuple[str, str]]:
     return out
 
 
-def max_abs_per_tensor(model_path: Path, batches: Iterable[dict]) -> dict[str, float]:
-    """Largest |value| of every float intermediate over `batches` (input feeds)."""
+def max_abs_per_tensor(model, model_path: Path, tensors: list[str], batches: Iterable[dict]) -> dict[str, float]:
+    """Largest |value| of each of `tensors` over `batches` (input feeds); `model` is `model_path`
+    loaded without its weights."""
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    tensors = list(float_intermediates(model))
     existing = {o.name for o in model.graph.output}
     batches = list(batches)
     peaks: dict[str, float] = {}
     for start in range(0, len(tensors), CHUNK):
-        chunk = [t for t in tensors[start:start + CHUNK]]
+        chunk = tensors[start:start + CHUNK]
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
         probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in chunk if t not in existing)
@@ -92,7 +91,7 @@ def localize_overflow(model_path: Path, batches: Iterable[dict], headroom: float
             consumers.setdefault(name, []).append(node)
     limit = FP16_MAX / headroom
     findings: dict[str, OverflowFinding] = {}
-    for tensor, peak in max_abs_per_tensor(model_path, batches).items():
+    for tensor, peak in max_abs_per_tensor(model, model_path, list(producers), batches).items():
         if peak <= limit:
             continue
         node, op_type = producers[tensor]

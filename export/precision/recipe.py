@@ -32,19 +32,26 @@ class PrecisionResult:
         }
 
 
+def check_options(precision: str, quant_target: str = "tensorrt", calib_method: str = "max") -> None:
+    """Option checks that need no model, so that a typo fails before a slow load."""
+    from .qdq import CALIBRATION_METHODS
+
+    for flag, value, choices in (("--precision", precision, PRECISIONS), ("--quant-target", quant_target, QUANT_TARGETS),
+                                 ("--calib-method", calib_method, CALIBRATION_METHODS)):
+        if value not in choices:
+            raise OptionError(f"{flag} {value} is unknown; choose one of {', '.join(choices)}")
+    if precision == "fp8" and quant_target == "cpu":
+        raise OptionError("--precision fp8 targets Hopper/Ada GPUs (TensorRT); use --quant-target tensorrt, "
+                          "or int8 for CPUs")
+
+
 def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, calib_method: str = "max",
                     quant_target: str = "tensorrt", external_data_threshold: int, log=print) -> PrecisionResult:
     """Rewrite the fp32 model at `path` (and `path`.data) into `precision`; `feeds` are calibration inputs.
 
     quant_target: the runtime an int8/fp8 graph is shaped for (QUANT_TARGETS; ignored for fp16).
     """
-    if precision not in PRECISIONS:
-        raise OptionError(f"--precision {precision} is unknown; choose one of {', '.join(PRECISIONS)}")
-    if quant_target not in QUANT_TARGETS:
-        raise OptionError(f"--quant-target {quant_target} is unknown; choose one of {', '.join(QUANT_TARGETS)}")
-    if precision == "fp8" and quant_target == "cpu":
-        raise OptionError("--precision fp8 targets Hopper/Ada GPUs (TensorRT); use --quant-target tensorrt, "
-                          "or int8 for CPUs")
+    check_options(precision, quant_target, calib_method)
     result = PrecisionResult(precision)
     if precision == "fp32":
         return result
@@ -64,8 +71,8 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
             f"max |value| {f.max_abs:.4g} on calibration images")
 
     source = path
-    large = path.with_name(path.name + ".data").exists() and \
-        path.with_name(path.name + ".data").stat().st_size > external_data_threshold
+    data = path.with_name(path.name + ".data")
+    large = data.exists() and data.stat().st_size > external_data_threshold
     if precision in QUANTIZED:
         from .qdq import quantize_qdq
 
