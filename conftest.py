@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 def tiny_folders(tmp_path_factory):
     """{family name: checkpoint folder}, plus "clip-full" (a whole CLIPModel checkpoint)."""
     from export.families import CLIP_VISION, FAMILIES
-    from parity_tests.tiny_models import save_tiny_checkpoint
+    from export.testing import save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     folders = {f.name: save_tiny_checkpoint(f, root / f.name) for f in FAMILIES}

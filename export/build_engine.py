@@ -9,8 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from .engine import RUNTIME_CHOICES
 from .lowering import ROPE_CHOICES
 from .pipeline import BuildOptions
+from .precision.calibration import DEFAULT_COUNT
 from .precision.qdq import CALIBRATION_METHODS
 from .precision.recipe import PRECISIONS, QUANT_TARGETS
 
@@ -18,6 +20,9 @@ EPILOG = """\
 models: a checkpoint folder (config.json, *.safetensors, preprocessor_config.json), a hub id, or a
 zoo alias: rice-l-560, mlcd-bigg-448 (2D RoPE); mlcd-l-336, mlcd-b-32 (CLIP-style).
 Without --model: a small bundled 2D-RoPE demo with seeded random weights.
+
+exit status: 0 done, 1 parity failed, 2 bad input (nothing written), 3 engine build failed (the ONNX
+artifacts are kept; manifest.json engine.reason says why)
 
 examples:
   python -m export.build_engine
@@ -51,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=Path, metavar="DIR",
                    help="calibration images (JPEG/PNG) for int8 and the fp16 overflow scan "
                         "(default: scikit-image's photographs)")
+    p.add_argument("--calib-count", type=int, metavar="N",
+                   help=f"calibration images to use (default: {DEFAULT_COUNT}; the fp16 overflow scan and int8 "
+                        "calibration each run the model once per image)")
     p.add_argument("--calib-method", choices=CALIBRATION_METHODS, default="max",
                    help="int8 calibration: max, entropy or percentile (default: max)")
     p.add_argument("--random-weights", action="store_true",
@@ -58,9 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quant-target", choices=QUANT_TARGETS, default="tensorrt",
                    help="int8/fp8 graph form: tensorrt (symmetric int8, fp16 elsewhere) or cpu (uint8 "
                         "activations, fp32 elsewhere: onnxruntime's integer kernels) (default: tensorrt)")
-    p.add_argument("--runtime", choices=("tensorrt", "tensorrt-rtx"), default="tensorrt",
-                   help="engine runtime: datacenter TensorRT (needs a GPU) or TensorRT-RTX (builds on a CPU for "
-                        "RTX GPUs) (default: tensorrt)")
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES,
+                   help="engine runtime: datacenter TensorRT (needs a GPU), TensorRT-RTX (builds on a CPU for "
+                        "RTX GPUs) or none (default: tensorrt where it can build, else no engine)")
     p.add_argument("--compute-capability", action="append", metavar="X.Y", dest="compute_capabilities",
                    help="TensorRT-RTX target GPU architecture, repeatable (default: the visible GPU, "
                         "else 7.5 8.0 8.6 8.9 12.0)")
@@ -82,6 +90,11 @@ def _capabilities(values: list[str] | None) -> list[tuple[int, int]] | None:
         raise SystemExit(f"error: --compute-capability takes MAJOR.MINOR, e.g. 8.9; got {values}") from None
 
 
+# Exit status: 0 success, 1 parity failed, 2 bad input (nothing written), 3 the engine build failed
+# (the ONNX artifacts, parity.json and manifest.json are written; manifest engine.reason says why).
+EXIT_PARITY_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE_FAILED = 1, 2, 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .errors import MvtError
@@ -91,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, out=args.out, precision=args.precision, rope=args.rope,
         image_size=tuple(args.image_size) if args.image_size else None,
         dynamic_resolution=args.dynamic_resolution, max_batch=args.max_batch, hidden_layer=args.hidden_layer,
-        calib_images=args.calib_images, calib_method=args.calib_method,
+        calib_images=args.calib_images, calib_count=args.calib_count, calib_method=args.calib_method,
         quant_target=args.quant_target, force=args.force, random_weights=args.random_weights,
         parity=not args.skip_parity, runtime=args.runtime, optimization_level=args.opt_level,
         timing_cache=args.timing_cache, compute_capabilities=_capabilities(args.compute_capabilities),
@@ -100,10 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         result = build(opts)
     except MvtError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if result.parity_passed is False:
         print("error: parity thresholds failed (see the checklist above and parity.json)", file=sys.stderr)
-        return 1
+        return EXIT_PARITY_FAILED
+    if result.engine_failed:
+        print(f"error: the engine build failed: {result.manifest['engine']['reason']} "
+              f"(the ONNX artifacts in {result.out} are complete)", file=sys.stderr)
+        return EXIT_ENGINE_FAILED
     return 0
 
 

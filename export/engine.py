@@ -22,7 +22,12 @@ from pathlib import Path
 from .errors import OptionError
 
 PLAN_NAME = "model.plan"
+# The graph handed to the builder when it needs a RoPE lowering that plain onnxruntime cannot run
+# (the AOT plugin); model.onnx itself always stays portable.
+ENGINE_ONNX_NAME = "engine.onnx"
 RUNTIMES = ("tensorrt", "tensorrt-rtx")
+NO_ENGINE = "none"  # --runtime none: export and check the ONNX only
+RUNTIME_CHOICES = RUNTIMES + (NO_ENGINE,)
 # TensorRT-RTX targets when no GPU is visible: every RTX-class architecture it builds for.
 RTX_DEFAULT_CCS = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0))
 
@@ -42,8 +47,10 @@ class EngineTarget:
 
 def probe(runtime: str) -> EngineTarget:
     """What this machine can build. Never raises for a missing TensorRT or GPU: that is a reason."""
-    if runtime not in RUNTIMES:
-        raise OptionError(f"--runtime {runtime} is unknown; choose one of {', '.join(RUNTIMES)}")
+    if runtime not in RUNTIME_CHOICES:
+        raise OptionError(f"--runtime {runtime} is unknown; choose one of {', '.join(RUNTIME_CHOICES)}")
+    if runtime == NO_ENGINE:
+        return EngineTarget(runtime, None, "no engine requested (--runtime none)")
     module = "tensorrt_rtx" if runtime == "tensorrt-rtx" else "tensorrt"
     try:
         trt = __import__(module)

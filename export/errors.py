@@ -25,6 +25,10 @@ class MissingDependencyError(MvtError):
     pass
 
 
+class EngineUnavailableError(MvtError):
+    """An engine (model.plan) that cannot run here: none built, another runtime, no GPU, another GPU."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency, or fail with the one line that says which extra to install."""
     import importlib

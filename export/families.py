@@ -77,10 +77,14 @@ def _mlcd_tracing_context():
 
 
 # Parity thresholds, per precision and output ("*": every output). Judged on photos calibration
-# never saw. fp32: exact to float rounding; fp16/int8: the issue's pooled-cosine bars plus
-# per-token cosine and SQNR on last_hidden_state.
+# never saw. fp32: exact to float rounding, element-wise relative to each output's peak |value|
+# (export.metrics "max_abs_rel"), because an absolute bound fails a correct export of a model with
+# massive activations (issue 9: peak 58, max |diff| 0.0027 against 1e-4, cosine 1.00000000).
+# Measured on the outlier test models (peak ~30): correct exports 7e-6..1.4e-5, one weight
+# perturbed by 0.1% 3e-4..5e-4 (its cosine, 0.9999999, would pass); issue 9's run: 4.7e-5.
+# fp16/int8: the issue's pooled-cosine bars plus per-token cosine and SQNR on last_hidden_state.
 TOLERANCES = {
-    "fp32": {"*": {"min_cosine": 0.99999, "max_abs": 1e-4}},
+    "fp32": {"*": {"min_cosine": 0.99999, "max_abs_rel": 1e-4}},
     "fp16": {"*": {"min_cosine": 0.999, "sqnr_db": 30.0}},
     "int8": {"*": {"min_cosine": 0.99, "sqnr_db": 20.0}, "last_hidden_state": {"min_cosine": 0.98}},
     "fp8": {"*": {"min_cosine": 0.99, "sqnr_db": 15.0}, "last_hidden_state": {"min_cosine": 0.98}},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OptionError
@@ -45,3 +46,50 @@ def pixel_values(processor, images, size: tuple[int, int] | None = None):
         h, w = size
         kwargs = dict(size={"shortest_edge": max(h, w)}, crop_size={"height": h, "width": w})
     return processor(images=images, return_tensors="pt", **kwargs)["pixel_values"].float()
+
+
+# The ledger's held-out set. Nearest-neighbour agreement needs structure among the embeddings: several
+# views (flip, crops) of each photo are near-duplicates, so "which image is closest" has a meaningful
+# answer that a faithful deployment must reproduce. None of these photographs is in the int8
+# calibration set (export.precision.calibration.SKIMAGE_CALIBRATION); a test checks it.
+HELD_OUT_PHOTOS = ("astronaut", "coffee", "chelsea", "logo")
+VIEWS = ("full", "flip", "crop-tl", "crop-tr", "crop-bl", "crop-br", "crop-center")
+CROP = 0.7  # crops keep 70% of each side
+
+
+@dataclass
+class Photo:
+    name: str  # "astronaut/crop-tl"
+    image: object  # RGB PIL image
+
+
+def held_out_photos(count: int | None = None) -> list[Photo]:
+    """Up to `count` images (default: all 28): every view of every held-out photograph, photo-major."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    photos = []
+    for name in HELD_OUT_PHOTOS:
+        array = getattr(skimage.data, name)()
+        if array.ndim == 3 and array.shape[2] == 4:  # RGBA (logo): composite on white
+            rgb, alpha = array[..., :3].astype(np.float32), array[..., 3:].astype(np.float32) / 255
+            array = (rgb * alpha + 255 * (1 - alpha)).astype(np.uint8)
+        base = Image.fromarray(array).convert("RGB")
+        photos += [Photo(f"{name}/{view}", _view(base, view)) for view in VIEWS]
+    return photos if count is None else photos[:count]
+
+
+def _view(image, view: str):
+    from PIL import ImageOps
+
+    if view == "full":
+        return image
+    if view == "flip":
+        return ImageOps.mirror(image)
+    w, h = image.size
+    cw, ch = int(w * CROP), int(h * CROP)
+    corner = view.split("-")[1]
+    left = {"tl": 0, "bl": 0, "tr": w - cw, "br": w - cw, "center": (w - cw) // 2}[corner]
+    top = {"tl": 0, "tr": 0, "bl": h - ch, "br": h - ch, "center": (h - ch) // 2}[corner]
+    return image.crop((left, top, left + cw, top + ch))

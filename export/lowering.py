@@ -4,7 +4,7 @@
     onnx23      standard RotaryEmbedding (opset 23): onnxruntime >= 1.23, TensorRT >= 10.15
     decomposed  the body inlined: standard elementwise ops only, any runtime
     plugin      mvt.RoPE2D with plugin_namespace/aot attributes and no body: TensorRT's
-                ahead-of-time plugin (op type = plugin name)
+                ahead-of-time plugin mvt::RoPE2D (op type = plugin name; names in rope_identity.py)
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import OptionError
+from .rope_identity import PLUGIN_NAMESPACE  # export/engine.py imports it from here too
 
 if TYPE_CHECKING:
     import onnx
 
 LOWERINGS = ("custom", "onnx23", "decomposed", "plugin")
 ROPE_CHOICES = ("auto",) + LOWERINGS
-PLUGIN_NAMESPACE = "mvt"  # the TensorRT plugin registers as mvt::RoPE2D
 ROTARY_OPSET = 23
 
 

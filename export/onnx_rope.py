@@ -1,6 +1,6 @@
 """The `mvt.RoPE2D` ONNX node: schema, exporter translation and its model-local function body.
 
-    RoPE2D(x, cos, sin) -> y          domain "mvt", version 1
+    RoPE2D(x, cos, sin) -> y          domain "mvt", version 1 (names: rope_identity.py)
       x    [B, S, H, D]   float/float16/bfloat16
       cos  [S, D/2]       float
       sin  [S, D/2]       float
@@ -15,9 +15,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-DOMAIN = "mvt"
-OP_TYPE = "RoPE2D"
-VERSION = 1
+from .rope_identity import DOMAIN, OP_TYPE, VERSION
 
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
@@ -44,17 +42,16 @@ def register_schema() -> None:
 
 def custom_translation_table() -> dict:
     """{torch op overload: onnxscript function} for torch.onnx.export(custom_translation_table=...)."""
-    import torch
     from onnxscript import values
 
-    from . import rope_op  # noqa: F401  (defines torch.ops.mvt.rope2d)
+    from kernels.torch_op import op_overload  # defines torch.ops.mvt.rope2d
 
-    mvt = values.Opset(DOMAIN, VERSION)
+    node = getattr(values.Opset(DOMAIN, VERSION), OP_TYPE)  # mvt.RoPE2D
 
     def rope2d(x, cos, sin):
-        return mvt.RoPE2D(x, cos, sin)
+        return node(x, cos, sin)
 
-    return {torch.ops.mvt.rope2d.default: rope2d}
+    return {op_overload(): rope2d}
 
 
 def function_proto(opset: int) -> onnx.FunctionProto:
@@ -114,3 +111,18 @@ def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
 
 def rope_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return [nd for nd in graph.node if nd.domain == DOMAIN and nd.op_type == OP_TYPE]
+
+
+# Domains onnxruntime runs with no custom kernel (plain, or inside Triton's onnxruntime and python backends).
+ONNXRUNTIME_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+
+def nodes_without_body(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Custom-domain nodes with no model-local function: only a runtime with a kernel or plugin runs them.
+
+    Empty for a portable graph (the canonical one: RoPE2D carries its body). The `plugin` lowering's
+    RoPE2D nodes (body removed, plugin_namespace set) are what an engine-only graph holds.
+    """
+    local = {(f.domain, f.name) for f in model.functions}
+    return [nd for nd in model.graph.node
+            if nd.domain not in ONNXRUNTIME_DOMAINS and (nd.domain, nd.op_type) not in local]

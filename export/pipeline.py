@@ -38,13 +38,15 @@ class BuildOptions:
     max_batch: int = 32
     hidden_layer: int | None = None
     calib_images: Path | None = None  # None: scikit-image's photographs (not the parity ones)
+    calib_count: int | None = None  # calibration images used; None: precision.calibration.DEFAULT_COUNT
     calib_method: str = "max"
     quant_target: str = "tensorrt"  # int8/fp8 graph form: "tensorrt" (symmetric, fp16 rest) or "cpu"
     force: bool = False
     random_weights: bool = False
     parity: bool = True
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
-    runtime: str = "tensorrt"  # or "tensorrt-rtx"
+    # "tensorrt", "tensorrt-rtx" or "none"; None: datacenter TensorRT where it can build, else no engine
+    runtime: str | None = None
     compute_capabilities: list[tuple[int, int]] | None = None  # TensorRT-RTX targets; None: GPU or all
     optimization_level: int | None = None  # TensorRT builder optimization level (0-5)
     timing_cache: Path | None = None  # None: ~/.cache/mvt-deploy, per runtime and version
@@ -56,6 +58,11 @@ class BuildResult:
     manifest: dict
     parity_passed: bool | None  # None: parity was not run
     files: list[str] = field(default_factory=list)
+
+    @property
+    def engine_failed(self) -> bool:
+        """An engine build was attempted and failed (the ONNX artifacts are still written)."""
+        return bool(self.manifest["engine"].get("failed"))
 
 
 class Steps:
@@ -84,8 +91,17 @@ def validate_options(opts: BuildOptions) -> None:
     """Checks that need no checkpoint, so that a typo fails before a slow load."""
     check_precision_options(opts.precision, opts.quant_target, opts.calib_method)
     resolve_rope(opts.rope, None)
-    if opts.runtime not in engines.RUNTIMES:
-        raise OptionError(f"--runtime {opts.runtime} is unknown; choose one of {', '.join(engines.RUNTIMES)}")
+    if opts.runtime is not None and opts.runtime not in engines.RUNTIME_CHOICES:
+        raise OptionError(f"--runtime {opts.runtime} is unknown; choose one of {', '.join(engines.RUNTIME_CHOICES)}")
+    if _cpu_quantized(opts) and opts.runtime in engines.RUNTIMES:
+        raise OptionError(f"--quant-target cpu shapes the {opts.precision} graph for onnxruntime on CPUs (uint8 "
+                          f"activations with zero points), which TensorRT does not build; drop --runtime "
+                          f"{opts.runtime}, or use --quant-target tensorrt for an engine")
+    if opts.rope == "plugin" and opts.runtime == "tensorrt-rtx":
+        raise OptionError("--rope plugin needs datacenter TensorRT (10.9+): TensorRT-RTX cannot load Python "
+                          "plugins; use --rope onnx23, custom or decomposed")
+    if opts.calib_count is not None and opts.calib_count < 1:
+        raise OptionError(f"--calib-count {opts.calib_count} must be at least 1")
     if opts.max_batch < 1:
         raise OptionError(f"--max-batch {opts.max_batch} must be at least 1")
     if opts.calib_images is not None and not Path(opts.calib_images).is_dir():
@@ -97,8 +113,13 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
     validate_options(opts)
     out = Path(opts.out) if opts.out is not None else default_out(opts.model)
-    target = engines.probe(opts.runtime)
-    rope = resolve_rope(opts.rope, target.rope_runtime)
+    target = _engine_target(opts)
+    # model.onnx stays portable: the custom op with its function body unless a portable lowering is
+    # asked for by name. The lowering the engine wants (auto: the best for its runtime; the AOT plugin,
+    # which only TensorRT runs) goes into engine.onnx, the graph handed to the builder. (Also, int8
+    # graphs at opset 23 trip onnxruntime 1.32's optimizer, so auto's onnx23 must not reach model.onnx.)
+    engine_rope = resolve_rope(opts.rope, target.rope_runtime)
+    rope = "custom" if opts.rope in ("auto", "plugin") else engine_rope
     steps = Steps(6, log)
 
     with staged_output(out, opts.force) as stage:
@@ -123,9 +144,12 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
                                   onnx_path, log)
             write_json(stage / "overflow_report.json", precision.overflow_report())
         if not ckpt.family.has_rope:
-            rope = "none"
+            rope = engine_rope = "none"
         files = steps.run(f"Lowering RoPE ({rope}) and saving {ONNX_NAME}", _lower_and_save, onnx_path,
                           rope, opts.external_data_threshold)
+        graph_error = check_graph(onnx_path)
+        if graph_error:
+            log(f"      {ONNX_NAME} fails onnx.checker's full check: {graph_error}")
 
         parity = None
         if opts.parity:
@@ -133,6 +157,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
             parity = steps.run("Checking parity against PyTorch on photos", onnx_parity, ckpt, shape, onnx_path,
                                precision=opts.precision)
+            parity.checks.insert(0, graph_check(graph_error))
             log(parity.checklist())
             write_json(stage / "parity.json", parity.to_json())
         else:
@@ -143,17 +168,17 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
                 log("      no GPU here: TensorRT-RTX builds for the listed targets and may log CUDA driver "
                     "errors while doing so; they do not affect the engine")
             engine = steps.run(f"Building the {target.runtime} {target.version} engine", _build_engine, opts,
-                               target, ckpt, shape, stage)
-            files.append(stage / engines.PLAN_NAME)
+                               target, ckpt, shape, stage, rope, engine_rope, log)
+            files += [stage / name for name in engine.pop("files")]
         else:
-            engine = {"built": False, "runtime": opts.runtime, "reason": target.skip_reason}
+            engine = {"built": False, "runtime": target.runtime, "reason": target.skip_reason}
             _skip(steps, log, f"TensorRT engine skipped: {target.skip_reason}")
 
         ckpt.processor.save_pretrained(stage)  # the exact preprocessing, for serving
         extra = [stage / n for n in ("preprocessor_config.json", "overflow_report.json", "parity.json")
                  if (stage / n).exists()]
         manifest = _manifest(opts, ckpt, shape, rope, files + extra, parity, engine, steps.timings,
-                             precision.recipe if precision else {"compute": "fp32"})
+                             precision.recipe if precision else {"compute": "fp32"}, graph_error)
         write_json(stage / "manifest.json", manifest)
     log(f"wrote {out}/ ({', '.join(sorted(manifest['artifacts']))}, manifest.json)")
     return BuildResult(out, manifest, None if parity is None else parity.passed,
@@ -167,30 +192,103 @@ def _skip(steps: Steps, log, message: str) -> None:
     return None
 
 
+def _cpu_quantized(opts: BuildOptions) -> bool:
+    from .precision.recipe import QUANTIZED
+
+    return opts.precision in QUANTIZED and opts.quant_target == "cpu"
+
+
+def _engine_target(opts: BuildOptions) -> engines.EngineTarget:
+    """The engine runtime to build for, or the reason none is built (checked before any slow work)."""
+    runtime = opts.runtime or "tensorrt"
+    if _cpu_quantized(opts):  # only reached with the default runtime: validate_options refuses an explicit one
+        return engines.EngineTarget(runtime, None, f"the --quant-target cpu {opts.precision} graph is for "
+                                    "onnxruntime on CPUs; use --quant-target tensorrt for an engine")
+    return engines.probe(runtime)
+
+
 def _apply_precision(opts: BuildOptions, ckpt, shape: ExportShape, onnx_path: Path, log):
     from .precision import apply_precision
-    from .precision.calibration import calibration_feeds, calibration_images
+    from .precision.calibration import DEFAULT_COUNT, calibration_feeds, calibration_images
 
-    images, described = calibration_images(opts.calib_images, log)
+    count = opts.calib_count or DEFAULT_COUNT
+    images, described = calibration_images(opts.calib_images, count, log)
     feeds = calibration_feeds(ckpt.processor, images, (shape.height, shape.width), INPUT_NAME)
     start = time.perf_counter()
     result = apply_precision(onnx_path, opts.precision, feeds, calib_method=opts.calib_method,
                              quant_target=opts.quant_target,
                              external_data_threshold=opts.external_data_threshold, log=log)
-    result.recipe["calibration"] = {"images": described, "seconds": round(time.perf_counter() - start, 2)}
+    result.recipe["calibration"] = {"images": described, "count": len(images),
+                                    "seconds": round(time.perf_counter() - start, 2)}
     return result
 
 
-def _build_engine(opts: BuildOptions, target, ckpt, shape: ExportShape, stage: Path) -> dict:
+def _build_engine(opts: BuildOptions, target, ckpt, shape: ExportShape, stage: Path, rope: str,
+                  engine_rope: str, log) -> dict:
+    """Build model.plan; a failure is recorded (engine.failed, the reason) instead of discarding the
+    ONNX artifacts, which are complete and checked by now. Returns the manifest's engine entry, with
+    "files": the files this step added."""
+    import traceback
+
+    graph, files = stage / ONNX_NAME, []
+    if engine_rope != rope:
+        graph = _engine_graph(stage / ONNX_NAME, stage / engines.ENGINE_ONNX_NAME, engine_rope)
+        files.append(graph.name)
     shapes = engines.profiles(INPUT_NAME, (shape.height, shape.width), shape.dynamic_resolution,
                               ckpt.patch_size, opts.max_batch)
-    facts = engines.build_engine(
-        target, stage / ONNX_NAME, stage / engines.PLAN_NAME, shapes,
-        timing_cache=opts.timing_cache or engines.default_timing_cache(target),
-        optimization_level=opts.optimization_level, compute_capabilities=opts.compute_capabilities,
-    )
-    return {"built": True, **facts, "gpu": target.gpu,
+    common = {"runtime": target.runtime, "version": target.version, "onnx": graph.name,
+              "rope_lowering": engine_rope, "gpu": target.gpu}
+    plan = stage / engines.PLAN_NAME
+    try:
+        facts = engines.build_engine(
+            target, graph, plan, shapes,
+            timing_cache=opts.timing_cache or engines.default_timing_cache(target),
+            optimization_level=opts.optimization_level, compute_capabilities=opts.compute_capabilities,
+        )
+    except Exception as exc:  # TensorRT/Polygraphy raise many kinds; the ONNX must survive all of them
+        plan.unlink(missing_ok=True)
+        (stage / ENGINE_ERROR_NAME).write_text("".join(traceback.format_exception(exc)))
+        reason = _one_line(exc)
+        log(f"      engine build failed: {reason} (details: {ENGINE_ERROR_NAME}); the ONNX artifacts are kept")
+        return {"built": False, "failed": True, **common, "reason": reason, "files": files + [ENGINE_ERROR_NAME]}
+    return {"built": True, **common, **facts, "files": files + [plan.name],
             "parity": "not measured here: running an engine needs a GPU (scripts/gpu_check.sh)"}
+
+
+ENGINE_ERROR_NAME = "engine_error.txt"
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:400]
+
+
+def _engine_graph(model_path: Path, engine_path: Path, lowering: str) -> Path:
+    """engine.onnx: model.onnx with the engine's RoPE lowering. Weights in model.onnx.data are shared,
+    not copied (the external-data references are relative to the same folder)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    onnx.save(lower_rope(model, lowering), str(engine_path))
+    return engine_path
+
+
+def check_graph(path: Path) -> str | None:
+    """None when `path` passes onnx.checker's full check (by path: works past 2 GB), else why not."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError
+        return _one_line(exc)
+    return None
+
+
+def graph_check(error: str | None):
+    """The checklist line for check_graph's verdict."""
+    from .metrics import Check
+
+    return Check("graph", ONNX_NAME, "onnx_checker", 0.0 if error else 1.0, 1.0)
 
 
 def _lower_and_save(onnx_path: Path, rope: str, threshold: int) -> list[Path]:
@@ -201,7 +299,7 @@ def _lower_and_save(onnx_path: Path, rope: str, threshold: int) -> list[Path]:
     return save_onnx(lowered, onnx_path, threshold=threshold)
 
 
-def _manifest(opts, ckpt, shape, rope, files, parity, engine, timings, recipe) -> dict:
+def _manifest(opts, ckpt, shape, rope, files, parity, engine, timings, recipe, graph_error) -> dict:
     cfg = ckpt.config
     return {
         "mvt_deploy": __version__,
@@ -231,9 +329,10 @@ def _manifest(opts, ckpt, shape, rope, files, parity, engine, timings, recipe) -
         },
         "precision": opts.precision,
         "precision_recipe": recipe,
-        "rope_lowering": rope,
+        "rope_lowering": rope,  # model.onnx's; the engine's graph and lowering are under "engine"
         "engine": engine,
         "parity": None if parity is None else {"passed": parity.passed, "worst": parity.worst()},
+        "onnx_checker": graph_error or "passed",
         "artifacts": {Path(f).name: {"sha256": sha256(Path(f)), "bytes": Path(f).stat().st_size} for f in files},
         "versions": _versions(),
         "timings_s": timings,

@@ -1,13 +1,8 @@
-"""The 2D-RoPE rotation as one torch custom op, `mvt::rope2d`, and the patch that routes MLCD through it.
-
-Op: ``mvt::rope2d(Tensor x, Tensor cos, Tensor sin) -> Tensor``
-  x    [B, S, H, D]  fp32/fp16/bf16, the layout MLCD's attention holds q and k in
-  cos  [S, D/2]      fp32, half table (row 0 is the class token, rows 1.. the patches)
-  sin  [S, D/2]      fp32
-  out  [B, S, H, D]  x.dtype, computed in fp32 (as transformers does)
+"""Route MLCD's q/k rotation through the torch custom op `mvt::rope2d` (defined in kernels/torch_op.py).
 
 During export the op is opaque to the tracer and becomes one ONNX node `mvt.RoPE2D`
-(see onnx_rope.py and ROPE2D.md).
+(see onnx_rope.py and ROPE2D.md). Importing this module defines the op, with its fake and its
+CUDA kernel; `rope2d` is re-exported here for callers that reach it through export.
 """
 
 from __future__ import annotations
@@ -16,25 +11,9 @@ import contextlib
 
 import torch
 
-from kernels.reference import rope2d_reference
+from kernels.torch_op import rope2d
 
-
-@torch.library.custom_op("mvt::rope2d", mutates_args=())
-def rope2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return rope2d_reference(x, cos, sin)
-
-
-@rope2d.register_fake
-def _rope2d_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-# On CUDA the op runs the Triton kernel (kernels/torch_op.py); CPU, fake tensors and export keep the
-# reference. Registration imports nothing heavy until the first CUDA call.
-from kernels import register_cuda_impl  # noqa: E402
-
-register_cuda_impl()
-
+__all__ = ["rope2d", "half_tables", "mlcd_rope_through_custom_op"]
 
 def half_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' full tables [..., S, D] ([f_h, f_w, f_h, f_w]) -> half tables [S, D/2]."""
@@ -49,8 +28,8 @@ def _apply_rotary_pos_emb_vision(q, k, cos, sin):
 
     q, k [B, S, H, D]; cos, sin [1, S, D] as MLCDAttention.forward passes them.
     """
-    c, s = half_tables(cos, sin)
-    return torch.ops.mvt.rope2d(q, c, s), torch.ops.mvt.rope2d(k, c, s)
+    c, s = half_tables(cos, sin)  # (S, D/2) each
+    return rope2d(q, c, s), rope2d(k, c, s)
 
 
 @contextlib.contextmanager

@@ -10,9 +10,10 @@ Implementations (`impl=`):
              under TRITON_INTERPRET=1
     auto     triton on CUDA when triton is importable, torch elsewhere
 
-Also here: the ahead-of-time PTX of the same kernel (kernels/aot.py), the TensorRT plugin
-`mvt::RoPE2D` that carries it (kernels/trt_plugin.py), and the CUDA registration of the torch
-custom op (kernels/torch_op.py). torch and triton are imported on first use.
+Also here: the torch custom op `mvt::rope2d` with its fake and this kernel as its CUDA
+implementation (kernels/torch_op.py), the ahead-of-time PTX of the same kernel (kernels/aot.py)
+and the TensorRT plugin `mvt::RoPE2D` that carries it (kernels/trt_plugin.py); their names come
+from export/rope_identity.py. torch and triton are imported on first use.
 """
 
 from __future__ import annotations
@@ -64,11 +65,14 @@ def rope2d_qk(q, k, cos, sin, impl: str = "auto"):
     return rope2d_reference(q, cos, sin), rope2d_reference(k, cos, sin)
 
 
-def register_cuda_impl(op: str = "mvt::rope2d") -> bool:
-    """Make the Triton kernel the CUDA implementation of the torch custom op `op` (see torch_op.py)."""
-    from .torch_op import register_cuda_impl as _register
+def register_cuda_impl() -> bool:
+    """Define the torch op `mvt::rope2d` (kernels/torch_op.py); True when its CUDA kernel is the Triton one.
 
-    return _register(op)
+    Defining the op registers the kernel (without triton, CUDA runs the reference); idempotent.
+    """
+    from .torch_op import CUDA_KERNEL
+
+    return CUDA_KERNEL
 
 
 __all__ = ["rope2d", "rope2d_qk", "register_cuda_impl", "triton_available", "IMPLEMENTATIONS"]

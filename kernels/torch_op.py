@@ -1,49 +1,55 @@
-"""The Triton kernel as the CUDA implementation of the torch custom op `mvt::rope2d`.
+"""The torch custom op `mvt::rope2d`: definition, fake, and the Triton kernel as its CUDA implementation.
 
-export/rope_op.py defines the op (its default implementation is the torch reference and runs on
-every device). `register_cuda_impl()` adds a CUDA-only kernel on top, so CPU behaviour, fake
-tensors and export tracing are unchanged:
+Op: ``mvt::rope2d(Tensor x, Tensor cos, Tensor sin) -> Tensor``
+  x    [B, S, H, D]  fp32/fp16/bf16, the layout MLCD's attention holds q and k in
+  cos  [S, D/2]      fp32, half table (row 0 is the class token, rows 1.. the patches)
+  sin  [S, D/2]      fp32
+  out  [B, S, H, D]  x.dtype, computed in fp32 (as transformers does)
 
-    @torch.library.custom_op("mvt::rope2d", mutates_args=())
-    def rope2d(x, cos, sin): ...
-    kernels.register_cuda_impl()          # after the op exists
-
-Triton itself is imported on the first CUDA call, not at registration.
+One module, as torchao lays out its ops: the default implementation is the torch reference (every
+device, export tracing), the fake gives the output's metadata, and on CUDA the fused Triton kernel
+takes over when triton is installed. Triton itself is imported on the first CUDA call, so importing
+this module costs torch only. export/rope_op.py routes MLCD's rotation through the op and
+export/onnx_rope.py translates it to the ONNX node `mvt.RoPE2D` (names: export/rope_identity.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-_registered: set[str] = set()
+from export.rope_identity import TORCH_NAME, TORCH_NAMESPACE, TORCH_OP
+
+from . import triton_available
+from .reference import rope2d_reference
+
+
+@torch.library.custom_op(TORCH_OP, mutates_args=())
+def rope2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return rope2d_reference(x, cos, sin)
+
+
+@rope2d.register_fake
+def _rope2d_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)  # (B, S, H, D), dtype of x
 
 
 def _rope2d_cuda(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    from .rope_triton import rope2d_triton
+    from .rope_triton import rope2d_triton  # imports triton: first CUDA call only
 
     return rope2d_triton(x, cos, sin)
 
 
-def register_cuda_impl(op: str = "mvt::rope2d") -> bool:
-    """Register the Triton kernel for `op` on CUDA. Returns False (and changes nothing) without triton.
-
-    Idempotent. Raises if `op` is not defined yet (import the module that defines it first).
-    """
-    if op in _registered:
-        return True
-    if importlib.util.find_spec("triton") is None:
-        return False
-    namespace, name = op.split("::")
-    if not hasattr(getattr(torch.ops, namespace), name):
-        raise RuntimeError(f"torch custom op {op} is not defined yet; import export.rope_op (which defines it) "
-                           "before registering its CUDA kernel")
-    torch.library.register_kernel(op, "cuda", _rope2d_cuda)
-    _registered.add(op)
-    return True
+# Without triton the CUDA dispatch falls through to the reference above (slower, same numbers).
+CUDA_KERNEL = triton_available()
+if CUDA_KERNEL:
+    rope2d.register_kernel("cuda")(_rope2d_cuda)
 
 
-def has_cuda_kernel(op: str = "mvt::rope2d") -> bool:
+def op_overload() -> torch._ops.OpOverload:
+    """`torch.ops.mvt.rope2d.default`: the key of the exporter's custom_translation_table."""
+    return getattr(getattr(torch.ops, TORCH_NAMESPACE), TORCH_NAME).default
+
+
+def has_cuda_kernel(op: str = TORCH_OP) -> bool:
     """Whether `op` has a kernel registered for the CUDA dispatch key (introspection for tests)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")

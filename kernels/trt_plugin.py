@@ -5,8 +5,9 @@ C++ runtimes (trtexec, Triton Inference Server's TensorRT backend) without Pytho
     from kernels.trt_plugin import register_trt_plugin
     register_trt_plugin()        # before parsing an ONNX file from `--rope plugin`
 
-ONNX side (export/lowering.py `plugin`): node op_type "RoPE2D", attributes plugin_namespace="mvt"
-and aot=1 (consumed by TensorRT's parser), inputs x [B, S, H, D] (float/float16/bfloat16),
+ONNX side (export/lowering.py `plugin`): node op_type "RoPE2D" (= the plugin name), attributes
+plugin_namespace="mvt" and aot=1 (consumed by TensorRT's parser; every name comes from
+export/rope_identity.py), inputs x [B, S, H, D] (float/float16/bfloat16),
 cos/sin [S, D/2] float; output y like x. The plugin registers no attributes of its own, so the
 AOT function receives (x, cos, sin, outputs, tactic) (tensorrt/plugin/_validate.py
 `_validate_aot_impl`, TensorRT 10.9+).
@@ -24,11 +25,10 @@ registered functions as classes (`issubclass(param.annotation, TensorDesc)`).
 import os
 from typing import List, Tuple, Union
 
+from export.rope_identity import PLUGIN_ID
+
 from .launch import KERNEL_ARGS, launch_grid, scalar_args
 
-PLUGIN_NAMESPACE = "mvt"  # matches export/lowering.py PLUGIN_NAMESPACE
-PLUGIN_NAME = "RoPE2D"  # matches the ONNX op type
-PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 DEFAULT_CC = 80  # sm_80 PTX is forward compatible (the driver JIT-compiles it for sm_90 and later)
 
 _registered = False
@@ -77,7 +77,7 @@ def trt_dtype_name(trt, dtype) -> str:
 
 
 def register_trt_plugin(cc: Union[int, None] = None) -> None:
-    """Register `mvt::RoPE2D` with TensorRT's plugin registry (once per process).
+    """Register PLUGIN_ID (`mvt::RoPE2D`) with TensorRT's plugin registry (once per process).
 
     Raises RuntimeError with the reason when TensorRT (>= 10.9) is not importable.
     """

@@ -1,11 +1,6 @@
-"""Ledger metrics beyond export.metrics.compare: relative L2, nearest-neighbour agreement, and the
-ledger's own thresholds (as data, per precision), checked with the same ok/FAIL checklist lines.
-
-Nearest-neighbour agreement: for every image, rank the other images by cosine similarity of the
-pooled embeddings, once with PyTorch's embeddings and once with the stage's. top-1 agreement is
-the fraction of images whose nearest neighbour is the same; top-5 overlap is the mean of
-|top5_reference ∩ top5_stage| / 5. A retrieval index built on deployed embeddings behaves like
-PyTorch's exactly when both are 1.
+"""The ledger's own metrics and thresholds (as data, per precision), checked with the same ok/FAIL
+checklist lines as export.metrics.Check. The metrics themselves (relative L2, nearest-neighbour
+agreement) are export.metrics'.
 """
 
 from __future__ import annotations
@@ -15,7 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from export.families import TOLERANCES
-from export.metrics import METRICS, compare, mark, passes
+from export.metrics import METRICS, compare, mark, passes, rel_l2
 
 # metric -> (direction, description); a check passes when `value <direction> threshold`.
 LEDGER_METRICS = {
@@ -63,35 +58,7 @@ def thresholds(table: dict, precision: str, output: str) -> dict[str, float]:
 
 def measure(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
     """export.metrics.compare plus the relative L2 error of the whole output."""
-    out = compare(reference, actual)
-    ref = reference.astype(np.float64)
-    denom = float(np.linalg.norm(ref))
-    out["rel_l2"] = float(np.linalg.norm(ref - actual.astype(np.float64)) / max(denom, 1e-30))
-    return out
-
-
-def neighbour_ranks(embeddings: np.ndarray) -> np.ndarray:
-    """(N, N-1) indices of the other images, most similar first (cosine), ties by index."""
-    x = embeddings.astype(np.float64).reshape(len(embeddings), -1)  # (N, C)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-    sim = x @ x.T  # (N, N)
-    np.fill_diagonal(sim, -np.inf)  # an image is not its own neighbour
-    order = np.argsort(-sim, axis=1, kind="stable")  # (N, N)
-    return order[:, :-1]  # the last column is the image itself (-inf)
-
-
-def nn_agreement(reference: np.ndarray, actual: np.ndarray, k: int = 5) -> dict[str, float]:
-    """{"nn_top1", "nn_top5"} of `actual`'s pooled embeddings against `reference`'s (N >= 3 images)."""
-    if reference.shape != actual.shape:
-        raise ValueError(f"shape mismatch: reference {reference.shape} vs actual {actual.shape}")
-    n = len(reference)
-    if n < 3:
-        raise ValueError(f"nearest-neighbour agreement needs at least 3 images, got {n}")
-    k = min(k, n - 1)
-    ref, act = neighbour_ranks(reference), neighbour_ranks(actual)
-    top1 = float(np.mean(ref[:, 0] == act[:, 0]))
-    overlap = [len(set(r[:k]) & set(a[:k])) / k for r, a in zip(ref, act)]
-    return {"nn_top1": top1, "nn_top5": float(np.mean(overlap))}  # top-k with k = min(5, N - 1)
+    return {**compare(reference, actual), "rel_l2": rel_l2(reference, actual)}
 
 
 @dataclass

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from export.backend import Runner, image_feed
+from export.metrics import rel_l2
+
 
 @dataclass
 class InvariantResult:
@@ -37,28 +40,26 @@ def batch_sizes_to_try(max_batch: int) -> list[int]:
     return sorted(sizes)
 
 
-def _row_rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+def check_invariants(runner: Runner, pixels: np.ndarray, images: list, max_batch: int) -> list[InvariantResult]:
+    """Run the three invariants on an active export.backend runner.
 
-
-def check_invariants(runner, pixels: np.ndarray, images: list, max_batch: int) -> list[InvariantResult]:
-    """Run the three invariants with `runner(pixels [B,3,H,W], images) -> {name: [B, ...]}`.
-
-    `pixels` [N, 3, H, W] and `images` (N PIL images) are distinct inputs; a batch of b rows takes
-    rows 0..b-1 cyclically.
+    `pixels` [N, 3, H, W] and `images` (N PIL images, for runners fed images) are distinct inputs;
+    a batch of b rows takes rows 0..b-1 cyclically.
     """
+    def run(x: np.ndarray, ims: list) -> dict[str, np.ndarray]:
+        return runner.infer(image_feed(runner, x, ims))
+
     n = len(pixels)
-    singles = [runner(pixels[i:i + 1], images[i:i + 1]) for i in range(min(n, max_batch))]  # B = 1 each
+    singles = [run(pixels[i:i + 1], images[i:i + 1]) for i in range(min(n, max_batch))]  # B = 1 each
     results = []
 
     # identical rows: B copies of image 0
     b = max(2, min(max_batch, 4)) if max_batch > 1 else 1
-    out = runner(np.repeat(pixels[:1], b, axis=0), [images[0]] * b)  # (b, 3, H, W) in
+    out = run(np.repeat(pixels[:1], b, axis=0), [images[0]] * b)  # (b, 3, H, W) in
     worst, case = 0.0, "max_batch is 1"
     for name, value in out.items():
         for i in range(1, b):
-            d = _row_rel_l2(value[0], value[i])
+            d = rel_l2(value[0], value[i])
             if d >= worst:
                 worst, case = d, f"{name}: row {i} vs row 0 of {b} copies"
     results.append(InvariantResult("identical rows", worst, case))
@@ -67,10 +68,10 @@ def check_invariants(runner, pixels: np.ndarray, images: list, max_batch: int) -
     worst, case = 0.0, ""
     for size in batch_sizes_to_try(max_batch):
         idx = [i % len(singles) for i in range(size)]
-        out = runner(pixels[idx], [images[i] for i in idx])  # (size, 3, H, W) in
+        out = run(pixels[idx], [images[i] for i in idx])  # (size, 3, H, W) in
         for name, value in out.items():
             for row, i in enumerate(idx):
-                d = _row_rel_l2(singles[i][name][0], value[row])
+                d = rel_l2(singles[i][name][0], value[row])
                 if d >= worst:
                     worst, case = d, f"{name}: row {row} of batch {size} vs batch 1"
     results.append(InvariantResult("batch size", worst, case))
@@ -78,12 +79,12 @@ def check_invariants(runner, pixels: np.ndarray, images: list, max_batch: int) -
     # slot: the batch reversed
     size = min(max_batch, len(singles))
     idx = list(range(size))
-    forward = runner(pixels[idx], [images[i] for i in idx])
-    backward = runner(pixels[idx[::-1]], [images[i] for i in idx[::-1]])
+    forward = run(pixels[idx], [images[i] for i in idx])
+    backward = run(pixels[idx[::-1]], [images[i] for i in idx[::-1]])
     worst, case = 0.0, "max_batch is 1"
     for name in forward:
         for row in range(size):
-            d = _row_rel_l2(forward[name][row], backward[name][size - 1 - row])
+            d = rel_l2(forward[name][row], backward[name][size - 1 - row])
             if d >= worst and size > 1:
                 worst, case = d, f"{name}: image {row} in slot {row} vs slot {size - 1 - row}"
     results.append(InvariantResult("slot", worst, case))

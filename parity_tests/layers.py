@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from export.families import INPUT_NAME
+from export.metrics import compare, rel_l2
 
 CANDIDATE_OPS = ("Add", "LayerNormalization")
 MATCH_REL_L2 = 1e-4  # an fp32 graph reproduces PyTorch to ~1e-6
@@ -50,26 +51,21 @@ def _run_exposed(path: Path, names: list[str], pixels: np.ndarray, mode: str = "
     """Run `path` with `names` added as graph outputs; {name: value} for those the graph has."""
     import onnx
 
-    from export.parity import onnx_session
+    from export.backend import OnnxRuntimeRunner
 
     model = onnx.load(str(path), load_external_data=False)
     produced = {o for n in model.graph.node for o in n.output}
-    present = [n for n in names if n in produced]
+    present = list(dict.fromkeys(n for n in names if n in produced))
     existing = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(present) if n not in existing)
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in present if n not in existing)
     probe = Path(path).with_name(f".layers-probe-{Path(path).stem}.onnx")  # sibling: external data resolves
     try:
         onnx.save(model, str(probe))
-        session, _ = onnx_session(probe, mode)
-        values = session.run(present, {INPUT_NAME: np.ascontiguousarray(pixels, np.float32)})
+        with OnnxRuntimeRunner(probe, mode, output_names=present) as runner:
+            values = runner.infer({INPUT_NAME: np.ascontiguousarray(pixels, np.float32)})
     finally:
         probe.unlink(missing_ok=True)
-    return {n: v.astype(np.float32) for n, v in zip(present, values)}
-
-
-def _rel_l2(ref: np.ndarray, act: np.ndarray) -> float:
-    ref, act = ref.astype(np.float64), act.astype(np.float64)
-    return float(np.linalg.norm(ref - act) / max(np.linalg.norm(ref), 1e-30))
+    return {n: v.astype(np.float32) for n, v in values.items()}
 
 
 def locate_layers(fp32_path: Path, reference: list[np.ndarray], pixels: np.ndarray) -> LayerMap:
@@ -84,7 +80,7 @@ def locate_layers(fp32_path: Path, reference: list[np.ndarray], pixels: np.ndarr
         for name, value in values.items():  # graph order: the first of equal matches wins
             if value.shape != ref.shape:
                 continue
-            err = _rel_l2(ref, value)
+            err = rel_l2(ref, value)
             if best_err is None or err < best_err:
                 best, best_err = name, err
         ok = best_err is not None and best_err <= MATCH_REL_L2
@@ -96,8 +92,6 @@ def locate_layers(fp32_path: Path, reference: list[np.ndarray], pixels: np.ndarr
 def layer_divergence(path: Path, layer_map: LayerMap, reference: list[np.ndarray], pixels: np.ndarray,
                      mode: str = "exact") -> list[dict]:
     """Per hidden_states index: {"layer", "tensor", "rel_l2", "min_cosine", "max_abs"} (None when missing)."""
-    from export.metrics import compare
-
     wanted = [n for n in layer_map.names if n]
     values = _run_exposed(path, wanted, pixels, mode=mode)
     rows = []
@@ -105,6 +99,6 @@ def layer_divergence(path: Path, layer_map: LayerMap, reference: list[np.ndarray
         row = {"layer": i, "tensor": name, "rel_l2": None, "min_cosine": None, "max_abs": None}
         if name in values and values[name].shape == ref.shape:
             m = compare(ref, values[name])
-            row.update(rel_l2=_rel_l2(ref, values[name]), min_cosine=m["min_cosine"], max_abs=m["max_abs"])
+            row.update(rel_l2=rel_l2(ref, values[name]), min_cosine=m["min_cosine"], max_abs=m["max_abs"])
         rows.append(row)
     return rows

@@ -5,7 +5,8 @@
 
 From one export folder (export.build_engine's output) the ledger reloads the PyTorch reference named
 in manifest.json, makes every other stage it needs in `<out>/stages/` (stages.py), runs all of
-them on the same held-out photographs (photos.py) and writes, into `<out>` (default DIR/ledger):
+them (export.backend runners) on the same held-out photographs (export.images.held_out_photos) and
+writes, into `<out>` (default DIR/ledger):
 
     parity.json   every measured value, every threshold, the invariants, the per-layer errors, skips
     ledger.md     the same as Markdown tables
@@ -19,6 +20,7 @@ Thresholds are data: export.families.TOLERANCES plus parity_tests.agreement.LEDG
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -29,7 +31,11 @@ from typing import Callable
 
 import numpy as np
 
-from .agreement import LEDGER_METRICS, LedgerCheck, ledger_thresholds, measure, nn_agreement, thresholds
+from export.backend import Runner, TorchRunner, image_feed
+from export.manifest import export_shape, read_manifest, reference_checkpoint
+from export.metrics import nn_agreement
+
+from .agreement import LEDGER_METRICS, LedgerCheck, ledger_thresholds, measure, thresholds
 from .stages import Stage, make_runner, plan_stages, resolve_groups
 
 REFERENCE_CHUNK = 8  # images per PyTorch / runtime call when running the photo set
@@ -75,61 +81,26 @@ class Ledger:
         return "\n".join(lines)
 
 
-def read_manifest(artifacts: Path) -> dict:
-    path = Path(artifacts) / "manifest.json"
-    if not Path(artifacts).is_dir():
-        raise LedgerInputError(f"--artifacts {artifacts} is not a folder; pass an export folder "
-                               "(python -m export.build_engine --out DIR)")
-    if not path.is_file():
-        raise LedgerInputError(f"{artifacts} has no manifest.json; pass the folder export.build_engine wrote")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LedgerInputError(f"{path} is not valid JSON: {exc}") from None
-    for key in ("options", "model", "interface"):
-        if key not in manifest:
-            raise LedgerInputError(f"{path} has no {key!r}; re-export the folder with this version")
-    return manifest
-
-
-def reference_checkpoint(manifest: dict):
-    """The PyTorch model the folder was exported from, as its manifest names it."""
-    from export.loading import load_checkpoint
-
-    options = manifest["options"]
-    return load_checkpoint(options.get("model"), random_weights=bool(options.get("random_weights")))
-
-
-def export_shape(manifest: dict, ckpt):
-    from export.onnx_export import ExportShape
-
-    size = manifest["options"].get("image_size") or manifest["model"].get("native_image_size") or ckpt.image_size
-    iface = manifest["interface"]
-    return ExportShape(int(size[0]), int(size[1]), bool(iface.get("dynamic_resolution")), iface.get("hidden_layer"))
-
-
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
 
 
-def run_on_photos(runner, pixels: np.ndarray, images: list, chunk: int) -> dict[str, np.ndarray]:
+def run_on_photos(runner: Runner, pixels: np.ndarray, images: list, chunk: int) -> dict[str, np.ndarray]:
+    """Every photo through an active runner, `chunk` at a time: {output: [N, ...] float32}."""
     parts: dict[str, list] = {}
     for sl in _chunks(len(pixels), chunk):
-        for name, value in runner(pixels[sl], images[sl]).items():
+        for name, value in runner.infer(image_feed(runner, pixels[sl], images[sl])).items():
             parts.setdefault(name, []).append(np.asarray(value, dtype=np.float32))
     return {name: np.concatenate(v) for name, v in parts.items()}
 
 
 def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledger:
-    import torch
     from tqdm.auto import tqdm
 
-    from export.images import pixel_values
-    from export.onnx_export import encoder_module
+    from export.images import held_out_photos, pixel_values
 
     from .invariants import check_invariants
-    from .photos import held_out_photos
 
     start = time.perf_counter()
     artifacts = Path(opts.artifacts)
@@ -155,10 +126,8 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
         raise LedgerInputError(f"--photos {opts.photos}: nearest-neighbour agreement needs at least 3 images")
     images = [p.image for p in photos]
     pixels = pixel_values(ckpt.processor, images, (shape.height, shape.width)).numpy()  # (N, 3, H, W)
-    encoder = encoder_module(ckpt, shape)
-    with torch.no_grad():
-        reference = run_on_photos(lambda x, _: dict(zip(names, (t.numpy() for t in encoder(torch.from_numpy(x))))),
-                                  pixels, images, REFERENCE_CHUNK)
+    with TorchRunner(ckpt, shape) as torch_runner:
+        reference = run_on_photos(torch_runner, pixels, images, REFERENCE_CHUNK)
     log(f"      {len(photos)} held-out photographs at {shape.height}x{shape.width}")
 
     log(f"[2/5] Making the stages ({', '.join(groups)}) in {work} ...")
@@ -173,25 +142,28 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
     for stage in tqdm(stages, desc="      stages", leave=False):
         if stage.skip_reason:
             continue
-        try:
-            runner = make_runner(stage, names, opts.url, opts.triton_model)
-            actual = run_on_photos(runner, pixels, images, min(REFERENCE_CHUNK, max_batch))
-        except Exception as exc:  # a stage that cannot run is a failure, said in one line
-            stage.notes.append(f"could not run: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
-            ledger.checks.append(LedgerCheck(stage.name, "run", "max_abs", float("inf"), 0.0, stage.enforced))
-            continue
-        for name in names:
-            if name not in actual:
-                stage.notes.append(f"{name} is not served by this stage")
+        with contextlib.ExitStack() as active:  # the runner is deactivated whatever happens
+            try:
+                runner = active.enter_context(make_runner(stage, names, artifacts, opts.url, opts.triton_model))
+                actual = run_on_photos(runner, pixels, images, min(REFERENCE_CHUNK, max_batch))
+            except Exception as exc:  # a stage that cannot run is a failure, said in one line
+                first = str(exc).splitlines()[0][:300] if str(exc) else ""
+                stage.notes.append(f"could not run: {type(exc).__name__}: {first}")
+                ledger.checks.append(LedgerCheck(stage.name, "run", "max_abs", float("inf"), 0.0, stage.enforced))
                 continue
-            m = measure(reference[name], actual[name])
-            if name == "pooler_output":
-                m.update(nn_agreement(reference[name], actual[name]))
-            rows.append({"stage": stage.name, "output": name, **m})
-            for metric, threshold in thresholds(table, stage.precision, name).items():
-                if metric in m:
-                    ledger.checks.append(LedgerCheck(stage.name, name, metric, m[metric], threshold, stage.enforced))
-        results = check_invariants(runner, pixels, images, inv_batch)
+            for name in names:
+                if name not in actual:
+                    stage.notes.append(f"{name} is not served by this stage")
+                    continue
+                m = measure(reference[name], actual[name])
+                if name == "pooler_output":
+                    m.update(nn_agreement(reference[name], actual[name]))
+                rows.append({"stage": stage.name, "output": name, **m})
+                for metric, threshold in thresholds(table, stage.precision, name).items():
+                    if metric in m:
+                        ledger.checks.append(LedgerCheck(stage.name, name, metric, m[metric], threshold,
+                                                         stage.enforced))
+            results = check_invariants(runner, pixels, images, inv_batch)
         invariants[stage.name] = [r.to_json() for r in results]
         for r in results:
             for metric, threshold in thresholds(table, stage.precision, "invariants").items():
@@ -314,7 +286,7 @@ def _write(ledger: Ledger, rows: list[dict], layers: dict, plots: bool) -> list[
     (out / "ledger.md").write_text(markdown(ledger))
     files.append(out / "ledger.md")
     if plots:
-        from .plots import plot_layers, plot_stages
+        from export.plots import plot_layers, plot_stages
 
         title = f"{ledger.data['model'].get('source')} — deployed {ledger.data['deployed_precision']}"
         if rows:
@@ -352,14 +324,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.errors import OptionError
+    from export.errors import MvtError
 
     args = parser().parse_args(argv)
     opts = LedgerOptions(args.artifacts, args.out, args.stages, args.url, args.triton_model, args.photos,
                          args.invariant_max_batch, not args.no_plots, not args.discard_stages)
     try:
         ledger = run_ledger(opts)
-    except (LedgerInputError, OptionError) as exc:
+    except (LedgerInputError, MvtError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ImportError as exc:

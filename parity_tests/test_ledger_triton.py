@@ -1,32 +1,28 @@
 """The ledger's Triton stage against a real tritonserver (python backend, CPU) serving a tiny export.
 
 Needs the server environment (scripts/setup_server_env.sh) and tritonclient; skips with the reason
-otherwise (fails instead under MVT_REQUIRE_TRITON_SERVER=1, as tests/test_triton_server.py does).
+otherwise (fails instead under MVT_REQUIRE_TRITON_SERVER=1: triton_repo.testing.skip_unless_required).
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
+from triton_repo.testing import import_or_skip
+
 pytestmark = pytest.mark.triton_server
-pytest.importorskip("tritonclient.http", reason="needs the serve extra (tritonclient[http])")
+import_or_skip("tritonclient.http")
 
 
 @pytest.fixture(scope="module")
 def served_folder(tmp_path_factory):
     from triton_repo.build import RepoOptions, build_repository
-    from triton_repo.server import ServerUnavailable, TritonServer, find_tritonserver, free_port
-    from triton_repo.testing import tiny_artifacts
+    from triton_repo.server import TritonServer, free_port
+    from triton_repo.testing import tiny_artifacts, tritonserver_or_skip
 
-    try:
-        install = find_tritonserver()
-    except ServerUnavailable as exc:
-        if os.environ.get("MVT_REQUIRE_TRITON_SERVER") == "1":
-            pytest.fail(f"MVT_REQUIRE_TRITON_SERVER=1 but no tritonserver: {exc}")
-        pytest.skip(f"no tritonserver: {exc}")
+    install = tritonserver_or_skip()
     root = tmp_path_factory.mktemp("ledger-triton")
     artifacts = tiny_artifacts(root, max_batch=4)
     repo = build_repository(RepoOptions(artifacts, root / "repo", backend="python", max_batch=4,

@@ -55,12 +55,12 @@ def test_transformers_positions_are_what_the_model_uses(exported):
 
 @pytest.mark.parametrize("size", [(84, 42), (42, 70)])
 def test_onnx_matches_transformers_not_unicom_on_non_square(exported, size):
-    import onnxruntime as ort
+    from export.backend import OnnxRuntimeRunner
 
     ckpt, _, path = exported("mlcd-rope2d")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = pixel_values(ckpt.processor, sample_photos(2), size)
-    ours = session.run(["last_hidden_state"], {INPUT_NAME: x.numpy()})[0]
+    with OnnxRuntimeRunner(path, output_names=["last_hidden_state"]) as runner:
+        ours = runner.infer({INPUT_NAME: x.numpy()})["last_hidden_state"]
     to_hf = compare(_run_with_positions(ckpt, x, "transformers"), ours)
     to_unicom = compare(_run_with_positions(ckpt, x, "unicom"), ours)
     assert to_hf["min_cosine"] > 0.99999 and to_hf["max_abs"] < 1e-4

@@ -16,6 +16,8 @@ from export.precision.calibration import SKIMAGE_CALIBRATION
 
 
 def _build(folder, out, **kwargs):
+    # runtime="none": these tests judge the ONNX recipe, the same on a machine with TensorRT
+    kwargs.setdefault("runtime", "none")
     return build(BuildOptions(model=str(folder), out=out, **kwargs), log=lambda _: None)
 
 
@@ -182,3 +184,64 @@ def test_naive_fp16_overflows_where_the_recipe_does_not(overflowing_checkpoint, 
     naive = to_fp16(onnx.load(str(tmp_path / "fp32" / "model.onnx")), keep_fp32_nodes=[])
     assert _nonfinite_tensors(naive, feed), "the naive fp16 graph should overflow"
     assert _nonfinite_tensors(onnx.load(str(tmp_path / "fp16" / "model.onnx")), feed) == []
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "fp8"])
+def test_every_precision_and_lowering_passes_onnx_checker_with_external_data(tiny_folders, tmp_path, precision):
+    """onnx.checker's full check (what `polygraphy check lint` runs) accepts every model.onnx, and the
+    external-data path (weights in model.onnx.data, as for > 2 GB models) loads back in onnxruntime."""
+    from export import backend
+    from export.lowering import LOWERINGS, lower_rope
+    from export.metrics import row_cosines
+    from export.pipeline import check_graph
+
+    out = tmp_path / precision
+    result = _build(tiny_folders["mlcd-rope2d"], out, precision=precision, external_data_threshold=1024)
+    assert result.parity_passed
+    assert result.manifest["onnx_checker"] == "passed"
+    assert json.loads((out / "parity.json").read_text())["checks"][0]["metric"] == "onnx_checker"
+    assert (out / "model.onnx.data").stat().st_size > 1024
+    assert not list(out.glob("*.partial")) and not list(out.glob("qdq.onnx*"))
+    x = sample_photos_pixels(result)
+    want = backend.ort_session(out / "model.onnx", "exact").run(None, x)
+    for lowering in LOWERINGS:
+        if lowering == "plugin":
+            continue  # no body: only TensorRT runs it (engine.onnx); onnx.checker accepts it in test_lowering
+        path = out / f"{lowering}.onnx"
+        onnx.save(lower_rope(onnx.load(str(out / "model.onnx"), load_external_data=False), lowering), str(path))
+        assert check_graph(path) is None, lowering
+        # optimizations off, as parity judges Q/DQ graphs (onnxruntime 1.32's optimizer rejects int8
+        # graphs at opset 23; parity reports that as a note)
+        got = backend.ort_session(path, "exact").run(None, x)
+        # the same model: only rounding differs (which can flip an int8 rounding step, hence cosine)
+        assert row_cosines(want[1], got[1]).min() > 0.999, lowering
+
+
+def sample_photos_pixels(result) -> dict:
+    h, w = result.manifest["interface"]["inputs"]["pixel_values"]["shape"][2:]
+    x = np.random.RandomState(0).rand(2, 3, h, w).astype(np.float32)
+    return {"pixel_values": x}
+
+
+def test_topological_sort_fixes_appended_casts():
+    from onnx import TensorProto, helper
+
+    from export.pipeline import check_graph
+    from export.precision.fp16 import topological_sort
+
+    # y = Relu(Cast(x)): the Cast appended last, as the float16 converter does with input casts
+    nodes = [helper.make_node("Relu", ["x16"], ["y16"], name="relu"),
+             helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT, name="out_cast"),
+             helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="in_cast")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model, full_check=True)
+    topological_sort(model.graph)
+    assert [n.name for n in model.graph.node] == ["in_cast", "relu", "out_cast"]
+    onnx.checker.check_model(model, full_check=True)
+    cyclic = helper.make_graph([helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"])],
+                               "c", [], [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2])])
+    with pytest.raises(ValueError, match="cycle"):
+        topological_sort(cyclic)

@@ -1,6 +1,5 @@
-"""Tiny random checkpoints of every family, saved with save_pretrained like real ones.
-
-Tests load them back through export.loading, the same code users run (timm's tiny-model idea).
+"""Tiny test checkpoints. save_tiny_checkpoint lives in the product (export.testing: the benchmark and
+the load test use it too); the outlier models below are for the precision tests.
 """
 
 from __future__ import annotations
@@ -8,28 +7,36 @@ from __future__ import annotations
 from pathlib import Path
 
 from export.families import ModelFamily
-from export.loading import load_processor
+from export.testing import save_tiny_checkpoint
+
+__all__ = ["save_tiny_checkpoint", "save_outlier_checkpoint"]
 
 
-def save_tiny_checkpoint(family: ModelFamily, folder: Path, *, seed: int = 0, full_clip: bool = False) -> Path:
-    """Write config.json, model.safetensors and preprocessor_config.json for `family`'s tiny model.
+# Trained ViTs carry a few activation channels 10-100x larger than the rest after LayerNorm (the
+# inputs of q/k/v and the MLP); random weights have none. The outlier models put them back: hidden
+# 96, and gain OUTLIER_GAIN on OUTLIER_CHANNELS of every pre-attention and pre-MLP LayerNorm.
+OUTLIER_HIDDEN = 96
+OUTLIER_CHANNELS = (5, 70)  # 2 of 96
+OUTLIER_GAIN = 60.0
 
-    full_clip: save a whole CLIPModel (text + vision towers, model_type "clip") instead of the
-    vision tower, as OpenAI-style checkpoints are distributed.
-    """
+
+def save_outlier_checkpoint(family: ModelFamily, folder: Path, *, seed: int = 0, gain: float = OUTLIER_GAIN,
+                            channels: tuple[int, ...] = OUTLIER_CHANNELS) -> Path:
+    """`family`'s tiny model at hidden OUTLIER_HIDDEN whose layer_norm1/layer_norm2 (before attention and
+    before the MLP, in every layer) have gain `gain` on `channels`; saved like save_tiny_checkpoint."""
+    from dataclasses import replace
+
     import torch
 
     folder = Path(folder)
-    torch.manual_seed(seed)
-    config = family.config_class()(**family.tiny_config)
-    if full_clip:
-        from transformers import CLIPConfig, CLIPModel
-
-        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                    vocab_size=99, max_position_embeddings=16)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=config.to_dict(), projection_dim=16))
-    else:
-        model = family.model_class()(config)
+    wide = replace(family, tiny_config={**family.tiny_config, "hidden_size": OUTLIER_HIDDEN,
+                                        "intermediate_size": 2 * OUTLIER_HIDDEN})
+    save_tiny_checkpoint(wide, folder, seed=seed)
+    model = family.model_class().from_pretrained(folder)
+    norms = [m for name, m in model.named_modules() if name.endswith(("layer_norm1", "layer_norm2"))]
+    assert len(norms) == 2 * model.config.num_hidden_layers, "every encoder layer has two pre-norms"
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight[list(channels)] = gain
     model.save_pretrained(folder, safe_serialization=True)
-    load_processor(None, config).save_pretrained(folder)
     return folder

@@ -28,6 +28,7 @@ FLOPs per image (2 FLOPs per multiply-add; LayerNorm, softmax, activations and R
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -73,47 +74,33 @@ def gpu_peak(name: str | None) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- backends
 
+BENCH_OUTPUTS = ("pooler_output", "last_hidden_state")
+
+
 def torch_backend(ckpt, threads: int):
+    """The transformers model with attn_implementation "sdpa" (PyTorch's fastest eager attention)."""
     import torch
+
+    from export.backend import TorchRunner
 
     torch.set_num_threads(threads)
     ckpt.model.set_attn_implementation("sdpa")
-    model = ckpt.model.eval()
-
-    def run(x: np.ndarray) -> dict:
-        with torch.no_grad():
-            out = model(pixel_values=torch.from_numpy(x))
-        return {"pooler_output": out.pooler_output.numpy(), "last_hidden_state": out.last_hidden_state.numpy()}
-
-    return run
+    return TorchRunner(ckpt, output_names=BENCH_OUTPUTS)
 
 
 def ort_backend(path: Path, threads: int):
-    import onnxruntime as ort
+    from export.backend import OnnxRuntimeRunner
 
-    from export.families import INPUT_NAME
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
     # No spin-waiting between runs: with runs interleaved across backends, idle spinning threads of one
     # session would steal the cores the next backend (PyTorch included) is timed on.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = ["pooler_output", "last_hidden_state"]
-
-    def run(x: np.ndarray) -> dict:
-        return dict(zip(names, session.run(names, {INPUT_NAME: x})))
-
-    return run
+    return OnnxRuntimeRunner(path, "optimized", output_names=BENCH_OUTPUTS, threads=threads, allow_spinning=False)
 
 
 def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: int, log):
     """Build an engine for the fp32 graph and return (runner, gpu info); raises when it cannot run."""
     from export import engine as engines
+    from export.backend import TensorRTRunner
     from export.families import INPUT_NAME
-    from parity_tests.stages import TensorRTRunner
 
     target = engines.probe("tensorrt")
     if target.skip_reason:
@@ -123,14 +110,14 @@ def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: i
     log("      building the TensorRT engine ...")
     shapes = engines.profiles(INPUT_NAME, tuple(size), False, patch, max_batch)
     engines.build_engine(target, onnx_path, plan, shapes, timing_cache=engines.default_timing_cache(target))
-    return TensorRTRunner(plan, ("pooler_output", "last_hidden_state")), target.gpu
+    return TensorRTRunner(plan, target.runtime, BENCH_OUTPUTS), target.gpu
 
 
 def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, str]]:
     """{backend: model.onnx} for every onnxruntime backend, and {backend: skip reason}."""
     from export.lowering import LOWERINGS
     from export.onnx_export import ExportShape, export_canonical
-    from parity_tests.stages import lowered_graph, precision_graph
+    from export.variants import lowered_graph, precision_graph
 
     h, w = ckpt.image_size
     shape = ExportShape(h, w)
@@ -149,12 +136,11 @@ def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, st
                                                                           work / name / "model.onnx")
     for precision in ("fp16", "int8"):
         log(f"      applying the {precision} recipe ...")
-        precision_graph(ckpt, shape, canonical, precision, work / f"ort-{precision}" / "model.onnx",
-                        {"options": {}}, log)
+        precision_graph(ckpt, shape, canonical, precision, work / f"ort-{precision}" / "model.onnx")
         graphs[f"ort-{precision}"] = work / f"ort-{precision}" / "model.onnx"
     log("      int8 for CPUs (--quant-target cpu: uint8 activations, fp32 elsewhere) ...")
     dst = work / "ort-int8-cpu" / "model.onnx"
-    precision_graph(ckpt, shape, canonical, "int8", dst, {"options": {}}, log, quant_target="cpu")
+    precision_graph(ckpt, shape, canonical, "int8", dst, quant_target="cpu")
     graphs["ort-int8-cpu"] = dst
     return graphs, skipped
 
@@ -166,10 +152,10 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
               log=print) -> dict:
     from tqdm.auto import tqdm
 
-    from export.images import pixel_values
+    from export.families import INPUT_NAME
+    from export.images import held_out_photos, pixel_values
     from export.loading import load_checkpoint
     from export.parity import _first_line
-    from parity_tests.photos import held_out_photos
 
     log(f"[1/4] Loading {model or 'the demo model'} ...")
     ckpt = load_checkpoint(model, random_weights=random_weights)
@@ -180,13 +166,15 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
     for name, path in graphs.items():
         runners[name] = ort_backend(path, threads)
     gpu = {}
-    if tensorrt:
+    if tensorrt and (not backends or "tensorrt" in backends):
         fp32_graph = graphs.get("ort-fp32-onnx23") or graphs.get("ort-fp32-none")
         try:
-            runners["tensorrt"], gpu = tensorrt_backend(fp32_graph, work, (h, w), ckpt.patch_size,
-                                                        max(batch_sizes), log)
+            trt_runner, gpu = tensorrt_backend(fp32_graph, work, (h, w), ckpt.patch_size, max(batch_sizes), log)
+            runners["tensorrt"] = trt_runner.activate()  # now: an engine that cannot run is a reason too
         except Exception as exc:  # no TensorRT / no GPU: a reason, not a crash
             skipped["tensorrt"] = f"{type(exc).__name__}: {_first_line(exc)}"
+    else:
+        skipped["tensorrt"] = "not requested (--no-tensorrt or --backends)"
     if backends:
         runners = {k: v for k, v in runners.items() if k == "torch-eager" or k in backends}
 
@@ -201,32 +189,35 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
     results = []
     accuracy = {}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    for b in tqdm(batch_sizes, desc="      batch sizes"):
-        x = inputs[b]
-        outputs = {}
-        for name, run in runners.items():
-            for _ in range(warmup):
-                outputs[name] = run(x)
-        times = {name: [] for name in runners}
-        for _ in range(repeats):
-            for name, run in runners.items():  # interleaved: contention hits every backend alike
-                start = time.perf_counter()
-                run(x)
-                times[name].append(time.perf_counter() - start)
-        ref = outputs["torch-eager"]
-        base = statistics.median(times["torch-eager"])
-        for name in runners:
-            med = statistics.median(times[name])
-            row = {"backend": name, "batch": b, "median_ms": round(med * 1e3, 3),
-                   "min_ms": round(min(times[name]) * 1e3, 3), "images_per_s": round(b / med, 2),
-                   "speedup_vs_torch": round(base / med, 3),
-                   "pooled_min_cosine": _min_cosine(ref["pooler_output"], outputs[name]["pooler_output"]),
-                   "tokens_min_cosine": _min_cosine(ref["last_hidden_state"], outputs[name]["last_hidden_state"])}
-            row["tflops_achieved"] = round(flops["total"] * row["images_per_s"] / 1e12, 4)
-            row["fraction_of_gpu_peak"] = round(flops["total"] * row["images_per_s"] / peak, 4) \
-                if (peak and name == "tensorrt") else None
-            results.append(row)
-        accuracy = {r["backend"]: r["pooled_min_cosine"] for r in results if r["batch"] == b}
+    with contextlib.ExitStack() as active:  # every runner is deactivated at the end, whatever happens
+        for runner in runners.values():
+            active.enter_context(runner)
+        for b in tqdm(batch_sizes, desc="      batch sizes"):
+            feed = {INPUT_NAME: inputs[b]}
+            outputs = {}
+            for name, runner in runners.items():
+                for _ in range(warmup):
+                    outputs[name] = runner.infer(feed)
+            times = {name: [] for name in runners}
+            for _ in range(repeats):
+                for name, runner in runners.items():  # interleaved: contention hits every backend alike
+                    start = time.perf_counter()
+                    outputs[name] = runner.infer(feed)
+                    times[name].append(time.perf_counter() - start)
+            ref = outputs["torch-eager"]
+            base = statistics.median(times["torch-eager"])
+            for name in runners:
+                med = statistics.median(times[name])
+                row = {"backend": name, "batch": b, "median_ms": round(med * 1e3, 3),
+                       "min_ms": round(min(times[name]) * 1e3, 3), "images_per_s": round(b / med, 2),
+                       "speedup_vs_torch": round(base / med, 3),
+                       "pooled_min_cosine": _min_cosine(ref["pooler_output"], outputs[name]["pooler_output"]),
+                       "tokens_min_cosine": _min_cosine(ref["last_hidden_state"], outputs[name]["last_hidden_state"])}
+                row["tflops_achieved"] = round(flops["total"] * row["images_per_s"] / 1e12, 4)
+                row["fraction_of_gpu_peak"] = round(flops["total"] * row["images_per_s"] / peak, 4) \
+                    if (peak and name == "tensorrt") else None
+                results.append(row)
+            accuracy = {r["backend"]: r["pooled_min_cosine"] for r in results if r["batch"] == b}
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
         "model": {"source": ckpt.source, "family": ckpt.family.name, "hidden_size": ckpt.config.hidden_size,
@@ -265,11 +256,10 @@ def goals(results: list[dict]) -> dict:
     return out
 
 
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.reshape(-1, a.shape[-1]).astype(np.float64)  # (rows, C)
-    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return round(float(cos.min()), 6)
+def _min_cosine(reference: np.ndarray, actual: np.ndarray) -> float:
+    from export.metrics import row_cosines
+
+    return round(float(row_cosines(reference, actual).min()), 6)
 
 
 def _versions() -> dict:
@@ -346,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "benchmark.md").write_text(table(report) + "\n")
     files.append(out / "benchmark.md")
     if not args.no_plot:
-        from parity_tests.plots import plot_benchmark
+        from export.plots import plot_benchmark
 
         m = report["model"]
         title = (f"{m['source']} ({m['hidden_size']} wide, {m['num_hidden_layers']} layers, "

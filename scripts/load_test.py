@@ -46,36 +46,43 @@ def parser() -> argparse.ArgumentParser:
 
 def run_load(url: str, protocol: str, model: str, images: list[bytes], requests: int, concurrency: int,
              after_warmup=lambda: None) -> dict:
-    if protocol == "http":
-        import tritonclient.http as client_mod
-    else:
-        import tritonclient.grpc as client_mod
-    local = threading.local()
+    from export.backend import IMAGE_INPUT, TritonRunner
 
-    def client():
-        if not hasattr(local, "client"):
-            local.client = client_mod.InferenceServerClient(url)
-        return local.client
+    local = threading.local()
+    runners: list[TritonRunner] = []  # one client per thread; all deactivated at the end
+    lock = threading.Lock()
+
+    def runner() -> TritonRunner:
+        if not hasattr(local, "runner"):
+            local.runner = TritonRunner(url, model, ["pooler_output"], protocol=protocol)
+            with lock:
+                runners.append(local.runner)
+        return local.runner.activate()  # a no-op once active
 
     def one(i: int):
-        data = images[i % len(images)]
-        inp = client_mod.InferInput("image", [1, 1], "BYTES")
-        inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+        feed = {IMAGE_INPUT: np.array([[images[i % len(images)]]], dtype=np.object_)}  # (1, 1) bytes
+        try:  # every failure is counted, none stops the run
+            client = runner()  # connecting is not part of a request's latency
+        except Exception as exc:
+            return 0.0, f"{type(exc).__name__}: {exc}"
         start = time.perf_counter()
         try:
-            out = client().infer(model, [inp], outputs=[client_mod.InferRequestedOutput("pooler_output")])
-            ok = out.as_numpy("pooler_output").shape[0] == 1
-            err = None if ok else "bad output shape"
-        except Exception as exc:  # every failure is counted, none stops the run
+            out = client.infer(feed)
+            err = None if out["pooler_output"].shape[0] == 1 else "bad output shape"
+        except Exception as exc:
             err = f"{type(exc).__name__}: {exc}"
         return time.perf_counter() - start, err
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        list(pool.map(one, range(min(concurrency, requests))))  # connect and warm up; not measured
-        after_warmup()
-        start = time.perf_counter()
-        results = list(pool.map(one, range(requests)))
-        wall = time.perf_counter() - start
+    try:
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            list(pool.map(one, range(min(concurrency, requests))))  # connect and warm up; not measured
+            after_warmup()
+            start = time.perf_counter()
+            results = list(pool.map(one, range(requests)))
+            wall = time.perf_counter() - start
+    finally:
+        for r in runners:
+            r.deactivate()
     latencies = np.array([r[0] for r in results]) * 1000
     errors = [r[1] for r in results if r[1]]
     return {"requests": requests, "concurrency": concurrency, "protocol": protocol, "seconds": round(wall, 3),
@@ -86,19 +93,17 @@ def run_load(url: str, protocol: str, model: str, images: list[bytes], requests:
 
 def direct_onnxruntime(onnx_path: Path, pixels: np.ndarray, batch: int, seconds: float = 5.0, threads: int = 0) -> dict:
     """The same model.onnx in onnxruntime, here, on preprocessed pixels: images per second."""
-    import onnxruntime as ort
+    from export.backend import OnnxRuntimeRunner
+    from export.families import INPUT_NAME
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    x = np.repeat(pixels[None], batch, axis=0)  # (B, 3, H, W)
-    sess.run(["pooler_output"], {"pixel_values": x})
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        sess.run(["pooler_output"], {"pixel_values": x})
-        runs += 1
-    wall = time.perf_counter() - start
+    feed = {INPUT_NAME: np.repeat(pixels[None], batch, axis=0)}  # (B, 3, H, W)
+    with OnnxRuntimeRunner(onnx_path, "optimized", output_names=["pooler_output"], threads=threads) as runner:
+        runner.infer(feed)
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            runner.infer(feed)
+            runs += 1
+        wall = time.perf_counter() - start
     return {"batch": batch, "images_per_s": round(runs * batch / wall, 1), "ms_per_run": round(wall / runs * 1000, 2)}
 
 

@@ -6,9 +6,10 @@
     .venv/bin/python scripts/visualize_features.py --artifacts DIR --backend tensorrt               # GPU
 
 The reference is the PyTorch model named in DIR/manifest.json; the backend runs DIR/model.onnx
-(onnxruntime), DIR/model.plan (TensorRT) or the served ensemble (Triton, at the export's resolution:
-the server preprocesses). The PNG shows the image as the model sees it, the PCA-RGB map of PyTorch's
-patch tokens and that of the backend's tokens, projected on PyTorch's basis (parity_tests/features.py).
+(onnxruntime), DIR/model.plan (TensorRT or TensorRT-RTX, as the manifest says it was built) or the
+served ensemble (Triton, at the export's resolution: the server preprocesses). The PNG shows the
+image as the model sees it, the PCA-RGB map of PyTorch's patch tokens and that of the backend's
+tokens, projected on PyTorch's basis (export/features.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BACKENDS = ("onnxruntime", "tensorrt", "triton")
+from export.backend import RUNNER_KINDS  # noqa: E402  (numpy only: -h stays light)
+
+BACKENDS = tuple(k for k in RUNNER_KINDS if k != "torch")  # torch is the reference itself
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,15 +43,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args, log=print) -> dict:
-    import torch
     from PIL import Image
 
+    from export.backend import OnnxRuntimeRunner, TorchRunner, image_feed, ort_mode_for, runner_for_artifacts
     from export.errors import OptionError
+    from export.families import INPUT_NAME
+    from export.features import feature_figure
     from export.images import pixel_values, sample_photos
-    from export.onnx_export import ExportShape, encoder_module, validate_image_size
-    from parity_tests.features import feature_figure
-    from parity_tests.ledger import export_shape, read_manifest, reference_checkpoint
-    from parity_tests.stages import OnnxRunner, TensorRTRunner, TritonRunner
+    from export.manifest import export_shape, read_manifest, reference_checkpoint
+    from export.onnx_export import ExportShape, validate_image_size
 
     manifest = read_manifest(args.artifacts)
     log(f"loading the PyTorch reference ({manifest['options'].get('model') or 'demo'}) ...")
@@ -64,28 +67,26 @@ def run(args, log=print) -> dict:
             raise OptionError("--backend triton: the server preprocesses to the export's resolution; drop --size")
     if args.output not in shape.output_names:
         raise OptionError(f"--output {args.output}: this export has {', '.join(shape.output_names)}")
+    if args.backend == "triton" and not args.url:
+        raise OptionError("--backend triton needs --url HOST:PORT")
     image = Image.open(args.image).convert("RGB") if args.image else sample_photos(1)[0]
     pixels = pixel_values(ckpt.processor, [image], (h, w)).numpy()  # (1, 3, H, W)
 
-    names = list(shape.output_names)
-    encoder = encoder_module(ckpt, ExportShape(h, w, shape.dynamic_resolution, shape.hidden_layer))
-    with torch.no_grad():
-        reference = dict(zip(names, (t.numpy() for t in encoder(torch.from_numpy(pixels)))))
-    if args.backend == "onnxruntime":
-        path = args.onnx or args.artifacts / "model.onnx"
-        runner = OnnxRunner(path, "optimized" if manifest.get("precision") == "fp32" else "exact", [args.output])
-        label = f"onnxruntime ({manifest.get('precision')}, {Path(path).name})"
-    elif args.backend == "tensorrt":
-        runner, label = TensorRTRunner(args.artifacts / "model.plan", [args.output]), "TensorRT"
-    else:
-        if not args.url:
-            raise OptionError("--backend triton needs --url HOST:PORT")
-        runner, label = TritonRunner(args.url, args.triton_model, [args.output]), f"Triton ({args.url})"
-    deployed = runner(pixels, [image])[args.output]  # (1, S, C)
+    size = ExportShape(h, w, shape.dynamic_resolution, shape.hidden_layer)
+    with TorchRunner(ckpt, size, [args.output]) as reference_runner:
+        reference = reference_runner.infer({INPUT_NAME: pixels})[args.output]  # (1, S, C)
+    if args.backend == "onnxruntime" and args.onnx:
+        runner = OnnxRuntimeRunner(args.onnx, ort_mode_for(manifest.get("precision", "fp32")),
+                                   output_names=[args.output])
+    else:  # the engine in the runtime that built it (manifest.json), or the served ensemble
+        runner = runner_for_artifacts(args.artifacts, args.backend, output_names=[args.output], url=args.url,
+                                      model=args.triton_model, manifest=manifest)
+    label = f"{runner.name}, {manifest.get('precision')}"
+    with runner:
+        deployed = runner.infer(image_feed(runner, pixels, [image]))[args.output]  # (1, S, C)
     out = args.out or args.artifacts / f"features-{args.backend}-{h}x{w}.png"
     title = f"{manifest['model'].get('source')}: {args.output}"
-    facts = feature_figure(reference[args.output][0], deployed[0], pixels[0], ckpt.patch_size, ckpt.processor,
-                           out, label, title)
+    facts = feature_figure(reference[0], deployed[0], pixels[0], ckpt.patch_size, ckpt.processor, out, label, title)
     facts.update(png=str(out), backend=args.backend)
     log(json.dumps(facts))
     log(f"wrote {out}")
@@ -94,12 +95,11 @@ def run(args, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from export.errors import MvtError
-    from parity_tests.ledger import LedgerInputError
 
     args = parser().parse_args(argv)
     try:
         run(args)
-    except (MvtError, LedgerInputError, FileNotFoundError) as exc:
+    except (MvtError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -32,20 +32,21 @@ def test_flops_formula_matches_the_published_figures(alias, gflops):
 
 def test_short_benchmark_on_a_tiny_model(tiny_folders, tmp_path, capsys):
     out = tmp_path / "bench"
+    # --no-tensorrt: the same run on a GPU machine with TensorRT (tensorrt is then skipped with that reason)
     code = _script().main(["--model", str(tiny_folders["mlcd-rope2d"]), "--short", "--out", str(out),
-                           "--threads", "2"])
+                           "--threads", "2", "--no-tensorrt"])
     assert code == 0
     report = json.loads((out / "benchmark.json").read_text())
     assert (out / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
     backends = {r["backend"] for r in report["results"]}
     assert {"torch-eager", "ort-fp32-custom", "ort-fp32-onnx23", "ort-fp32-decomposed", "ort-fp16", "ort-int8",
             "ort-int8-cpu"} <= backends
-    assert "ort-fp32-plugin" in report["skipped"] and "tensorrt" in report["skipped"]  # with reasons
+    assert "ort-fp32-plugin" in report["skipped"] and "--no-tensorrt" in report["skipped"]["tensorrt"]
     assert {r["batch"] for r in report["results"]} == {1, 2}
     for r in report["results"]:
         assert r["median_ms"] > 0 and r["images_per_s"] > 0 and r["speedup_vs_torch"] > 0
         assert r["pooled_min_cosine"] > 0.99
-        assert r["fraction_of_gpu_peak"] is None  # no GPU here
+        assert r["fraction_of_gpu_peak"] is None  # only TensorRT rows have one
     assert all(r["speedup_vs_torch"] == 1.0 for r in report["results"] if r["backend"] == "torch-eager")
     assert report["flops_per_image"]["total"] > 0 and report["settings"]["repeats"] == 2
     assert "| torch-eager |" in capsys.readouterr().out

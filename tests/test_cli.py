@@ -17,18 +17,24 @@ def _main(*argv) -> int:
     return build_engine.main([str(a) for a in argv])
 
 
+def _no_engine(*argv) -> tuple:
+    """argv plus --runtime none unless the test chooses a runtime: these tests judge the ONNX side and
+    must pass the same on a GPU machine where TensorRT would build an engine."""
+    return argv if "--runtime" in map(str, argv) else (*argv, "--runtime", "none")
+
+
 def test_build_writes_model_manifest_and_parity(tiny_folders, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _main("--model", tiny_folders["mlcd-rope2d"], "--out", out, "--hidden-layer", "-2") == 0
+    assert _main(*_no_engine("--model", tiny_folders["mlcd-rope2d"], "--out", out, "--hidden-layer", "-2")) == 0
     text = capsys.readouterr().out
-    assert "PASSED" in text and "TensorRT engine skipped" in text
+    assert "PASSED" in text and "TensorRT engine skipped: no engine requested (--runtime none)" in text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rope_lowering"] == "custom" and manifest["parity"]["passed"]
     for name, meta in manifest["artifacts"].items():
         assert sha256(out / name) == meta["sha256"]
     assert set(manifest["interface"]["outputs"]) == {"last_hidden_state", "pooler_output", "hidden_state"}
     parity = json.loads((out / "parity.json").read_text())
-    assert parity["passed"] and {c["case"] for c in parity["checks"]} == {"batch 1 @ 56x56", "batch 3 @ 56x56"}
+    assert parity["passed"] and {c["case"] for c in parity["checks"]} == {"graph", "batch 1 @ 56x56", "batch 3 @ 56x56"}
     # fixed resolution, dynamic batch
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     (pixels,) = session.get_inputs()
@@ -38,7 +44,8 @@ def test_build_writes_model_manifest_and_parity(tiny_folders, tmp_path, capsys):
 
 def test_clip_with_other_fixed_size_and_lowering(tiny_folders, tmp_path):
     out = tmp_path / "clip"
-    assert _main("--model", tiny_folders["clip-full"], "--out", out, "--image-size", 70, 42, "--rope", "onnx23") == 0
+    assert _main(*_no_engine("--model", tiny_folders["clip-full"], "--out", out, "--image-size", 70, 42,
+                             "--rope", "onnx23")) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rope_lowering"] == "none"  # CLIP has no RoPE: nothing to lower
     assert manifest["interface"]["inputs"]["pixel_values"]["shape"] == ["batch", 3, 70, 42]
@@ -51,7 +58,7 @@ def test_existing_output_needs_force(tiny_folders, tmp_path, capsys):
     assert _main("--model", tiny_folders["mlcd-rope2d"], "--out", out) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious"
-    assert _main("--model", tiny_folders["mlcd-rope2d"], "--out", out, "--force", "--skip-parity") == 0
+    assert _main(*_no_engine("--model", tiny_folders["mlcd-rope2d"], "--out", out, "--force", "--skip-parity")) == 0
     assert not (out / "keep.txt").exists() and (out / "model.onnx").exists()
 
 
@@ -60,6 +67,11 @@ def test_existing_output_needs_force(tiny_folders, tmp_path, capsys):
     (["--image-size", "56", "10"], "width 10 is not a multiple of patch size 14; use 14"),
     (["--hidden-layer", "7"], "--hidden-layer 7 is out of range for 2 layers"),
     (["--precision", "int8", "--calib-images", "/nonexistent"], "--calib-images /nonexistent is not a folder"),
+    (["--precision", "int8", "--calib-count", "0"], "--calib-count 0 must be at least 1"),
+    # a graph shaped for onnxruntime on CPUs never goes to TensorRT (issue 10, defect 1)
+    (["--precision", "int8", "--quant-target", "cpu", "--runtime", "tensorrt-rtx"],
+     "--quant-target cpu shapes the int8 graph for onnxruntime on CPUs"),
+    (["--rope", "plugin", "--runtime", "tensorrt-rtx"], "--rope plugin needs datacenter TensorRT"),
 ])
 def test_bad_options_fail_clearly_and_write_nothing(tiny_folders, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -76,16 +88,16 @@ def test_missing_model_folder(tmp_path, capsys):
 def test_external_data_path(tiny_folders, tmp_path):
     """Models over the threshold (bigG fp32 is ~7.4 GB) keep weights in model.onnx.data."""
     out = tmp_path / "ext"
-    result = build(BuildOptions(model=str(tiny_folders["mlcd-rope2d"]), out=out, external_data_threshold=1024),
-                   log=lambda _: None)
+    result = build(BuildOptions(model=str(tiny_folders["mlcd-rope2d"]), out=out, external_data_threshold=1024,
+                                runtime="none"), log=lambda _: None)
     assert result.parity_passed
     assert (out / "model.onnx.data").stat().st_size > 1024
     assert set(result.manifest["artifacts"]) >= {"model.onnx", "model.onnx.data"}
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     # and below the threshold the file is self-contained
-    small = build(BuildOptions(model=str(tiny_folders["mlcd-rope2d"]), out=tmp_path / "one", parity=False),
-                  log=lambda _: None)
+    small = build(BuildOptions(model=str(tiny_folders["mlcd-rope2d"]), out=tmp_path / "one", parity=False,
+                               runtime="none"), log=lambda _: None)
     assert set(small.manifest["artifacts"]) == {"model.onnx", "preprocessor_config.json"}
 
 
@@ -99,3 +111,45 @@ def test_interrupted_build_leaves_nothing(tiny_folders, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build(BuildOptions(model=str(tiny_folders["mlcd-rope2d"]), out=tmp_path / "out"), log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_engine_build_keeps_the_onnx_and_says_why(tiny_folders, tmp_path, monkeypatch, capsys):
+    """An engine build that fails (here: TensorRT 10.13 on a GPU, simulated, so auto picks the AOT
+    plugin) keeps model.onnx, parity and an engine.onnx, records the reason in the manifest, prints
+    one line and exits 3."""
+    import export.engine as engines
+    import export.pipeline as pipeline
+
+    target = engines.EngineTarget("tensorrt", "10.13.0", None, {"name": "simulated GPU", "compute_capability": "9.0"})
+    monkeypatch.setattr(pipeline, "_engine_target", lambda opts: target)
+
+    def fail(target, onnx_path, plan_path, shapes, **kwargs):
+        assert onnx_path.name == "engine.onnx"  # the builder gets the plugin lowering, not model.onnx
+        plan_path.write_bytes(b"partial")
+        raise RuntimeError("Invalid Engine. Please ensure the engine was built correctly\nsecond line")
+
+    monkeypatch.setattr(engines, "build_engine", fail)
+    out = tmp_path / "out"
+    assert _main("--model", tiny_folders["mlcd-rope2d"], "--out", out) == build_engine.EXIT_ENGINE_FAILED
+    err = capsys.readouterr().err
+    assert "the engine build failed: RuntimeError: Invalid Engine" in err and "Traceback" not in err
+    assert "second line" not in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    engine = manifest["engine"]
+    assert engine["built"] is False and engine["failed"] and "Invalid Engine" in engine["reason"]
+    assert engine["rope_lowering"] == "plugin" and manifest["rope_lowering"] == "custom"
+    assert not (out / "model.plan").exists()
+    assert "second line" in (out / "engine_error.txt").read_text()
+    assert {"model.onnx", "engine.onnx", "parity.json", "engine_error.txt"} <= set(manifest["artifacts"])
+    assert manifest["parity"]["passed"]
+    # model.onnx stays portable: plain onnxruntime runs it, no reference body needed
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].name == "last_hidden_state"
+
+
+def test_cpu_int8_with_the_default_runtime_skips_the_engine_with_the_reason(tiny_folders, tmp_path):
+    result = build(BuildOptions(model=str(tiny_folders["mlcd-rope2d"]), out=tmp_path / "cpu", precision="int8",
+                                quant_target="cpu", parity=False, calib_count=2), log=lambda _: None)
+    engine = result.manifest["engine"]
+    assert engine["built"] is False and "for onnxruntime on CPUs" in engine["reason"]
+    assert result.manifest["precision_recipe"]["calibration"]["count"] == 2

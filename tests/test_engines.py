@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import onnx
 import pytest
 
 from export import engine as engines
@@ -44,7 +45,12 @@ def test_tensorrt_rtx_builds_an_engine_on_cpu(tiny_folders, tmp_path, precision)
     eng = manifest["engine"]
     assert eng["built"] and eng["runtime"] == "tensorrt-rtx" and eng["compute_capabilities"] == ["8.9"]
     assert eng["profiles"]["pixel_values"]["max"] == [4, 3, 56, 56]
-    assert manifest["rope_lowering"] == "onnx23"  # auto: native RotaryEmbedding for TensorRT-RTX
+    # auto: model.onnx keeps the portable custom op; the engine got native RotaryEmbedding (engine.onnx)
+    assert manifest["rope_lowering"] == "custom"
+    assert eng["rope_lowering"] == "onnx23" and eng["onnx"] == "engine.onnx"
+    assert {"model.onnx", "engine.onnx", "model.plan"} <= set(manifest["artifacts"])
+    engine_graph = onnx.load(str(out / "engine.onnx"), load_external_data=False)
+    assert "RotaryEmbedding" in {n.op_type for n in engine_graph.graph.node}
     plan = out / "model.plan"
     assert plan.stat().st_size == eng["bytes"] > 10_000
     assert manifest["artifacts"]["model.plan"]["bytes"] == plan.stat().st_size

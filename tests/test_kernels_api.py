@@ -48,23 +48,25 @@ def test_bad_table_shape_is_explained():
 
 def test_custom_op_gets_a_cuda_kernel_and_keeps_cpu_behaviour():
     pytest.importorskip("triton")
-    import export.rope_op  # noqa: F401  defines mvt::rope2d
+    from export.rope_identity import TORCH_OP
     from kernels import register_cuda_impl
-    from kernels.torch_op import has_cuda_kernel
+    from kernels.torch_op import has_cuda_kernel, rope2d
 
     assert register_cuda_impl() is True
     assert register_cuda_impl() is True  # idempotent
-    assert has_cuda_kernel("mvt::rope2d")
+    assert has_cuda_kernel(TORCH_OP)
     x, c, s = _inputs(dtype=torch.float16)
-    torch.testing.assert_close(torch.ops.mvt.rope2d(x, c, s), rope2d_reference(x, c, s), rtol=0, atol=0)
+    torch.testing.assert_close(rope2d(x, c, s), rope2d_reference(x, c, s), rtol=0, atol=0)
 
 
-def test_registering_an_undefined_op_says_what_to_import():
-    pytest.importorskip("triton")
-    from kernels.torch_op import register_cuda_impl
+def test_the_op_is_defined_once_and_reachable_through_export():
+    """export.rope_op re-exports the op kernels/torch_op.py defines; torch.ops resolves its identity."""
+    from export import rope_op
+    from export.rope_identity import TORCH_NAME, TORCH_NAMESPACE
+    from kernels import torch_op
 
-    with pytest.raises(RuntimeError, match="not defined yet"):
-        register_cuda_impl("mvt_nowhere::rope2d")
+    assert rope_op.rope2d is torch_op.rope2d
+    assert torch_op.op_overload() is getattr(getattr(torch.ops, TORCH_NAMESPACE), TORCH_NAME).default
 
 
 @pytest.mark.gpu

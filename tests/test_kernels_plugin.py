@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from export.rope_identity import DOMAIN, OP_TYPE, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, VERSION
 from kernels.trt_plugin import PLUGIN_ID, register_trt_plugin, tensorrt_skip_reason
 
 
@@ -24,7 +25,7 @@ def _require_tensorrt_and_gpu():
 def test_plugin_id_matches_the_plugin_lowering():
     from export.lowering import PLUGIN_NAMESPACE
 
-    assert PLUGIN_ID == f"{PLUGIN_NAMESPACE}::RoPE2D"
+    assert PLUGIN_ID == f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
 
 
 def test_registration_without_tensorrt_raises_the_reason():
@@ -44,22 +45,22 @@ def test_plugin_is_registered():
 
     register_trt_plugin()
     register_trt_plugin()  # once per process
-    creator = trt.get_plugin_registry().get_creator("RoPE2D", "1", "mvt")
+    creator = trt.get_plugin_registry().get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE)
     assert creator is not None
 
 
 def _one_node_model(heads: int, dim: int, seq: int, elem_type):
     from onnx import TensorProto, helper
 
-    node = helper.make_node("RoPE2D", ["x", "cos", "sin"], ["y"], domain="mvt",
-                            plugin_namespace="mvt", aot=1)
+    node = helper.make_node(PLUGIN_NAME, ["x", "cos", "sin"], ["y"], domain=DOMAIN,
+                            plugin_namespace=PLUGIN_NAMESPACE, aot=1)
     graph = helper.make_graph(
         [node], "rope2d",
         [helper.make_tensor_value_info("x", elem_type, ["B", seq, heads, dim]),
          helper.make_tensor_value_info("cos", TensorProto.FLOAT, [seq, dim // 2]),
          helper.make_tensor_value_info("sin", TensorProto.FLOAT, [seq, dim // 2])],
         [helper.make_tensor_value_info("y", elem_type, ["B", seq, heads, dim])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("mvt", 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, VERSION)])
 
 
 @pytest.mark.tensorrt
@@ -111,19 +112,32 @@ def test_engine_with_the_plugin_matches_the_reference(dtype):
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_plugin_lowering_of_an_exported_model_builds_an_engine(exported, tmp_path):
+def test_plugin_lowering_builds_an_engine_and_keeps_model_onnx_portable(tiny_folders, tmp_path):
+    """--rope plugin end to end: engine.onnx carries the body-less plugin nodes and becomes a plan with
+    the AOT kernel inside; model.onnx keeps the function body, so plain onnxruntime still runs it; the
+    plan matches it."""
     _require_tensorrt_and_gpu()
+    import numpy as np
     import onnx
 
-    from export.engine import build_engine
-    from export.lowering import lower_rope
+    from export import backend
+    from export.metrics import row_cosines
+    from export.pipeline import BuildOptions, build
 
-    register_trt_plugin()
-    ckpt, shape, path = exported("mlcd-rope2d")
-    lowered = lower_rope(onnx.load(str(path)), "plugin")
-    onnx_path = tmp_path / "plugin.onnx"
-    onnx.save(lowered, str(onnx_path))
-    input_name = lowered.graph.input[0].name
-    build_engine(onnx_path, tmp_path / "model.plan", input_name=input_name,
-                 image_size=(shape.height, shape.width), max_batch=2)
-    assert (tmp_path / "model.plan").stat().st_size > 0
+    out = tmp_path / "plugin"
+    result = build(BuildOptions(model=str(tiny_folders["mlcd-rope2d"]), out=out, rope="plugin", runtime="tensorrt",
+                                max_batch=2), log=print)
+    engine = result.manifest["engine"]
+    assert engine["built"], engine
+    assert engine["onnx"] == "engine.onnx" and engine["rope_lowering"] == "plugin"
+    assert result.manifest["rope_lowering"] == "custom"
+    plugin_nodes = [n for n in onnx.load(str(out / "engine.onnx"), load_external_data=False).graph.node
+                    if n.op_type == OP_TYPE and n.domain == DOMAIN]
+    assert plugin_nodes and all({a.name for a in n.attribute} == {"plugin_namespace", "aot"} for n in plugin_nodes)
+    x = {"pixel_values": np.random.RandomState(0).randn(2, 3, 56, 56).astype(np.float32)}
+    with backend.OnnxRuntimeRunner(out / "model.onnx") as reference:  # no pluginref needed: portable
+        assert not reference.pluginref
+        want = reference.infer(x)["pooler_output"]
+    with backend.engine_runner_from_manifest(out) as runner:
+        got = runner.infer(x)["pooler_output"]
+    assert row_cosines(want, got).min() > 0.9999

@@ -8,6 +8,7 @@ import pytest
 from export import onnx_rope
 from export.errors import OptionError
 from export.lowering import LOWERINGS, lower_rope, resolve_rope
+from export.rope_identity import DOMAIN, OP_TYPE, PLUGIN_NAME, PLUGIN_NAMESPACE
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,9 @@ def _domains(model):
 def test_canonical_has_rope2d_with_function_body(canonical):
     nodes = onnx_rope.rope_nodes(canonical.graph)
     assert len(nodes) == 2 * 2  # q and k in each of 2 layers
-    (fn,) = [f for f in canonical.functions if f.name == "RoPE2D"]
-    assert fn.domain == "mvt" and [o.domain for o in fn.opset_import] == [""]
+    (fn,) = [f for f in canonical.functions if f.name == OP_TYPE]
+    assert fn.domain == DOMAIN and [o.domain for o in fn.opset_import] == [""]
+    assert not onnx_rope.nodes_without_body(canonical)  # portable: onnxruntime inlines the body
     onnx.checker.check_model(canonical, full_check=True)
 
 
@@ -37,7 +39,7 @@ def test_custom_is_the_canonical_graph(canonical):
 def test_decomposed_has_only_standard_ops(canonical):
     lowered = lower_rope(canonical, "decomposed")
     assert _domains(lowered) <= {""}
-    assert not lowered.functions and "mvt" not in {o.domain for o in lowered.opset_import}
+    assert not lowered.functions and DOMAIN not in {o.domain for o in lowered.opset_import}
     onnx.checker.check_model(lowered, full_check=True)
 
 
@@ -56,8 +58,9 @@ def test_plugin_node_has_namespace_aot_and_no_body(canonical):
     nodes = onnx_rope.rope_nodes(lowered.graph)
     assert len(nodes) == 4 and not lowered.functions
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
-    assert attrs == {"plugin_namespace": b"mvt", "aot": 1}
-    assert nodes[0].op_type == "RoPE2D"  # op type = plugin name
+    assert attrs == {"plugin_namespace": PLUGIN_NAMESPACE.encode(), "aot": 1}
+    assert nodes[0].op_type == PLUGIN_NAME  # op type = plugin name
+    assert onnx_rope.nodes_without_body(lowered) == nodes  # what onnxruntime cannot run
 
 
 def test_lowering_leaves_the_canonical_model_alone(canonical):

@@ -1,9 +1,10 @@
 """The repository generator: every config.pbtxt is Triton's protobuf, parsed back; options are validated.
 
-No server here (test_triton_server.py serves the python-backend repository). The tensorrt_plan
-repository is generated from a FAKE plan file (this machine cannot build TensorRT engines): only
-the presence of model.plan and the manifest's engine profile are faked, to check the generated
-config against the protobuf. It is never served and proves nothing about an engine.
+No server here (test_triton_server.py serves the python-backend repository). The artifacts are
+exported with `runtime="none"`, so these tests are the same where TensorRT is installed. The
+tensorrt_plan repository is generated from a FAKE plan file: only the presence of model.plan and
+the manifest's engine profile are faked, to check the generated config against the protobuf. It is
+never served and proves nothing about an engine.
 """
 
 from __future__ import annotations
@@ -16,12 +17,21 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs the serve extra (tritonclient)")
+from export.errors import OptionError
+from triton_repo.build import RepoOptions, build_repository, parser
+from triton_repo.config import (
+    EncoderInterface,
+    TensorSpec,
+    config_text,
+    encoder_config,
+    parse_config,
+    preferred_batch_sizes,
+    validate_model_name,
+)
+from triton_repo.forms import BACKENDS, FORMS, cli_help
+from triton_repo.testing import import_or_skip, tiny_artifacts
 
-from export.errors import OptionError  # noqa: E402
-from triton_repo.build import RepoOptions, build_repository  # noqa: E402
-from triton_repo.config import parse_config, preferred_batch_sizes, validate_model_name  # noqa: E402
-from triton_repo.testing import tiny_artifacts  # noqa: E402
+model_config_pb2 = import_or_skip("tritonclient.grpc.model_config_pb2")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +90,7 @@ def test_python_backend_repository(artifacts, tmp_path):
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocess", "encoder"]
     readme = (repo / "README.md").read_text()
     assert "tritonserver --model-repository" in readme and "python -m triton_repo.serve" in readme
-    assert 'client.infer("embed"' in readme
+    assert 'client.infer("embed"' in readme and FORMS["python"].readme in readme
 
 
 def test_onnxruntime_repository(artifacts, tmp_path):
@@ -102,6 +112,7 @@ def test_tensorrt_plan_repository_from_fake_plan(plan_artifacts, tmp_path):
     assert enc.max_batch_size == 4  # derived from the engine profile
     assert enc.instance_group[0].kind == enc.instance_group[0].KIND_GPU
     assert [list(o.dims) for o in enc.output] == [[17, 64], [64], [17, 64]]  # 1 + (56/14)^2 tokens
+    assert FORMS["tensorrt"].readme.format(engine_version="fake") in (repo / "README.md").read_text()
     with pytest.raises(OptionError, match="optimization profile allows \\(4\\)"):
         build_repository(RepoOptions(plan_artifacts, tmp_path / "repo2", max_batch=8), log=lambda _: None)
 
@@ -200,3 +211,62 @@ def test_tensorrt_rtx_plan_is_not_offered_to_the_tensorrt_backend(plan_artifacts
     assert _configs(result.out)["encoder"].platform == "onnxruntime_onnx"
     with pytest.raises(OptionError, match="built with tensorrt-rtx"):
         build_repository(RepoOptions(folder, tmp_path / "repo2", backend="tensorrt"), log=lambda _: None)
+
+
+def test_registry_covers_every_backend_choice():
+    """--backend offers exactly the registered forms, and each form's encoder config is valid protobuf."""
+    (action,) = [a for a in parser()._actions if "--backend" in a.option_strings]
+    assert tuple(action.choices) == BACKENDS == tuple(FORMS) == ("tensorrt", "onnxruntime", "python")
+    iface = EncoderInterface(TensorSpec("pixel_values", (3, 56, 56)),
+                             (TensorSpec("pooler_output", (64,)),), (56, 56))
+    for name, spec in FORMS.items():
+        assert name in cli_help() and spec.readme and spec.model_files
+        assert (spec.platform is None) != (spec.backend is None), f"{name}: a platform or a backend, not both"
+        assert spec.needs_engine != spec.needs_portable_graph, f"{name} serves either model.plan or model.onnx"
+        cfg = parse_config(config_text(encoder_config(name, iface, max_batch=4)))  # read back as Triton does
+        assert cfg.platform == (spec.platform or "") and cfg.backend == (spec.backend or "")
+        assert cfg.default_model_filename == (spec.default_model_filename or "")
+        assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value(spec.kind)
+    assert FORMS["tensorrt"].engine_runtimes == ("tensorrt",)  # a TensorRT-RTX plan is not for Triton's backend
+    with pytest.raises(OptionError, match="choose one of tensorrt, onnxruntime, python"):
+        encoder_config("tensorrt-rtx", iface, max_batch=4)
+
+
+@pytest.fixture(scope="module")
+def plugin_form_artifacts(artifacts, tmp_path_factory):
+    """Artifacts whose model.onnx holds the body-less TensorRT plugin form of RoPE2D, as older exports
+    with `--rope plugin` (or `auto` on TensorRT 10.9-10.14) wrote it."""
+    import onnx
+
+    from export.lowering import lower_rope
+
+    folder = tmp_path_factory.mktemp("plugin-form") / "artifacts"
+    shutil.copytree(artifacts, folder)
+    onnx.save(lower_rope(onnx.load(str(folder / "model.onnx")), "plugin"), str(folder / "model.onnx"))
+    return folder
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "python", None])
+def test_plugin_form_graph_is_refused_where_onnxruntime_runs_it(plugin_form_artifacts, tmp_path, backend):
+    with pytest.raises(OptionError, match=r"mvt\.RoPE2D nodes without a function body") as err:
+        build_repository(RepoOptions(plugin_form_artifacts, tmp_path / "repo", backend=backend), log=lambda _: None)
+    assert "re-export" in str(err.value) and "--backend tensorrt" in str(err.value)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_plugin_form_graph_still_serves_its_engine(plugin_form_artifacts, plan_artifacts, tmp_path):
+    """The refusal is the onnxruntime forms': the same graph beside an engine defaults to tensorrt."""
+    folder = tmp_path / "artifacts"
+    shutil.copytree(plugin_form_artifacts, folder)
+    shutil.copy(plan_artifacts / "model.plan", folder / "model.plan")
+    shutil.copy(plan_artifacts / "manifest.json", folder / "manifest.json")
+    result = build_repository(RepoOptions(folder, tmp_path / "repo"), log=lambda _: None)
+    assert result.backend == "tensorrt" and _configs(result.out)["encoder"].platform == "tensorrt_plan"
+
+
+def test_cli_refuses_a_plugin_form_graph_with_exit_2(plugin_form_artifacts, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "triton_repo.build", "--artifacts", str(plugin_form_artifacts),
+                           "--out", str(tmp_path / "repo"), "--backend", "python"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2, proc.stderr
+    assert "onnxruntime cannot run" in proc.stderr and "--backend tensorrt" in proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_modules_import_without_optional_dependencies():
-    proc = _run("import triton_repo.build, triton_repo.config, triton_repo.serve, triton_repo.server, "
-                "triton_repo.preprocessing, triton_repo.testing")
+    proc = _run("import triton_repo.build, triton_repo.config, triton_repo.forms, triton_repo.serve, "
+                "triton_repo.server, triton_repo.preprocessing, triton_repo.testing")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -35,3 +36,25 @@ def test_missing_tritonclient_names_the_extra(tmp_path):
                 "from export.errors import MissingDependencyError\n"
                 "try:\n    model_config_pb2()\nexcept MissingDependencyError as e:\n    print(e)\n")
     assert "pip install 'mvt-deploy[serve]'" in proc.stdout, proc.stderr
+
+
+def test_missing_client_skips_but_fails_where_the_server_is_required(tmp_path):
+    """Triton tests gate their imports through triton_repo.testing: MVT_REQUIRE_TRITON_SERVER=1 (CI) turns
+    the skip into a failure, as it does for a missing tritonserver."""
+    test = tmp_path / "test_gate.py"
+    test.write_text("from triton_repo.testing import import_or_skip\n"
+                    "import_or_skip('mvt_no_such_client.http')\n"
+                    "def test_never_runs():\n    pass\n")
+    root = Path(__file__).resolve().parents[1]
+    results = {}
+    for required in ("0", "1"):
+        env = {**os.environ, "MVT_REQUIRE_TRITON_SERVER": required, "PYTHONPATH": str(root)}
+        results[required] = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                                            str(test)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                                           env=env)
+    skipped, required = results["0"], results["1"]
+    # a skipped module collects nothing: pytest's exit code 5, not an error
+    assert skipped.returncode == pytest.ExitCode.NO_TESTS_COLLECTED and "1 skipped" in skipped.stdout, skipped.stdout
+    assert "pip install 'mvt-deploy[serve]'" in skipped.stdout
+    assert required.returncode != 0 and "MVT_REQUIRE_TRITON_SERVER=1 but mvt_no_such_client" in required.stdout, \
+        required.stdout

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from triton_repo.preprocessing import ClipPreprocessing, ImageDecodeError, decode_image, pixel_values_from_bytes
-from triton_repo.testing import bomb_png, encode
+from triton_repo.testing import bomb_png, encode, import_or_skip
 
-pytest.importorskip("skimage")
+import_or_skip("skimage", extra="onnx")  # the photographs
 PHOTOS = ("astronaut", "coffee", "chelsea")
 
 

@@ -1,13 +1,13 @@
 """A real tritonserver serves the generated repository (python backend, CPU), over HTTP and gRPC.
 
 Needs the server environment (scripts/setup_server_env.sh: .server-venv with the nvidia-pytriton
-wheel, numpy<2, onnxruntime, pillow) and tritonclient; skips with the reason otherwise. One server
+wheel, numpy<2, onnxruntime, pillow) and tritonclient; skips with the reason otherwise, and fails
+instead under MVT_REQUIRE_TRITON_SERVER=1 (triton_repo.testing.skip_unless_required). One server
 for the whole session, on loopback ports, stopped at the end whatever happens.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,35 +18,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.triton_server
-httpclient = pytest.importorskip("tritonclient.http", reason="needs the serve extra (tritonclient[http,grpc])")
-grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritonclient[http,grpc])")
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
-from triton_repo.testing import (  # noqa: E402
+from triton_repo.testing import (
     ServedRepository,
     bomb_png,
     cosine_rows,
+    import_or_skip,
     photo_bytes,
     reference_pooler,
     tiny_artifacts,
+    tritonserver_or_skip,
 )
+
+pytestmark = pytest.mark.triton_server
+httpclient = import_or_skip("tritonclient.http")
+grpcclient = import_or_skip("tritonclient.grpc")
+InferenceServerException = import_or_skip("tritonclient.utils").InferenceServerException
 
 MIN_COSINE = 0.9999
 ROOT = Path(__file__).resolve().parents[1]
-# CI sets this after scripts/setup_server_env.sh, so that a broken setup fails instead of skipping.
-REQUIRE = os.environ.get("MVT_REQUIRE_TRITON_SERVER") == "1"
-
-
-def _install_or_skip():
-    from triton_repo.server import ServerUnavailable, find_tritonserver
-
-    try:
-        return find_tritonserver()
-    except ServerUnavailable as exc:
-        if REQUIRE:
-            pytest.fail(f"MVT_REQUIRE_TRITON_SERVER=1 but no tritonserver: {exc}")
-        pytest.skip(f"no tritonserver: {exc}")
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +43,7 @@ def served(tmp_path_factory):
     from triton_repo.build import RepoOptions, build_repository
     from triton_repo.server import TritonServer, free_port
 
-    install = _install_or_skip()
+    install = tritonserver_or_skip()
     root = tmp_path_factory.mktemp("triton-serve")
     artifacts = tiny_artifacts(root)
     repo = build_repository(RepoOptions(artifacts, root / "repo", backend="python", max_batch=8,
@@ -186,7 +175,7 @@ def test_server_that_cannot_start_fails_with_its_log(tmp_path):
     """A repository whose model cannot load: the server exits and the error holds its log."""
     from triton_repo.server import ServerStartError, TritonServer, free_port
 
-    install = _install_or_skip()
+    install = tritonserver_or_skip()
     bad = tmp_path / "repo" / "broken"
     (bad / "1").mkdir(parents=True)
     (bad / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\nmax_batch_size: 1\n')

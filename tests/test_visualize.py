@@ -62,7 +62,7 @@ def test_bad_size_is_explained(any_resolution_folder, capsys):
 
 def test_one_pca_basis_shows_a_different_model():
     """Tokens from another model land elsewhere in the reference basis: the maps differ."""
-    from parity_tests.features import fit_pca
+    from export.features import fit_pca
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(16, 32))

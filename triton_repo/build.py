@@ -2,7 +2,8 @@
 
     python -m triton_repo.build --artifacts artifacts/demo --out model_repository --backend python
 
-The CLI is a thin layer over `build_repository(RepoOptions(...))`.
+The CLI is a thin layer over `build_repository(RepoOptions(...))`; the encoder's forms (`--backend`)
+are the registry in triton_repo/forms.py.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from export.errors import MvtError, OptionError
+from export.artifacts import ONNX_NAME
+from export.engine import PLAN_NAME
+from export.errors import MvtError, OptionError, require
+from export.manifest import MANIFEST_NAME
 
-from .config import BACKENDS, EncoderInterface, TensorSpec, Warmup, validate_model_name
+from .config import EncoderInterface, TensorSpec, Warmup, validate_model_name
+from .forms import BACKENDS, FORMS, EncoderForm, cli_help, form
 from .preprocessing import CONFIG_NAME as PREPROCESSOR_CONFIG, DEFAULT_MAX_PIXELS, ClipPreprocessing
 
 HERE = Path(__file__).resolve().parent
-ONNX_NAME, PLAN_NAME, MANIFEST_NAME = "model.onnx", "model.plan", "manifest.json"
 ENCODER, PREPROCESS = "encoder", "preprocess"
 REPO_INFO = "mvt_repository.json"
 
@@ -33,7 +37,7 @@ REPO_INFO = "mvt_repository.json"
 class RepoOptions:
     artifacts: Path  # the output folder of export.build_engine
     out: Path
-    backend: str | None = None  # None: tensorrt when the artifacts hold an engine, else onnxruntime
+    backend: str | None = None  # a form of triton_repo/forms.py; None: the first one that can serve the artifacts
     name: str = "embed"  # the ensemble, the model clients call
     instances: int = 1  # instances of the encoder and of preprocess
     max_batch: int | None = None  # None: the manifest's (tensorrt: the engine profile's max)
@@ -59,11 +63,26 @@ class Artifacts:
     preprocessor: ClipPreprocessing
 
     @property
+    def engine(self) -> dict:
+        return self.manifest.get("engine") or {}
+
+    @property
     def engine_max_batch(self) -> int | None:
-        engine = self.manifest.get("engine") or {}
-        profiles = engine.get("profiles") or {}
+        profiles = self.engine.get("profiles") or {}
         maxima = [p["max"][0] for p in profiles.values() if isinstance(p, dict) and p.get("max")]
         return min(maxima) if maxima else None
+
+    def nodes_without_body(self) -> list[str]:
+        """`domain.op_type` of each custom node in model.onnx that plain onnxruntime cannot run.
+
+        Empty for what export.build_engine writes now (model.onnx is portable; an engine-only lowering
+        goes to engine.onnx); an older export with `--rope plugin`, or a hand-made graph, has some.
+        """
+        onnx = require("onnx", "onnx")
+        from export.onnx_rope import nodes_without_body
+
+        model = onnx.load(str(self.onnx), load_external_data=False)  # the graph only, not the weights
+        return sorted({f"{n.domain}.{n.op_type}" for n in nodes_without_body(model)})
 
 
 def read_artifacts(folder: Path) -> Artifacts:
@@ -80,32 +99,58 @@ def read_artifacts(folder: Path) -> Artifacts:
                      ClipPreprocessing.from_file(folder / PREPROCESSOR_CONFIG))
 
 
-def resolve_backend(backend: str | None, art: Artifacts) -> str:
-    # Triton's TensorRT backend links datacenter TensorRT: a TensorRT-RTX plan does not load there.
-    runtime = (art.manifest.get("engine") or {}).get("runtime", "tensorrt")
-    if backend is None:
-        return "tensorrt" if art.plan is not None and runtime == "tensorrt" else "onnxruntime"
-    if backend not in BACKENDS:
-        raise OptionError(f"--backend {backend} is unknown; choose one of {', '.join(BACKENDS)}")
-    if backend == "tensorrt" and runtime != "tensorrt":
-        raise OptionError(
-            f"{art.folder}/{PLAN_NAME} was built with {runtime}, which Triton's TensorRT backend cannot load; "
-            "rebuild with `--runtime tensorrt` on a GPU machine, or use --backend onnxruntime|python"
-        )
-    if backend == "tensorrt" and (art.plan is None or art.engine_max_batch is None):
-        reason = (art.manifest.get("engine") or {}).get("reason") or "no engine was built"
-        raise OptionError(
-            f"--backend tensorrt needs {art.folder}/{PLAN_NAME} and its optimization profile in the manifest "
-            f"({reason}); build the engine on a GPU machine, or use --backend onnxruntime|python"
-        )
-    return backend
+def refusal(spec: EncoderForm, art: Artifacts) -> str | None:
+    """Why the `spec` form cannot serve these artifacts (the error message), or None when it can."""
+    others = "|".join(n for n in BACKENDS if n != spec.name)
+    if spec.needs_engine:
+        # Manifests older than TensorRT-RTX support name no runtime: theirs was datacenter TensorRT.
+        runtime = art.engine.get("runtime") or spec.engine_runtimes[0]
+        missing = (f"--backend {spec.name} needs {art.folder}/{PLAN_NAME} and its optimization profile in the "
+                   f"manifest ({art.engine.get('reason') or 'no engine was built'}); build the engine on a GPU "
+                   f"machine, or use --backend {others}")
+        if art.plan is None:
+            return missing
+        if runtime not in spec.engine_runtimes:
+            return (f"{art.folder}/{PLAN_NAME} was built with {runtime}, which {spec.serves_with} cannot load; "
+                    f"rebuild with `--runtime {spec.engine_runtimes[0]}` on a GPU machine, or use --backend {others}")
+        if art.engine_max_batch is None:
+            return missing
+    if spec.needs_portable_graph:
+        custom = art.nodes_without_body()
+        if custom:  # one text for every such form, so that the default's error lists it once
+            runs_onnx = "|".join(n for n, f in FORMS.items() if f.needs_portable_graph)
+            engines = "|".join(n for n, f in FORMS.items() if f.needs_engine)
+            return (f"{art.onnx} holds {', '.join(custom)} nodes without a function body (the TensorRT plugin "
+                    "lowering, written by an older mvt-deploy or by hand), which onnxruntime cannot run: "
+                    f"--backend {runs_onnx} would fail to load it; re-export the model with this version of "
+                    "`python -m export.build_engine` (same options: model.onnx is then portable and the engine's "
+                    f"lowering goes to engine.onnx), or serve the engine with --backend {engines}")
+    return None
 
 
-def resolve_max_batch(requested: int | None, backend: str, art: Artifacts) -> int:
+def resolve_form(backend: str | None, art: Artifacts) -> EncoderForm:
+    """The requested form if it can serve the artifacts; None: the first form (registry order) that can."""
+    if backend is not None:
+        spec = form(backend)
+        problem = refusal(spec, art)
+        if problem:
+            raise OptionError(problem)
+        return spec
+    problems: dict[str, list[str]] = {}  # reason -> the forms it stops
+    for spec in FORMS.values():
+        problem = refusal(spec, art)
+        if problem is None:
+            return spec
+        problems.setdefault(problem, []).append(spec.name)
+    raise OptionError(f"no --backend can serve {art.folder}:\n"
+                      + "\n".join(f"  {'|'.join(names)}: {p}" for p, names in problems.items()))
+
+
+def resolve_max_batch(requested: int | None, spec: EncoderForm, art: Artifacts) -> int:
     manifest_max = int(art.manifest.get("interface", {}).get("max_batch") or 8)
     if requested is not None and requested < 1:
         raise OptionError(f"--max-batch {requested} must be at least 1")
-    if backend != "tensorrt":
+    if not spec.needs_engine:
         return requested or manifest_max
     engine_max = art.engine_max_batch
     if requested is not None and requested > engine_max:
@@ -116,11 +161,11 @@ def resolve_max_batch(requested: int | None, backend: str, art: Artifacts) -> in
     return requested or engine_max
 
 
-def encoder_interface(art: Artifacts, backend: str) -> EncoderInterface:
+def encoder_interface(art: Artifacts, spec: EncoderForm) -> EncoderInterface:
     """Triton dims (no batch axis) from the manifest; symbolic axes become -1."""
     iface = art.manifest["interface"]
-    (input_name, spec), = iface["inputs"].items()
-    dims = tuple(d if isinstance(d, int) else -1 for d in spec["shape"][1:])  # (3, H, W)
+    (input_name, input_info), = iface["inputs"].items()
+    dims = tuple(d if isinstance(d, int) else -1 for d in input_info["shape"][1:])  # (3, H, W)
     crop = art.preprocessor.output_size
     if crop is None:
         raise OptionError("the preprocessor config has no fixed output size (no center crop); "
@@ -129,7 +174,7 @@ def encoder_interface(art: Artifacts, backend: str) -> EncoderInterface:
         raise OptionError(f"the engine input is {dims[1]}x{dims[2]} but preprocessing crops {crop[0]}x{crop[1]}; "
                           f"re-export with --image-size {crop[0]} {crop[1]} or fix preprocessor_config.json")
     sequence = -1
-    if backend == "tensorrt":  # engines have one resolution: give TensorRT the exact sequence length
+    if spec.needs_engine:  # engines have one resolution: give TensorRT the exact sequence length
         patch = art.manifest["model"]["patch_size"]
         sequence = (crop[0] // patch) * (crop[1] // patch) + 1  # class token + patches
     outputs = tuple(
@@ -161,14 +206,14 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
     if opts.instances < 1:
         raise OptionError(f"--instances {opts.instances} must be at least 1")
     art = read_artifacts(opts.artifacts)
-    backend = resolve_backend(opts.backend, art)
-    max_batch = resolve_max_batch(opts.max_batch, backend, art)
-    iface = encoder_interface(art, backend)
+    spec = resolve_form(opts.backend, art)
+    max_batch = resolve_max_batch(opts.max_batch, spec, art)
+    iface = encoder_interface(art, spec)
     tc.model_config_pb2()  # fail before any work when the serve extra is missing
 
     jpeg = sample_jpeg()
     pixels = pixel_values_from_bytes(jpeg, art.preprocessor)  # (3, H, W)
-    result = RepoResult(Path(opts.out), backend, max_batch)
+    result = RepoResult(Path(opts.out), spec.name, max_batch)
     with staged_output(Path(opts.out), opts.force) as stage:
         # preprocess: model.py + preprocessing.py + the checkpoint's preprocessor config
         pre = stage / PREPROCESS
@@ -184,18 +229,15 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
         result.models[PREPROCESS] = tc.write_config(pre_cfg, pre)
 
         enc = stage / ENCODER
-        params = None
-        if backend == "tensorrt":
-            _link_or_copy(art.plan, enc / "1" / PLAN_NAME)
-        else:
-            for f in [art.onnx, *art.folder.glob(ONNX_NAME + ".data")]:  # external weights stay beside it
-                _link_or_copy(f, enc / "1" / f.name)
-            if backend == "python":
-                _copy(HERE / "backend_models" / "encoder.py", enc / "1" / "model.py")
-                params = {"intra_op_threads": opts.intra_op_threads, "providers": "CPUExecutionProvider"}
+        for i, filename in enumerate(spec.model_files):  # the first is required (checked by refusal())
+            if i == 0 or (art.folder / filename).is_file():
+                _link_or_copy(art.folder / filename, enc / "1" / filename)
+        if spec.model_py:
+            _copy(HERE / "backend_models" / spec.model_py, enc / "1" / "model.py")
+        params = spec.parameters(opts) if spec.parameters else None
         _write(enc / "warmup" / iface.input.name, pixels.astype("<f4").tobytes())
         enc_cfg = tc.encoder_config(
-            backend, iface, name=ENCODER, max_batch=max_batch, instances=opts.instances, parameters=params,
+            spec, iface, name=ENCODER, max_batch=max_batch, instances=opts.instances, parameters=params,
             warmup=Warmup("sample_photo", 1, {iface.input.name: ("TYPE_FP32", tuple(pixels.shape), iface.input.name)}))
         result.models[ENCODER] = tc.write_config(enc_cfg, enc)
 
@@ -207,30 +249,22 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
         for model, path in result.models.items():  # read back every config the way Triton will
             tc.parse_config(path)
             result.models[model] = Path(opts.out) / model / tc.CONFIG_NAME
-        (stage / "README.md").write_text(repository_readme(name, backend, iface, max_batch, art, Path(opts.out)))
-        info = {"ensemble": name, "encoder": ENCODER, "preprocess": PREPROCESS, "backend": backend,
+        (stage / "README.md").write_text(repository_readme(name, spec, iface, max_batch, art, Path(opts.out)))
+        info = {"ensemble": name, "encoder": ENCODER, "preprocess": PREPROCESS, "backend": spec.name,
                 "max_batch": max_batch, "image_size": list(iface.image_size),
                 "outputs": list(iface.output_names), "artifacts": str(Path(opts.artifacts).resolve()),
                 "model": art.manifest.get("model", {})}
         (stage / REPO_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    log(f"wrote {opts.out}/ ({name} = {PREPROCESS} -> {ENCODER} [{backend}], max batch {max_batch})")
+    log(f"wrote {opts.out}/ ({name} = {PREPROCESS} -> {ENCODER} [{spec.name}], max batch {max_batch})")
     return result
 
 
-def repository_readme(name: str, backend: str, iface: EncoderInterface, max_batch: int, art: Artifacts,
+def repository_readme(name: str, spec: EncoderForm, iface: EncoderInterface, max_batch: int, art: Artifacts,
                       repo: Path) -> str:
     outputs = ", ".join(f"`{o.name}` {list(o.dims)}" for o in iface.outputs)
     h, w = iface.image_size
-    trt = (art.manifest.get("engine") or {}).get("version")
-    production = {
-        "tensorrt": f"The encoder is a TensorRT engine (built with TensorRT {trt or '?'}): serve it with the NGC "
-                    "Triton container whose TensorRT version matches the one that built `model.plan` "
-                    "(an engine runs only on the TensorRT release and GPU architecture that built it).",
-        "onnxruntime": "The encoder runs on Triton's onnxruntime backend (GPU where the server has one, else CPU).",
-        "python": "The encoder runs onnxruntime inside Triton's python backend on the CPU: this form serves on a "
-                  "`tritonserver` without the onnxruntime backend (the pip one). The server's python environment "
-                  "needs numpy<2, onnxruntime and pillow.",
-    }[backend]
+    production = spec.readme.format(engine_version=art.engine.get("version") or "?")
+    backend = spec.name
     return f"""# Triton model repository: `{name}`
 
 Generated by `python -m triton_repo.build` from `{art.folder}`.
@@ -305,9 +339,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", type=Path, required=True, metavar="DIR",
                    help="output folder of export.build_engine (model.onnx, manifest.json, preprocessor_config.json)")
     p.add_argument("--out", type=Path, required=True, metavar="REPO", help="model repository folder to write")
-    p.add_argument("--backend", choices=BACKENDS,
-                   help="encoder backend (default: tensorrt when the artifacts hold model.plan, else onnxruntime); "
-                        "python runs onnxruntime in the python backend, for servers without the onnxruntime backend")
+    p.add_argument("--backend", choices=BACKENDS, help=cli_help())
     p.add_argument("--name", default="embed", help="name of the ensemble clients call (default: embed)")
     p.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: 1)")
     p.add_argument("--max-batch", type=int, metavar="N",

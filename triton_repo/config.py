@@ -13,8 +13,9 @@ from pathlib import Path
 
 from export.errors import OptionError, require
 
+from .forms import BACKENDS, EncoderForm, form  # noqa: F401  (BACKENDS: the --backend choices, re-exported)
+
 CONFIG_NAME = "config.pbtxt"
-BACKENDS = ("tensorrt", "onnxruntime", "python")
 # A short wait lets concurrent requests meet in one batch; Triton also batches whatever queued
 # while an execution ran, so a busy server batches with no delay at all.
 MAX_QUEUE_DELAY_US = 1000
@@ -102,25 +103,20 @@ def _common(cfg, name: str, max_batch: int, instances: int, kind: str, warmup: W
             inp.input_data_file = filename
 
 
-def encoder_config(backend: str, interface: EncoderInterface, *, name: str = "encoder", max_batch: int,
-                   instances: int = 1, warmup: Warmup | None = None, parameters: dict[str, str] | None = None):
-    """The encoder: TensorRT plan (GPU), onnxruntime (GPU if present) or our python model (CPU)."""
+def encoder_config(backend: str | EncoderForm, interface: EncoderInterface, *, name: str = "encoder",
+                   max_batch: int, instances: int = 1, warmup: Warmup | None = None,
+                   parameters: dict[str, str] | None = None):
+    """The encoder in one of the forms of triton_repo/forms.py (a name or the spec itself)."""
+    spec = backend if isinstance(backend, EncoderForm) else form(backend)
     pb2 = model_config_pb2()
     cfg = pb2.ModelConfig()
-    if backend == "tensorrt":
-        cfg.platform = "tensorrt_plan"
-        cfg.default_model_filename = "model.plan"
-        kind = "KIND_GPU"
-    elif backend == "onnxruntime":
-        cfg.platform = "onnxruntime_onnx"
-        cfg.default_model_filename = "model.onnx"
-        kind = "KIND_AUTO"  # GPU where the server has one, else CPU
-    elif backend == "python":
-        cfg.backend = "python"
-        kind = "KIND_CPU"
-    else:
-        raise OptionError(f"--backend {backend} is unknown; choose one of {', '.join(BACKENDS)}")
-    _common(cfg, name, max_batch, instances, kind, warmup, pb2)
+    if spec.platform:
+        cfg.platform = spec.platform
+    if spec.backend:
+        cfg.backend = spec.backend
+    if spec.default_model_filename:
+        cfg.default_model_filename = spec.default_model_filename
+    _common(cfg, name, max_batch, instances, spec.kind, warmup, pb2)
     _io(cfg.input.add(), interface.input, pb2)
     for out in interface.outputs:
         _io(cfg.output.add(), out, pb2)

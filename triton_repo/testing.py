@@ -5,27 +5,38 @@ Used by tests/test_triton_*.py and scripts/load_test.py; nothing here runs at im
 
 from __future__ import annotations
 
+import importlib
 import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
+# CI sets this after scripts/setup_server_env.sh, so that a broken setup (no tritonserver, no
+# tritonclient) fails the Triton tests instead of skipping them.
+REQUIRE_SERVER_VAR = "MVT_REQUIRE_TRITON_SERVER"
+
 
 def tiny_artifacts(folder: Path, family_name: str = "mlcd-rope2d", *, max_batch: int = 8,
-                   hidden_layer: int | None = None) -> Path:
-    """A tiny random checkpoint of `family_name` exported by the real pipeline into `folder`/artifacts."""
+                   hidden_layer: int | None = None, runtime: str = "none") -> Path:
+    """A tiny random checkpoint of `family_name` exported by the real pipeline into `folder`/artifacts.
+
+    runtime "none" builds no engine whatever is installed, so the artifacts (and the tests on them)
+    are the same on a CPU machine and on a GPU machine with TensorRT.
+    """
     from export.families import family_by_name
     from export.pipeline import BuildOptions, build
-    from parity_tests.tiny_models import save_tiny_checkpoint
+    from export.testing import save_tiny_checkpoint
 
     folder = Path(folder)
     ckpt = save_tiny_checkpoint(family_by_name(family_name), folder / "checkpoint")
     out = folder / "artifacts"
-    build(BuildOptions(model=str(ckpt), out=out, max_batch=max_batch, hidden_layer=hidden_layer, parity=False),
-          log=lambda _: None)
+    build(BuildOptions(model=str(ckpt), out=out, max_batch=max_batch, hidden_layer=hidden_layer, parity=False,
+                       runtime=runtime), log=lambda _: None)
     return out
 
 
@@ -76,9 +87,10 @@ def reference_pooler(checkpoint_folder: Path, images: list[bytes], output: str =
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(a.shape[0], -1).astype(np.float64)
-    b = b.reshape(b.shape[0], -1).astype(np.float64)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    """Cosine per batch item, each item flattened (a served output against its reference)."""
+    from export.metrics import row_cosines
+
+    return row_cosines(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))  # (B,)
 
 
 @dataclass
@@ -98,3 +110,34 @@ class ServedRepository:
     @property
     def grpc_url(self) -> str:
         return self.server.grpc_url
+
+
+def skip_unless_required(reason: str) -> NoReturn:
+    """Skip a Triton test, fixture or module for `reason`; under MVT_REQUIRE_TRITON_SERVER=1 fail instead.
+
+    The one gate for every Triton test: a missing client library and a missing server obey one rule.
+    """
+    import pytest
+
+    if os.environ.get(REQUIRE_SERVER_VAR) == "1":
+        pytest.fail(f"{REQUIRE_SERVER_VAR}=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def import_or_skip(module: str, extra: str = "serve"):
+    """The imported module, or skip_unless_required saying which extra brings it (pytest.importorskip's
+    place in Triton tests: that one skips even where CI requires the server)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        skip_unless_required(f"{module} is not importable ({exc}); pip install 'mvt-deploy[{extra}]'")
+
+
+def tritonserver_or_skip(env: Path | str | None = None):
+    """find_tritonserver(env), or skip_unless_required with what is missing."""
+    from .server import ServerUnavailable, find_tritonserver
+
+    try:
+        return find_tritonserver(env)
+    except ServerUnavailable as exc:
+        skip_unless_required(f"no tritonserver: {exc}")

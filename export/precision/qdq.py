@@ -16,45 +16,89 @@ from pathlib import Path
 CALIBRATION_METHODS = ("max", "entropy", "percentile")
 
 
+QUANTIZED_OP_TYPES = ["MatMul", "Gemm", "Conv"]
+
+
 def quantizable_nodes(model) -> list[str]:
     weights = {t.name for t in model.graph.initializer}
     return [n.name for n in model.graph.node
             if (n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[1:])) or n.op_type == "Conv"]
 
 
+def activation_tensors(model, nodes: list[str]) -> list[str]:
+    """The non-constant float tensors the quantizer needs ranges for: inputs and outputs of `nodes`."""
+    weights = {t.name for t in model.graph.initializer}
+    wanted = set(nodes)
+    names = [t for n in model.graph.node if n.name in wanted for t in list(n.input) + list(n.output)]
+    return list(dict.fromkeys(t for t in names if t and t not in weights))
+
+
 def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", method: str = "max",
-                 large: bool = False, unsigned_activations: bool = False) -> dict:
+                 large: bool = False, unsigned_activations: bool = False, log=print) -> dict:
     """Write the Q/DQ model of `src` to `dst` in `dtype` (int8 or fp8); return what was done.
 
     unsigned_activations: uint8 activations with zero points (onnxruntime CPU's U8S8 kernels)
     instead of symmetric int8 (TensorRT). Weights stay symmetric int8 per channel either way.
+
+    Calibration runs the model once per batch. "max" (int8) and fp8 ranges come from our one-pass
+    statistics (stats.py: min/max, and mean/std for fp8, reduced inside the graph) handed to
+    onnxruntime's quantizer as its calibration cache; "entropy" and "percentile" use onnxruntime's
+    histogram calibrators, fed one batch at a time so that only one batch of activations is held.
     """
+    import numpy as np
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
     from .calibration import FeedReader
+    from .stats import collect_stats
 
-    methods = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
     fp8 = dtype == "fp8"
     if fp8:
-        method = "distribution"  # the only calibrator onnxruntime accepts for float8
+        method = "distribution"  # onnxruntime's float8 scales: std of the values (its Distribution method)
     qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
     act_type = QuantType.QUInt8 if unsigned_activations and not fp8 else qtype
-    nodes = quantizable_nodes(onnx.load(str(src), load_external_data=False))
-    with _quiet_root_logger():
-        quantize_static(
-            str(src), str(dst), FeedReader(feeds, f"calibrating {dtype} ({method})"),
-            quant_format=QuantFormat.QDQ,
-            per_channel=not fp8,
-            activation_type=act_type,
-            weight_type=qtype,
-            nodes_to_quantize=nodes,
-            calibrate_method=CalibrationMethod.Distribution if fp8 else methods[method],
-            use_external_data_format=large,
-            extra_options={"ActivationSymmetric": act_type != QuantType.QUInt8, "WeightSymmetric": True,
-                           "CalibPercentile": 99.99, "CalibMovingAverage": False},
-        )
+    graph = onnx.load(str(src), load_external_data=False)
+    nodes = quantizable_nodes(graph)
+    calibrate = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[method]
+    options: dict = {}
+    cache = Path(dst).with_name(Path(dst).name + ".calibration.json")
+    if method in ("max", "distribution"):
+        tensors = activation_tensors(graph, nodes)
+        run = collect_stats(src, feeds, tensors, moments=tensors if fp8 else (), model=graph,
+                            desc=f"calibrating {dtype} ({method})", log=log)
+        f32 = np.float32
+        data = {name: TensorData(lowest=f32(s.min), highest=f32(s.max),
+                                 **({"avg": f32(s.mean), "std": f32(s.std)} if fp8 else {}))
+                for name, s in run.stats.items()}
+        save_tensors_data(TensorsData(calibrate, data), cache)
+        options["calibration_cache_path"] = str(cache)
+        reader = None
+    else:
+        reader = FeedReader(feeds, f"calibrating {dtype} ({method})")
+    del graph
+    try:
+        with _quiet_root_logger():
+            quantize_static(
+                str(src), str(dst), reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=QUANTIZED_OP_TYPES,  # the calibrator watches only these ops' tensors
+                per_channel=not fp8,
+                activation_type=act_type,
+                weight_type=qtype,
+                nodes_to_quantize=nodes,
+                calibrate_method=calibrate,
+                use_external_data_format=large,
+                extra_options={"ActivationSymmetric": act_type != QuantType.QUInt8, "WeightSymmetric": True,
+                               "CalibPercentile": 99.99, "CalibMovingAverage": False,
+                               # one batch per collect_data call: histogram calibrators otherwise hold
+                               # every batch's activations at once
+                               **({"CalibStridedMinMax": 1} if reader is not None else {})},
+                **options,
+            )
+    finally:
+        cache.unlink(missing_ok=True)
     scheme = ("fp8 E4M3, per-tensor scales (Q/DQ)" if fp8 else
               "uint8 activations with zero points, symmetric int8 per-channel weights (Q/DQ)"
               if unsigned_activations else

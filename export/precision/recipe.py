@@ -29,6 +29,7 @@ class PrecisionResult:
                     f"fp16 max {FP16_MAX:g} / headroom {HEADROOM:g} = {FP16_MAX / HEADROOM:g}",
             "kept_fp32": [f.to_json() for f in self.overflow],
             "fp32_island_op_types": FP32_ISLANDS,
+            **{key: self.recipe[key] for key in ("smoothing", "fallback") if key in self.recipe},
         }
 
 
@@ -60,11 +61,11 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
     import onnx
 
     from ..artifacts import save_onnx
-    from .fp16 import count_float16_initializers, to_fp16
+    from .fp16 import convert_file, count_float16_initializers
     from .overflow import localize_overflow
 
     path = Path(path)
-    result.overflow = localize_overflow(path, feeds) if rest == "fp16" else []
+    result.overflow = localize_overflow(path, feeds, log=log) if rest == "fp16" else []
     kept = [f.node for f in result.overflow]
     for f in result.overflow:
         log(f"      keeping {f.node} ({f.op_type}) in fp32: it {f.role} {f.tensor}, "
@@ -76,16 +77,27 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
     if precision in QUANTIZED:
         from .qdq import quantize_qdq
 
+        # Smoothing (smooth.py): LayerNorm outlier channels migrate into the next weights before Q/DQ.
+        from .smooth import smooth_for_quantization
+
+        smoothed = path.with_name("smoothed.onnx")  # written only when a LayerNorm has outlier channels
+        result.recipe["smoothing"] = smooth_for_quantization(path, feeds, dtype=precision, dst=smoothed, log=log)
+        float_model = smoothed if result.recipe["smoothing"]["smoothed"] else path
         qdq = path.with_name("qdq.onnx")
-        result.recipe[precision] = quantize_qdq(path, qdq, feeds, precision, calib_method, large=large,
-                                                unsigned_activations=quant_target == "cpu")
+        result.recipe[precision] = quantize_qdq(float_model, qdq, feeds, precision, calib_method, large=large,
+                                                unsigned_activations=quant_target == "cpu", log=log)
+        # Per-layer fallback (fallback.py): layers whose error the model amplifies go back to float.
+        from .fallback import keep_sensitive_layers_out
+
+        result.recipe["fallback"] = keep_sensitive_layers_out(float_model, qdq, feeds, precision, log=log)
         source = qdq
-    model = onnx.load(str(source))
-    if rest == "fp16":
-        model = to_fp16(model, kept)
-    for leftover in (path.with_name("qdq.onnx"), path.with_name("qdq.onnx.data")):
+    # Streams external weights: a > 2 GB model is never held whole, nor serialized as one protobuf.
+    model = convert_file(source, path, fp16=rest == "fp16", keep_fp32_nodes=kept)
+    for leftover in (path.with_name("qdq.onnx"), path.with_name("qdq.onnx.data"),
+                     path.with_name("smoothed.onnx"), path.with_name("smoothed.onnx.data")):
         leftover.unlink(missing_ok=True)
-    save_onnx(model, path, threshold=external_data_threshold)
+    # Folds the weights back into model.onnx when they now fit under the threshold.
+    save_onnx(onnx.load(str(path), load_external_data=False), path, threshold=external_data_threshold)
     result.recipe.update({
         "compute": "fp16" if precision == "fp16" else f"{precision} Q/DQ on linear layers, {rest} elsewhere",
         "unquantized_dtype": rest,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .metrics import row_cosines
+
 COLOUR_PERCENTILES = (1.0, 99.0)  # the colour range: robust to a few extreme tokens
 
 
@@ -81,7 +83,7 @@ def feature_figure(reference_tokens: np.ndarray, deployed_tokens: np.ndarray, pi
     ref, dep = patch_tokens(reference_tokens, grid), patch_tokens(deployed_tokens, grid)  # (N, C) each
     basis = fit_pca(ref)
     ref_rgb, dep_rgb = basis.rgb(ref, grid), basis.rgb(dep, grid)  # (gh, gw, 3)
-    cos = (ref * dep).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(dep, axis=1), 1e-30)
+    cos = row_cosines(ref, dep)  # (N,)
     facts = {"grid": list(grid), "image_size": [int(h), int(w)], "tokens_min_cosine": float(cos.min()),
              "tokens_mean_cosine": float(cos.mean()),
              "rgb_max_abs_difference": float(np.abs(ref_rgb - dep_rgb).max())}

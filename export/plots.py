@@ -1,4 +1,4 @@
-"""PNG figures for the ledger and the benchmark (matplotlib, Agg backend, imported lazily)."""
+"""PNG figures for the parity ledger, the benchmark and feature maps (matplotlib, Agg backend, imported lazily)."""
 
 from __future__ import annotations
 

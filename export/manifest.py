@@ -1,0 +1,55 @@
+"""Reading an export folder back: its manifest.json, the PyTorch reference it names, its interface.
+
+What the ledger, the feature visualization and the engine runner need from a folder that
+export.build_engine wrote (pipeline.py writes the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import OptionError
+
+MANIFEST_NAME = "manifest.json"
+
+
+def read_manifest(artifacts: Path) -> dict:
+    """DIR/manifest.json, checked for the keys every reader needs."""
+    artifacts = Path(artifacts)
+    path = artifacts / MANIFEST_NAME
+    if not artifacts.is_dir():
+        raise OptionError(f"--artifacts {artifacts} is not a folder; pass an export folder "
+                          "(python -m export.build_engine --out DIR)")
+    if not path.is_file():
+        raise OptionError(f"{artifacts} has no {MANIFEST_NAME}; pass the folder export.build_engine wrote")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise OptionError(f"{path} is not valid JSON: {exc}") from None
+    for key in ("options", "model", "interface"):
+        if key not in manifest:
+            raise OptionError(f"{path} has no {key!r}; re-export the folder with this version")
+    return manifest
+
+
+def reference_checkpoint(manifest: dict):
+    """The PyTorch model the folder was exported from, as its manifest names it."""
+    from .loading import load_checkpoint
+
+    options = manifest["options"]
+    return load_checkpoint(options.get("model"), random_weights=bool(options.get("random_weights")))
+
+
+def export_shape(manifest: dict, ckpt):
+    """The ExportShape the folder's model.onnx was traced with."""
+    from .onnx_export import ExportShape
+
+    size = manifest["options"].get("image_size") or manifest["model"].get("native_image_size") or ckpt.image_size
+    iface = manifest["interface"]
+    return ExportShape(int(size[0]), int(size[1]), bool(iface.get("dynamic_resolution")), iface.get("hidden_layer"))
+
+
+def output_names(manifest: dict) -> list[str]:
+    """The deployed graph's outputs, in interface order."""
+    return list(manifest["interface"].get("outputs") or {})

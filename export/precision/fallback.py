@@ -1,0 +1,203 @@
+"""Per-layer fallback: the quantized layers whose error hurts the outputs most go back to float.
+
+Smoothing (smooth.py) fixes the activation ranges, but some models still amplify a small error:
+an early attention with saturated softmax turns 1% noise in its inputs into a different attention
+pattern (measured on the outlier test models: int8 on the patch embedding alone drops a token's
+cosine to 0.77). Rule, on calibration images only (never the parity photos):
+
+    1. run the Q/DQ graph and the fp32 graph; if every output's minimum row cosine meets its target,
+       stop (the usual case: one extra pass over FALLBACK_IMAGES images)
+    2. else rank the quantized layers by the damage each does alone (only that layer quantized)
+    3. return layers to float in that order until the targets are met, at most MAX_KEPT_FRACTION
+       of them; they then follow the rest of the graph (fp16 for TensorRT, fp32 for CPUs)
+
+Targets: the parity threshold of each output (export.families.TOLERANCES) with half its allowance
+kept as margin, because photos calibration never saw do worse than the calibration images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+FALLBACK_IMAGES = 16  # calibration feeds used to judge (at most; the default calibration set is 16)
+MARGIN = 0.5  # target = 1 - MARGIN * (1 - parity threshold): 0.99 -> 0.995, 0.98 -> 0.99
+MAX_KEPT_FRACTION = 0.5  # beyond this, int8 is not worth having: say so instead of hiding it
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def cosine_targets(precision: str, outputs: list[str]) -> dict[str, float]:
+    """{output: minimum row cosine the Q/DQ graph must reach against fp32 on calibration images}."""
+    from ..families import TOLERANCES
+    from ..metrics import thresholds_for
+
+    targets = {}
+    for name in outputs:
+        threshold = thresholds_for(TOLERANCES, precision, name).get("min_cosine")
+        if threshold is not None:
+            targets[name] = 1 - MARGIN * (1 - threshold)
+    return targets
+
+
+def quantized_layers(model) -> list:
+    """Nodes of QUANTIZED_OPS whose weight (input 1) comes from a DequantizeLinear."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return [n for n in model.graph.node if n.op_type in QUANTIZED_OPS and len(n.input) > 1
+            and getattr(producers.get(n.input[1]), "op_type", None) == "DequantizeLinear"]
+
+
+def restore(qdq, src, names: set[str]):
+    """A copy of the Q/DQ model `qdq` where the nodes `names` read what they read in `src` (the float
+    model it was quantized from: same node names) and their outputs skip their own Q/DQ."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    graph = model.graph
+    float_nodes = {n.name: n for n in src.graph.node if n.name in names}
+    have = {t.name for t in graph.initializer}
+    src_inits = {t.name: t for t in src.graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    quantized = {n.name for n in quantized_layers(qdq)} - set(names)
+    for node in graph.node:
+        if node.name not in float_nodes:
+            continue
+        del node.input[:]
+        node.input.extend(float_nodes[node.name].input)
+        for name in node.input:
+            if name in src_inits and name not in have:
+                graph.initializer.append(src_inits[name])
+                have.add(name)
+        # Its output's Q/DQ serves float consumers only as output rounding: bypass it for them.
+        for q in consumers.get(node.output[0], []):
+            if q.op_type != "QuantizeLinear":
+                continue
+            for dq in consumers.get(q.output[0], []):
+                for user in consumers.get(dq.output[0], []):
+                    if user.name not in quantized:
+                        user.input[:] = [node.output[0] if i == dq.output[0] else i for i in user.input]
+    _prune(graph)
+    return model
+
+
+def _prune(graph) -> None:
+    """Drop Q/DQ nodes nobody reads any more, then unused initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | outputs
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _outputs(model, feeds: list[dict], names: list[str], folder: Path) -> dict[str, np.ndarray]:
+    """{output: rows (N, C)} over all feeds, Q/DQ run as float simulation (as TensorRT computes).
+
+    `model`: a path, or a ModelProto whose weights may live in external files in `folder` (it is
+    written there beside them, graph only, for the session's lifetime)."""
+    import onnx
+
+    from ..backend import ort_session
+
+    if isinstance(model, onnx.ModelProto):
+        probe = Path(folder) / ".fallback-probe.onnx"
+        onnx.save(model, str(probe))
+        try:
+            session = ort_session(probe, "exact")
+        finally:
+            probe.unlink(missing_ok=True)
+    else:
+        session = ort_session(Path(model), "exact")
+    rows: dict[str, list] = {n: [] for n in names}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            rows[name].append(value.reshape(-1, value.shape[-1]))  # (tokens or images, C)
+    return {n: np.concatenate(v) for n, v in rows.items()}
+
+
+def _min_cosines(reference: dict, actual: dict) -> dict[str, float]:
+    from ..metrics import compare
+
+    return {n: round(compare(reference[n], actual[n])["min_cosine"], 6) for n in reference}
+
+
+def _shortfall(cosines: dict[str, float], targets: dict[str, float]) -> float:
+    """Worst (1 - cosine) / (1 - target) over outputs: <= 1 meets every target."""
+    return max((1 - cosines[n]) / max(1 - t, 1e-12) for n, t in targets.items())
+
+
+def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision: str, *, log=print) -> dict:
+    """Apply the fallback rule to the Q/DQ model at `qdq` (rewritten in place when layers go back to
+    float), quantized from the float model at `src`. Returns the report for the manifest."""
+    import onnx
+
+    # Graphs only: the weights stay in their files (model.onnx.data, qdq.onnx.data beside them), so
+    # a large model is never held twice; the candidates below reference the same files.
+    src_model = onnx.load(str(src), load_external_data=False)
+    qdq_model = onnx.load(str(qdq), load_external_data=False)
+    folder = Path(qdq).parent
+    names = [o.name for o in qdq_model.graph.output]
+    targets = cosine_targets(precision, names)
+    feeds = feeds[:FALLBACK_IMAGES]
+    report: dict = {
+        "rule": f"judge the Q/DQ graph against fp32 on {len(feeds)} calibration images; when an output's minimum "
+                f"cosine misses its target, return the layers that do the most damage alone to float, worst "
+                f"first, until every target is met (at most {MAX_KEPT_FRACTION:.0%} of the quantized layers)",
+        "targets_min_cosine": {n: round(t, 6) for n, t in targets.items()},
+        "kept_out_of_low_precision": [],
+    }
+    if not targets or not feeds:
+        report["skipped"] = "no cosine targets or no calibration images"
+        return report
+    reference = _outputs(src, feeds, list(targets), folder)
+    everywhere = _min_cosines(reference, _outputs(qdq, feeds, list(targets), folder))
+    report["all_quantized"] = everywhere
+    if _shortfall(everywhere, targets) <= 1:
+        report["met"] = True
+        log(f"      every quantized layer kept in {precision}: calibration-image cosines {everywhere} meet the targets")
+        return report
+
+    layers = [n.name for n in quantized_layers(qdq_model)]
+    ops = {n.name: n.op_type for n in qdq_model.graph.node}
+    log(f"      {precision} everywhere misses the targets on calibration images ({everywhere}); "
+        f"measuring each of {len(layers)} quantized layers alone")
+    alone = {}
+    for name in layers:
+        only = restore(qdq_model, src_model, set(layers) - {name})
+        alone[name] = _min_cosines(reference, _outputs(only, feeds, list(targets), folder))
+    ranked = sorted(layers, key=lambda n: -_shortfall(alone[n], targets))
+    budget = int(MAX_KEPT_FRACTION * len(layers))
+    kept: list[str] = []
+    candidate, cosines = qdq_model, everywhere
+    for name in ranked[:budget]:
+        kept.append(name)
+        candidate = restore(qdq_model, src_model, set(kept))
+        cosines = _min_cosines(reference, _outputs(candidate, feeds, list(targets), folder))
+        if _shortfall(cosines, targets) <= 1:
+            break
+    report["met"] = _shortfall(cosines, targets) <= 1
+    report["result"] = cosines
+    report["kept_out_of_low_precision"] = [
+        {"node": n, "op_type": ops[n], f"min_cosine_with_only_this_layer_in_{precision}": alone[n],
+         "why": f"rank {i + 1} of {len(layers)} by the damage it does alone (worst output at "
+                f"{_shortfall(alone[n], targets):.1f}x its allowed 1 - cosine)"}
+        for i, n in enumerate(kept)]
+    for entry in report["kept_out_of_low_precision"]:
+        log(f"      keeping {entry['node']} ({entry['op_type']}) out of {precision}: {entry['why']}")
+    if not report["met"]:
+        log(f"      warning: {precision} still misses the calibration targets with {len(kept)} of {len(layers)} "
+            f"layers in float ({cosines}); consider fp16")
+    onnx.save(candidate, str(qdq))  # graph only: its external weights stay where they are
+    return report

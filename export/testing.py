@@ -1,0 +1,36 @@
+"""Tiny random checkpoints of every family, saved with save_pretrained like real ones.
+
+Tests, the benchmark and the load test load them back through export.loading, the same code users
+run (timm's tiny-model idea); tests/test_families.py checks every family has one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .families import ModelFamily
+from .loading import load_processor
+
+
+def save_tiny_checkpoint(family: ModelFamily, folder: Path, *, seed: int = 0, full_clip: bool = False) -> Path:
+    """Write config.json, model.safetensors and preprocessor_config.json for `family`'s tiny model.
+
+    full_clip: save a whole CLIPModel (text + vision towers, model_type "clip") instead of the
+    vision tower, as OpenAI-style checkpoints are distributed.
+    """
+    import torch
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = family.config_class()(**family.tiny_config)
+    if full_clip:
+        from transformers import CLIPConfig, CLIPModel
+
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    vocab_size=99, max_position_embeddings=16)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=config.to_dict(), projection_dim=16))
+    else:
+        model = family.model_class()(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    load_processor(None, config).save_pretrained(folder)
+    return folder

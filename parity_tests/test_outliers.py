@@ -1,0 +1,289 @@
+"""Activation outliers (issue 9): trained ViTs carry a few LayerNorm output channels 10-100x the rest.
+
+The outlier models (tiny_models.save_outlier_checkpoint: gain 60 on 2 of 96 channels of every
+pre-attention and pre-MLP LayerNorm) are exported in both families, then:
+- fp32 parity passes with scale-aware element-wise thresholds, and a wrong export still fails;
+- int8 without smoothing misses pooled cosine 0.99 on held-out photos; the recipe (smoothing, then
+  the per-layer fallback) holds it, on the parity photos and on the held-out photo views;
+- fp8 is measured on them too.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from export.families import INPUT_NAME
+from export.images import held_out_photos, pixel_values
+from export.pipeline import BuildOptions, build
+
+FAMILIES = ["mlcd-rope2d", "clip-vision"]
+SIZE = (56, 56)
+
+
+@pytest.fixture(scope="module")
+def outliers(tmp_path_factory):
+    """family -> (checkpoint, canonical fp32 model.onnx at 56x56, calibration feeds), built once."""
+    from export.families import family_by_name
+    from export.loading import load_folder
+    from export.onnx_export import ExportShape, export_canonical
+    from export.precision.calibration import calibration_feeds, calibration_images
+    from parity_tests.tiny_models import save_outlier_checkpoint
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            root = tmp_path_factory.mktemp(f"outlier-{family}")
+            ckpt = load_folder(save_outlier_checkpoint(family_by_name(family), root / "ckpt"))
+            path = root / "fp32" / "model.onnx"
+            path.parent.mkdir()
+            export_canonical(ckpt, ExportShape(*SIZE), path)
+            images, _ = calibration_images(None, log=lambda _: None)
+            cache[family] = (ckpt, path, calibration_feeds(ckpt.processor, images, SIZE, INPUT_NAME))
+        return cache[family]
+
+    return get
+
+
+def _held_out(ckpt, onnx_path) -> dict[str, float]:
+    """Minimum cosine against PyTorch on the 28 held-out photo views, per output (Q/DQ as TensorRT runs it)."""
+    from export.backend import OnnxRuntimeRunner, TorchRunner
+    from export.metrics import compare
+
+    x = pixel_values(ckpt.processor, [p.image for p in held_out_photos()], SIZE).numpy()
+    with TorchRunner(ckpt) as torch_runner, OnnxRuntimeRunner(onnx_path, "exact") as ort_runner:
+        ref, act = torch_runner.infer({INPUT_NAME: x}), ort_runner.infer({INPUT_NAME: x})
+    return {name: compare(ref[name], act[name])["min_cosine"] for name in ("pooler_output", "last_hidden_state")}
+
+
+def _build(folder, out, **kwargs):
+    return build(BuildOptions(model=str(folder), out=out, runtime="none", **kwargs), log=lambda _: None)
+
+
+def _folder(canonical):
+    """The checkpoint folder beside an outlier model's canonical export (see the fixture)."""
+    return canonical.parent.parent / "ckpt"
+
+
+# ------------------------------------------------------------------------------------------ fp32
+
+def test_outlier_models_have_outliers(outliers):
+    from export.precision.smooth import MIN_SPREAD, smoothable, spread
+    from export.precision.stats import activation_peaks
+
+    ckpt, path, feeds = outliers("mlcd-rope2d")
+    targets, _ = smoothable(onnx.load(str(path), load_external_data=False))
+    assert len(targets) == 2 * ckpt.config.num_hidden_layers  # both pre-norms of every layer
+    tensors = [t.tensor for t in targets]
+    peaks = activation_peaks(path, feeds[:2], tensors, per_channel=tensors, log=lambda _: None)
+    assert all(spread(peaks[t]) > 5 * MIN_SPREAD for t in tensors)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_parity_holds_at_outlier_magnitudes(outliers, family):
+    """An absolute max-abs bound failed these correct exports; the scale-aware one passes them."""
+    from export.onnx_export import ExportShape
+    from export.parity import onnx_parity
+
+    ckpt, path, _ = outliers(family)
+    report = onnx_parity(ckpt, ExportShape(*SIZE), path)
+    assert report.passed, report.checklist()
+    hidden = [m for m in report.measured if m["output"] == "last_hidden_state"]
+    assert max(m["max_abs"] / m["max_abs_rel"] for m in hidden) > 20  # magnitudes of a trained ViT, not ~3
+    assert {c.metric for c in report.checks} >= {"min_cosine", "max_abs_rel"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_parity_still_fails_a_wrong_export(outliers, family, tmp_path):
+    """Negative control at the same scale: the last linear layer's weights off by 0.1%.
+
+    Its cosine still rounds to 1 (0.9999998), so only the element-wise check can catch it."""
+    from onnx import numpy_helper
+
+    from export.onnx_export import ExportShape
+    from export.parity import onnx_parity
+
+    ckpt, path, _ = outliers(family)
+    model = onnx.load(str(path))
+    weights = {t.name: t for t in model.graph.initializer}
+    last = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights][-1]
+    w = numpy_helper.to_array(weights[last.input[1]])
+    noise = 1 + 1e-3 * np.random.default_rng(0).standard_normal(w.shape)
+    weights[last.input[1]].CopyFrom(numpy_helper.from_array((w * noise).astype(np.float32), last.input[1]))
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(model, str(wrong))
+    report = onnx_parity(ckpt, ExportShape(*SIZE), wrong)
+    assert not report.passed
+    failed = {c.metric for c in report.checks if not c.passed}
+    assert failed == {"max_abs_rel"}, report.checklist()
+
+
+def test_max_abs_rel_is_scale_free():
+    from export.metrics import compare
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 17, 96)).astype(np.float32)
+    act = ref + 1e-5 * rng.standard_normal(ref.shape).astype(np.float32)
+    small, large = compare(ref, act), compare(1000 * ref, 1000 * act)
+    assert large["max_abs"] > 500 * small["max_abs"]
+    assert large["max_abs_rel"] == pytest.approx(small["max_abs_rel"], rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ smoothing
+
+def test_smoothing_keeps_the_function_and_balances_the_channels(outliers, tmp_path):
+    import shutil
+
+    from export.backend import ort_session
+    from export.precision.smooth import smooth_for_quantization
+    from export.precision.stats import activation_peaks
+
+    ckpt, canonical, feeds = outliers("clip-vision")
+    folder = tmp_path / "m"
+    shutil.copytree(canonical.parent, folder)
+    src = folder / "model.onnx"
+    # Every weight in model.onnx.data, as a > 2 GB model has them: smoothing must read and write there.
+    model = onnx.load(str(src))
+    onnx.save(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data")
+    report = smooth_for_quantization(src, feeds, dst=folder / "smoothed.onnx", log=lambda _: None)
+
+    assert len(report["smoothed"]) == 2 * ckpt.config.num_hidden_layers
+    for entry in report["smoothed"]:
+        assert set(entry["outlier_channels"]) == {5, 70}  # OUTLIER_CHANNELS
+        assert entry["spread_after"] < entry["spread"] / 4
+    assert report["not_smoothed"]  # the embeddings' LayerNorm also feeds a residual Add: left alone
+    smoothed = onnx.load(str(folder / "smoothed.onnx"), load_external_data=False)
+    locations = {e.value for t in smoothed.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data", "smoothed.onnx.data"}  # rewritten tensors only in the new file
+
+    x = feeds[0][INPUT_NAME]
+    before = ort_session(src, "exact").run(None, {INPUT_NAME: x})
+    after = ort_session(folder / "smoothed.onnx", "exact").run(None, {INPUT_NAME: x})
+    for b, a in zip(before, after):
+        assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
+    tensors = [e["tensor"] for e in report["smoothed"]]
+    peaks = activation_peaks(folder / "smoothed.onnx", feeds, tensors, per_channel=tensors, log=lambda _: None)
+    for entry in report["smoothed"]:
+        channel = peaks[entry["tensor"]]
+        assert channel.max() / np.median(channel) == pytest.approx(entry["spread_after"], rel=0.02)
+
+
+def test_smoothing_leaves_models_without_outliers_alone(exported, tmp_path):
+    from export.images import sample_photos
+    from export.precision.smooth import smooth_for_quantization
+
+    ckpt, shape, canonical = exported("mlcd-rope2d")
+    feeds = [{INPUT_NAME: pixel_values(ckpt.processor, sample_photos(2), (shape.height, shape.width)).numpy()}]
+    dst = tmp_path / "smoothed.onnx"
+    report = smooth_for_quantization(canonical, feeds, dst=dst, log=lambda _: None)
+    assert report["smoothed"] == [] and not dst.exists()
+    assert any("no outlier channels" in e["reason"] for e in report["not_smoothed"])
+    assert smooth_for_quantization(canonical, feeds, dtype="fp8", dst=dst, log=lambda _: None)["skipped"]
+
+
+def test_restoring_every_layer_gives_back_the_float_graph(outliers, tmp_path):
+    from export.backend import ort_session
+    from export.precision.fallback import quantized_layers, restore
+    from export.precision.qdq import quantize_qdq
+
+    _, src, feeds = outliers("mlcd-rope2d")
+    qdq = tmp_path / "qdq.onnx"
+    quantize_qdq(src, qdq, feeds[:4], log=lambda _: None)
+    q_model, f_model = onnx.load(str(qdq)), onnx.load(str(src))
+    layers = {n.name for n in quantized_layers(q_model)}
+    assert len(layers) == 1 + 6 * 2  # patch embedding + q, k, v, out, fc1, fc2 per layer
+    every = restore(q_model, f_model, layers)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in every.graph.node)
+    x = {INPUT_NAME: feeds[0][INPUT_NAME]}
+    for a, b in zip(ort_session(every, "exact").run(None, x), ort_session(f_model, "exact").run(None, x)):
+        np.testing.assert_array_equal(a, b)
+    one = next(iter(sorted(layers)))
+    partial = restore(q_model, f_model, {one})
+    assert {n.name for n in quantized_layers(partial)} == layers - {one}
+
+
+# ------------------------------------------------------------------------------------------ int8, fp8
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_without_the_recipe_fails_on_outlier_models(outliers, family, tmp_path):
+    """The test models are hard: plain Q/DQ (one per-tensor scale over the outlier channels) misses
+    pooled cosine 0.99 on held-out photos."""
+    from export.precision.fp16 import convert_file
+    from export.precision.qdq import quantize_qdq
+
+    ckpt, src, feeds = outliers(family)
+    qdq = tmp_path / "qdq.onnx"
+    quantize_qdq(src, qdq, feeds, log=lambda _: None)
+    convert_file(qdq, tmp_path / "model.onnx", fp16=True)
+    assert _held_out(ckpt, tmp_path / "model.onnx")["pooler_output"] < 0.99
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_recipe_holds_on_outlier_models(outliers, family, tmp_path):
+    ckpt, canonical, _ = outliers(family)
+    out = tmp_path / "int8"
+    result = _build(_folder(canonical), out, precision="int8")
+    parity = json.loads((out / "parity.json").read_text())
+    assert result.parity_passed, parity
+    assert parity["worst"]["pooler_output"]["min_cosine"] >= 0.99
+    held_out = _held_out(ckpt, out / "model.onnx")
+    assert held_out["pooler_output"] >= 0.99, held_out
+
+    recipe = result.manifest["precision_recipe"]
+    smoothed = recipe["smoothing"]["smoothed"]
+    assert len(smoothed) == 2 * ckpt.config.num_hidden_layers and all(e["why"] for e in smoothed)
+    fallback = recipe["fallback"]
+    assert fallback["met"]
+    kept = fallback["kept_out_of_low_precision"]
+    assert 0 < len(kept) <= 13 // 2 and all(e["why"] for e in kept)  # most layers stay int8
+    # the layers kept out really have no Q/DQ; the others do
+    model = onnx.load(str(out / "model.onnx"))
+    from export.precision.fallback import quantized_layers
+
+    still = {n.name for n in quantized_layers(model)}
+    assert not still & {e["node"] for e in kept} and len(still) == 13 - len(kept)
+    report = json.loads((out / "overflow_report.json").read_text())
+    assert report["smoothing"]["smoothed"] == smoothed and report["fallback"] == fallback
+
+
+@pytest.fixture(scope="module")
+def fp8_builds(outliers, tmp_path_factory):
+    """family -> (BuildResult, held-out cosines) of the fp8 recipe on the outlier model, built once."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            ckpt, canonical, _ = outliers(family)
+            out = tmp_path_factory.mktemp(f"fp8-{family}") / "out"
+            result = _build(_folder(canonical), out, precision="fp8")
+            cache[family] = result, _held_out(ckpt, out / "model.onnx")
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_recipe_reports_on_outlier_models(fp8_builds, family):
+    """fp8 is not smoothed (a float format: outliers cost it no precision); the fallback runs and
+    says what it kept out of fp8 and why."""
+    result, held_out = fp8_builds(family)
+    recipe = result.manifest["precision_recipe"]
+    assert recipe["smoothing"]["smoothed"] == [] and "float format" in recipe["smoothing"]["skipped"]
+    fallback = recipe["fallback"]
+    assert fallback["all_quantized"]["pooler_output"] < fallback["targets_min_cosine"]["pooler_output"]
+    assert fallback["kept_out_of_low_precision"] and all(e["why"] for e in fallback["kept_out_of_low_precision"])
+    print(f"fp8 {family}: parity {result.manifest['parity']['worst']}, held-out {held_out}")
+
+
+@pytest.mark.xfail(strict=True, reason="onnxruntime's fp8 scales come from the std of the values and clip "
+                                       "outlier channels (activations) and smoothed rows (weights); TensorRT "
+                                       "and ModelOpt use max |x| / 448. Remove this mark when qdq.py does.")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_holds_on_outlier_models(fp8_builds, family):
+    result, held_out = fp8_builds(family)
+    assert result.parity_passed and held_out["pooler_output"] >= 0.99
