@@ -29,7 +29,8 @@ def check_output_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file; pass a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExistsError(f"--out {out} already holds output; pass --force to replace it or choose another folder")
+        raise OutputExistsError(f"--out {out} already holds output; pass --force to replace it or choose another "
+                                "folder")
 
 
 @contextlib.contextmanager

@@ -168,18 +168,23 @@ def default_providers() -> list:
     return ["CPUExecutionProvider"]
 
 
-def ort_session(model, mode: str = "optimized", providers=None, *, threads: int = 0, allow_spinning: bool = True):
+def ort_session(model, mode: str = "optimized", providers=None, *, threads: int = 0, allow_spinning: bool = True,
+                priority_order: bool = False):
     """An onnxruntime InferenceSession for `model` (a path, an onnx.ModelProto or its bytes).
 
     mode: ORT_MODES key ("exact" = ORT_DISABLE_ALL). providers: None = default_providers().
     threads: intra-op threads (0: onnxruntime's default). allow_spinning=False stops idle worker
     threads from spinning (they would steal cores from whatever runs next, timed or served).
     Plugin-form RoPE2D nodes (no body) run with the reference body attached (pluginref).
+    priority_order: execute in onnxruntime's priority-based order, which follows the node list. For
+    graphs with side branches on every tensor (precision/stats.py's reductions) the default order
+    runs the branches late and keeps every activation alive: 6.3 GB instead of 1.2 GB measured on
+    the demo model at 896 px.
     """
-    return _ort_session(model, mode, providers, threads, allow_spinning)[0]
+    return _ort_session(model, mode, providers, threads, allow_spinning, priority_order)[0]
 
 
-def _ort_session(model, mode, providers, threads, allow_spinning):
+def _ort_session(model, mode, providers, threads, allow_spinning, priority_order=False):
     """(session, whether the pluginref body was attached)."""
     import onnxruntime as ort
 
@@ -190,6 +195,8 @@ def _ort_session(model, mode, providers, threads, allow_spinning):
         options.intra_op_num_threads = threads
     if not allow_spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if priority_order:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     providers = default_providers() if providers is None else list(providers)
     with _pluginref(model) as (source, attached):
         return ort.InferenceSession(source, options, providers=providers), attached

@@ -12,7 +12,7 @@ from pathlib import Path
 from .engine import RUNTIME_CHOICES
 from .lowering import ROPE_CHOICES
 from .pipeline import BuildOptions
-from .precision.calibration import DEFAULT_COUNT
+from .precision.calibration import CALIBRATION_BUDGET_TFLOPS, DEFAULT_COUNT, MIN_COUNT
 from .precision.qdq import CALIBRATION_METHODS
 from .precision.recipe import PRECISIONS, QUANT_TARGETS
 
@@ -57,8 +57,9 @@ def parser() -> argparse.ArgumentParser:
                    help="calibration images (JPEG/PNG) for int8 and the fp16 overflow scan "
                         "(default: scikit-image's photographs)")
     p.add_argument("--calib-count", type=int, metavar="N",
-                   help=f"calibration images to use (default: {DEFAULT_COUNT}; the fp16 overflow scan and int8 "
-                        "calibration each run the model once per image)")
+                   help=f"calibration images to use (default: {DEFAULT_COUNT}, fewer down to {MIN_COUNT} for "
+                        f"models over {CALIBRATION_BUDGET_TFLOPS / DEFAULT_COUNT:g} TFLOPs an image; the fp16 overflow "
+                        "scan and int8 calibration each run the model once per image)")
     p.add_argument("--calib-method", choices=CALIBRATION_METHODS, default="max",
                    help="int8 calibration: max, entropy or percentile (default: max)")
     p.add_argument("--random-weights", action="store_true",
@@ -85,7 +86,8 @@ def _capabilities(values: list[str] | None) -> list[tuple[int, int]] | None:
     if not values:
         return None
     try:
-        return [tuple(int(p) for p in v.split(".")) for v in values]
+        # exactly two numbers: "8" or "8.9.1" is an error here, not a crash in the engine step
+        return [(int(major), int(minor)) for major, minor in (v.split(".") for v in values)]
     except ValueError:
         raise SystemExit(f"error: --compute-capability takes MAJOR.MINOR, e.g. 8.9; got {values}") from None
 

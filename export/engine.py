@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OptionError
+from .rope_identity import PLUGIN_ID
 
 PLAN_NAME = "model.plan"
 # The graph handed to the builder when it needs a RoPE lowering that plain onnxruntime cannot run
@@ -42,7 +43,9 @@ class EngineTarget:
     @property
     def rope_runtime(self) -> tuple[str, str] | None:
         """(runtime, version) for the RoPE lowering choice, or None when no engine will be built."""
-        return None if self.skip_reason else (self.runtime, self.version)
+        if self.skip_reason or self.version is None:  # no version: not importable, so skipped anyway
+            return None
+        return self.runtime, self.version
 
 
 def probe(runtime: str) -> EngineTarget:
@@ -142,8 +145,8 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
                               "plugins; use --rope onnx23, custom or decomposed")
         from kernels.trt_plugin import register_trt_plugin
 
-        register_trt_plugin()  # mvt::RoPE2D with its ahead-of-time PTX, embedded in the engine
-        facts["plugins"] = ["mvt::RoPE2D (AOT, Triton PTX)"]
+        register_trt_plugin()  # the RoPE plugin with its ahead-of-time PTX, embedded in the engine
+        facts["plugins"] = [f"{PLUGIN_ID} (AOT, Triton PTX)"]
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     # Serialized bytes, never a deserialized engine: that would need a GPU, and TensorRT-RTX builds
     # on machines without one.
@@ -158,7 +161,7 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
 def _has_plugin_nodes(onnx_path: Path) -> bool:
     import onnx
 
-    from .lowering import PLUGIN_NAMESPACE
+    from .rope_identity import PLUGIN_NAMESPACE
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     return any(a.name == "plugin_namespace" and a.s.decode() == PLUGIN_NAMESPACE

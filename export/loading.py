@@ -28,9 +28,20 @@ class Checkpoint:
     folder: Path | None  # where config/weights came from (None for built-in architectures)
     random_weights: bool
 
+    _config: Any = None  # kept when the model is released
+
     @property
     def config(self):
-        return self.model.config
+        return self.model.config if self.model is not None else self._config
+
+    def release_model(self) -> None:
+        """Free the PyTorch weights (7.4 GB for bigG in fp32) once nothing needs to run them; the
+        config, processor and family stay."""
+        import gc
+
+        if self.model is not None:
+            self._config, self.model = self.model.config, None
+            gc.collect()
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -75,7 +86,8 @@ def load_folder(folder: Path, source: str | None = None) -> Checkpoint:
     import torch
 
     # CLIPVisionModel reads a full "clip" checkpoint's vision_config and vision_model.* weights.
-    model = family.model_class().from_pretrained(
+    model_class: Any = family.model_class()  # a transformers PreTrainedModel class
+    model = model_class.from_pretrained(
         folder, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
     )
     model.eval()
@@ -105,10 +117,13 @@ def load_processor(folder: Path | None, config):
 def _processor_class():
     # The PIL processor needs no torchvision; transformers falls back to it anyway, with a warning.
     try:
-        from transformers import CLIPImageProcessorPil as cls
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil
     except ImportError:
-        from transformers import CLIPImageProcessor as cls
-    return cls
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor
 
 
 def _check_weights(folder: Path) -> None:

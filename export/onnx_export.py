@@ -64,7 +64,7 @@ def encoder_module(checkpoint: Checkpoint, shape: ExportShape):
 
         def forward(self, pixel_values):
             out = self.model(pixel_values=pixel_values, output_hidden_states=layer is not None, **extra)
-            outputs = (out.last_hidden_state, out.pooler_output)  # (B, S, C), (B, C)
+            outputs: tuple = (out.last_hidden_state, out.pooler_output)  # (B, S, C), (B, C)
             if layer is not None:
                 outputs += (out.hidden_states[layer],)  # (B, S, C)
             return outputs
@@ -104,6 +104,7 @@ def export_canonical(checkpoint: Checkpoint, shape: ExportShape, path: Path, *, 
         )
     # Weights go to external data here so that a > 2 GB model never has to fit in one protobuf;
     # the pipeline folds them back in when the result is small (artifacts.save_onnx).
+    assert program is not None  # dynamo=True always returns the ONNXProgram
     program.save(str(path), external_data=True)
     model = onnx.load(str(path), load_external_data=False)
     if onnx_rope.rope_nodes(model.graph):

@@ -66,14 +66,43 @@ def parity_sizes(checkpoint: Checkpoint, shape: ExportShape) -> list[tuple[int, 
     return sizes
 
 
+@dataclass
+class ReferenceCase:
+    """One parity input and the PyTorch reference's outputs for it."""
+
+    height: int
+    width: int
+    batch: int
+    feed: dict  # {INPUT_NAME: (batch, 3, H, W) float32}
+    outputs: dict  # {output name: array}
+
+
+def reference_outputs(checkpoint: Checkpoint, shape: ExportShape, *, batch_sizes=BATCH_SIZES,
+                      images=None) -> list[ReferenceCase]:
+    """The PyTorch reference on the parity photos, every size and batch: computed once, so that the
+    model can be released before the memory-hungry ONNX steps (bigG is 7.4 GB in fp32)."""
+    images = images or sample_photos(max(batch_sizes))
+    cases = []
+    for height, width in parity_sizes(checkpoint, shape):
+        size = ExportShape(height, width, shape.dynamic_resolution, shape.hidden_layer)
+        pixels = pixel_values(checkpoint.processor, images, (height, width)).numpy()  # (N, 3, H, W)
+        with TorchRunner(checkpoint, size) as reference_runner:
+            for batch in batch_sizes:
+                feed = {INPUT_NAME: pixels[:batch]}
+                cases.append(ReferenceCase(height, width, batch, feed, reference_runner.infer(feed)))
+    return cases
+
+
 def onnx_parity(checkpoint: Checkpoint, shape: ExportShape, onnx_path: Path, *, precision: str = "fp32",
                 batch_sizes=BATCH_SIZES, images=None, tolerances: dict | None = None,
-                modes: dict[str, bool] | None = None) -> ParityReport:
+                modes: dict[str, bool] | None = None, references: list[ReferenceCase] | None = None) -> ParityReport:
     """Compare `onnx_path` with the PyTorch reference. `modes`: {ORT mode: enforced}; by default
     fp32 is judged with onnxruntime's defaults, fp16 in "exact" mode, int8 in "exact" mode (the
-    TensorRT-like one) with "optimized" (integer kernels) reported beside it."""
+    TensorRT-like one) with "optimized" (integer kernels) reported beside it. `references`: from
+    reference_outputs (then the checkpoint's model is not used)."""
     tolerances = tolerances or checkpoint.family.tolerances
-    images = images or sample_photos(max(batch_sizes))
+    if references is None:
+        references = reference_outputs(checkpoint, shape, batch_sizes=batch_sizes, images=images)
     if modes is None:
         judged = ort_mode_for(precision)
         modes = {judged: True} if precision in ("fp32", "fp16") else {judged: True, "optimized": False}
@@ -90,22 +119,15 @@ def onnx_parity(checkpoint: Checkpoint, shape: ExportShape, onnx_path: Path, *, 
         if any(r.pluginref for r in runners.values()):
             report.notes.append("plugin nodes ran with the RoPE2D reference body (pluginref); "
                                 "the plugin kernel itself runs only in TensorRT")
-        for height, width in parity_sizes(checkpoint, shape):
-            size = ExportShape(height, width, shape.dynamic_resolution, shape.hidden_layer)
-            pixels = pixel_values(checkpoint.processor, images, (height, width)).numpy()  # (N, 3, H, W)
-            with TorchRunner(checkpoint, size) as reference_runner:
-                for batch in batch_sizes:
-                    feed = {INPUT_NAME: pixels[:batch]}
-                    reference = reference_runner.infer(feed)
-                    for mode, runner in runners.items():
-                        actual = runner.infer(feed)
-                        case = f"batch {batch} @ {height}x{width}" + ("" if len(modes) == 1 else f" {mode}")
-                        for name in shape.output_names:
-                            measured = compare(reference[name], actual[name])
-                            report.measured.append({"case": case, "output": name, "ort_mode": mode, **measured})
-                            for metric, threshold in thresholds_for(tolerances, precision, name).items():
-                                report.checks.append(Check(case, name, metric, measured[metric], threshold,
-                                                           modes[mode]))
+        for ref in references:
+            for mode, runner in runners.items():
+                actual = runner.infer(ref.feed)
+                case = f"batch {ref.batch} @ {ref.height}x{ref.width}" + ("" if len(modes) == 1 else f" {mode}")
+                for name in shape.output_names:
+                    measured = compare(ref.outputs[name], actual[name])
+                    report.measured.append({"case": case, "output": name, "ort_mode": mode, **measured})
+                    for metric, threshold in thresholds_for(tolerances, precision, name).items():
+                        report.checks.append(Check(case, name, metric, measured[metric], threshold, modes[mode]))
     return report
 
 

@@ -16,15 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from . import __version__, engine as engines
 from .artifacts import EXTERNAL_DATA_THRESHOLD, ONNX_NAME, save_onnx, sha256, staged_output, write_json
-from . import engine as engines
 from .errors import OptionError
 from .families import INPUT_NAME
 from .lowering import lower_rope, resolve_rope
 from .onnx_export import ExportShape, export_canonical, validate_hidden_layer, validate_image_size
 from .precision.recipe import check_options as check_precision_options
-
 
 
 @dataclass
@@ -38,7 +36,7 @@ class BuildOptions:
     max_batch: int = 32
     hidden_layer: int | None = None
     calib_images: Path | None = None  # None: scikit-image's photographs (not the parity ones)
-    calib_count: int | None = None  # calibration images used; None: precision.calibration.DEFAULT_COUNT
+    calib_count: int | None = None  # calibration images used; None: precision.calibration.default_count
     calib_method: str = "max"
     quant_target: str = "tensorrt"  # int8/fp8 graph form: "tensorrt" (symmetric, fp16 rest) or "cpu"
     force: bool = False
@@ -69,7 +67,8 @@ class Steps:
     """Numbered progress lines with timings: long steps (tracing bigG) say what is happening."""
 
     def __init__(self, total: int, log: Callable[[str], None]):
-        self.total, self.log, self.n, self.timings = total, log, 0, {}
+        self.total, self.log, self.n = total, log, 0
+        self.timings: dict[str, float] = {}  # step title -> seconds
 
     def run(self, title: str, fn, *args, **kwargs):
         self.n += 1
@@ -120,7 +119,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
     # graphs at opset 23 trip onnxruntime 1.32's optimizer, so auto's onnx23 must not reach model.onnx.)
     engine_rope = resolve_rope(opts.rope, target.rope_runtime)
     rope = "custom" if opts.rope in ("auto", "plugin") else engine_rope
-    steps = Steps(6, log)
+    steps = Steps(7, log)
 
     with staged_output(out, opts.force) as stage:
         ckpt = steps.run(f"Loading {opts.model or 'the demo model'}", load_checkpoint, opts.model,
@@ -136,6 +135,16 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         onnx_path = stage / ONNX_NAME
         steps.run(f"Tracing to ONNX ({height}x{width}{', any resolution' if shape.dynamic_resolution else ''})",
                   export_canonical, ckpt, shape, onnx_path)
+        references = None
+        if opts.parity:
+            from .parity import reference_outputs
+
+            references = steps.run("Running the PyTorch reference on the parity photos", reference_outputs,
+                                   ckpt, shape)
+        else:
+            _skip(steps, log, "PyTorch reference skipped (--skip-parity)")
+        # Nothing runs the PyTorch model from here on: free its memory for the ONNX steps.
+        ckpt.release_model()
         precision = None
         if opts.precision == "fp32":
             _skip(steps, log, "Precision fp32: the traced graph as it is")
@@ -156,7 +165,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
             from .parity import onnx_parity
 
             parity = steps.run("Checking parity against PyTorch on photos", onnx_parity, ckpt, shape, onnx_path,
-                               precision=opts.precision)
+                               precision=opts.precision, references=references)
             parity.checks.insert(0, graph_check(graph_error))
             log(parity.checklist())
             write_json(stage / "parity.json", parity.to_json())
@@ -209,9 +218,9 @@ def _engine_target(opts: BuildOptions) -> engines.EngineTarget:
 
 def _apply_precision(opts: BuildOptions, ckpt, shape: ExportShape, onnx_path: Path, log):
     from .precision import apply_precision
-    from .precision.calibration import DEFAULT_COUNT, calibration_feeds, calibration_images
+    from .precision.calibration import calibration_feeds, calibration_images, default_count
 
-    count = opts.calib_count or DEFAULT_COUNT
+    count = opts.calib_count or default_count(ckpt.config, (shape.height, shape.width))
     images, described = calibration_images(opts.calib_images, count, log)
     feeds = calibration_feeds(ckpt.processor, images, (shape.height, shape.width), INPUT_NAME)
     start = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 
 def _pyplot():
@@ -96,7 +97,7 @@ def plot_benchmark(results: list[dict], path: Path, title: str = "") -> Path:
     return _save(plt, fig, path)
 
 
-def plot_features(panels: list[tuple[str, object]], path: Path, title: str = "") -> Path:
+def plot_features(panels: Sequence[tuple[str, object]], path: Path, title: str = "") -> Path:
     """Images side by side (H x W x 3 arrays or PIL images), one titled panel each."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.9), dpi=110)

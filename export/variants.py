@@ -45,10 +45,11 @@ def precision_graph(ckpt, shape, canonical: Path, precision: str, dst: Path, *, 
 
     from .lowering import lower_rope
     from .precision import apply_precision
-    from .precision.calibration import DEFAULT_COUNT, calibration_feeds, calibration_images
+    from .precision.calibration import calibration_feeds, calibration_images, default_count
 
     images, described = calibration_images(Path(calib_images) if calib_images else None,
-                                           calib_count or DEFAULT_COUNT, log=lambda _: None)
+                                           calib_count or default_count(ckpt.config, (shape.height, shape.width)),
+                                           log=lambda _: None)
     feeds = calibration_feeds(ckpt.processor, images, (shape.height, shape.width), INPUT_NAME)
     copy_onnx(canonical, dst)
     result = apply_precision(dst, precision, feeds, calib_method=calib_method, quant_target=quant_target,

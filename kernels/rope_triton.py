@@ -147,6 +147,7 @@ def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         # the standard ones.
         x = x.clone(memory_format=torch.contiguous_format) if x.is_contiguous() else x.contiguous()
         strides = _row_strides(x)
+        assert strides is not None  # standard strides always qualify
     return x, strides
 
 

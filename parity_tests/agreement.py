@@ -79,7 +79,8 @@ class LedgerCheck:
         direction = LEDGER_METRICS[self.metric][0]
         value = f"{self.value:.6f}" if self.metric in ("min_cosine", "nn_top1", "nn_top5") else f"{self.value:.3g}"
         where = f"{self.output} {self.case}".strip()
-        return f"  [{mark(self.passed, self.enforced)}] {self.stage:<22} {where:<30} {self.metric:<17} {value:<11} {direction} {self.threshold:g}"
+        return (f"  [{mark(self.passed, self.enforced)}] {self.stage:<22} {where:<30} {self.metric:<17} {value:<11} "
+                f"{direction} {self.threshold:g}")
 
     def to_json(self) -> dict:
         return {**asdict(self), "passed": self.passed}

@@ -96,7 +96,7 @@ def layer_divergence(path: Path, layer_map: LayerMap, reference: list[np.ndarray
     values = _run_exposed(path, wanted, pixels, mode=mode)
     rows = []
     for i, (name, ref) in enumerate(zip(layer_map.names, reference)):
-        row = {"layer": i, "tensor": name, "rel_l2": None, "min_cosine": None, "max_abs": None}
+        row: dict = {"layer": i, "tensor": name, "rel_l2": None, "min_cosine": None, "max_abs": None}
         if name in values and values[name].shape == ref.shape:
             m = compare(ref, values[name])
             row.update(rel_l2=rel_l2(ref, values[name]), min_cosine=m["min_cosine"], max_abs=m["max_abs"])

@@ -210,6 +210,7 @@ def _layers(ckpt, stages: list[Stage], pixels: np.ndarray) -> tuple[dict, list[s
     if fp32 is None:
         return {}, ["no fp32 ONNX stage: per-layer tensors are located in an fp32 graph (add --stages fp32)"]
     reference = reference_hidden_states(ckpt, pixels)
+    assert fp32.path is not None  # every onnx stage has its graph
     layer_map = locate_layers(fp32.path, reference, pixels)
     missing = [i for i, n in enumerate(layer_map.names) if n is None]
     if missing:
@@ -219,6 +220,7 @@ def _layers(ckpt, stages: list[Stage], pixels: np.ndarray) -> tuple[dict, list[s
     for name in [fp32.name] + [n for n in ("fp16", "int8") if n in runnable] + \
             (["deployed"] if "deployed" in runnable and runnable["deployed"].precision != "fp32" else []):
         stage = runnable[name]
+        assert stage.path is not None
         series[name] = layer_divergence(stage.path, layer_map, reference, pixels, mode="exact")
         lost = [r["layer"] for r in series[name] if r["tensor"] and r["rel_l2"] is None]
         if lost:
@@ -241,13 +243,16 @@ def markdown(ledger: Ledger) -> str:
     model = d["model"]
     lines = [f"# Parity ledger: {model.get('source')} ({model.get('family')})", "",
              f"Export folder `{d['artifacts']}`, deployed precision **{d['deployed_precision']}**, "
-             f"{len(d['photos'])} held-out photographs (views of {', '.join(sorted({p.split('/')[0] for p in d['photos']}))}) "
+             f"{len(d['photos'])} held-out photographs "
+             f"(views of {', '.join(sorted({p.split('/')[0] for p in d['photos']}))}) "
              f"at {d['image_size'][0]}x{d['image_size'][1]}. Reference: {d['reference']}.", "",
              "## Stages", "", "| stage | precision | what | status |", "|---|---|---|---|"]
     for s in d["stages"]:
-        status = f"skipped: {s['skip_reason']}" if s["skip_reason"] else ("judged" if s["enforced"] else "reported, not judged")
+        status = (f"skipped: {s['skip_reason']}" if s["skip_reason"]
+                  else "judged" if s["enforced"] else "reported, not judged")
         notes = "; ".join(s["notes"])
-        lines.append(f"| {s['name']} | {s['precision']} | {s['description']}{' — ' + notes if notes else ''} | {status} |")
+        lines.append(f"| {s['name']} | {s['precision']} | {s['description']}{' — ' + notes if notes else ''} "
+                     f"| {status} |")
     cols = ["max_abs", "mean_abs", "min_cosine", "rel_l2", "sqnr_db", "nn_top1", "nn_top5"]
     lines += ["", "## Each stage against PyTorch", "", "| stage | output | " + " | ".join(cols) + " |",
               "|---|---|" + "---|" * len(cols)]
@@ -258,7 +263,8 @@ def markdown(ledger: Ledger) -> str:
               "| stage | identical rows | batch size | slot |", "|---|---|---|---|"]
     for stage, results in d["invariants"]["results"].items():
         by = {r["name"]: r["worst_rel_l2"] for r in results}
-        lines.append(f"| {stage} | {_fmt(by.get('identical rows'))} | {_fmt(by.get('batch size'))} | {_fmt(by.get('slot'))} |")
+        lines.append(f"| {stage} | {_fmt(by.get('identical rows'))} | {_fmt(by.get('batch size'))} "
+                     f"| {_fmt(by.get('slot'))} |")
     layers = d.get("layers") or {}
     if layers.get("stages"):
         series = layers["stages"]
@@ -266,7 +272,8 @@ def markdown(ledger: Ledger) -> str:
                   "| layer | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
         depth = max(len(v) for v in series.values())
         for i in range(depth):
-            lines.append(f"| {i} | " + " | ".join(_fmt(v[i]["rel_l2"]) if i < len(v) else "–" for v in series.values()) + " |")
+            cells = (_fmt(v[i]["rel_l2"]) if i < len(v) else "–" for v in series.values())
+            lines.append(f"| {i} | " + " | ".join(cells) + " |")
     for note in d.get("layer_notes", []):
         lines.append(f"\nNote: {note}")
     lines += ["", "## Thresholds (data: export.families.TOLERANCES + parity_tests.agreement.LEDGER_EXTRA)", "",

@@ -96,6 +96,7 @@ def plan_stages(ckpt, shape, manifest: dict, artifacts: Path, work: Path, groups
         canonical, how = canonical_graph(ckpt, shape, manifest, artifacts, work, log)
         facts["canonical"] = how
     if "fp32" in groups:
+        assert canonical is not None  # needs_canonical
         lowerings = LOWERINGS if ckpt.family.has_rope else ("none",)
         for lowering in tqdm(lowerings, desc="      lowering RoPE", leave=False):
             if lowering == "none":
@@ -116,6 +117,7 @@ def plan_stages(ckpt, shape, manifest: dict, artifacts: Path, work: Path, groups
         if precision not in groups:
             continue
         log(f"      applying the {precision} recipe ...")
+        assert canonical is not None  # needs_canonical
         path = work / precision / ONNX_NAME
         facts["recipes"][precision] = precision_graph(ckpt, shape, canonical, precision, path, **calibration)
         stages.append(Stage(precision, precision, "onnx", f"the {precision} recipe on the canonical graph"
@@ -164,5 +166,7 @@ def make_runner(stage: Stage, output_names, artifacts: Path, url: str | None = N
     if stage.kind == "tensorrt":
         return engine_runner_from_manifest(artifacts, output_names)
     if stage.kind == "triton":
+        if url is None:
+            raise ValueError(f"stage {stage.name!r} is served by Triton: pass its url")
         return TritonRunner(url, triton_model, output_names)
     raise ValueError(f"unknown stage kind {stage.kind!r}")

@@ -37,12 +37,12 @@ def _run_with_positions(ckpt, x, convention):
     def forward(self, hidden, pos_ids):
         return original(self, hidden, _positions(hp, wp, convention))
 
-    modeling_mlcd.MLCDRotaryEmbedding.forward = forward
+    modeling_mlcd.MLCDRotaryEmbedding.forward = forward  # type: ignore[method-assign]  # patched for one pass
     try:
         with torch.no_grad():
             return model(pixel_values=x).last_hidden_state.numpy()
     finally:
-        modeling_mlcd.MLCDRotaryEmbedding.forward = original
+        modeling_mlcd.MLCDRotaryEmbedding.forward = original  # type: ignore[method-assign]
 
 
 def test_transformers_positions_are_what_the_model_uses(exported):

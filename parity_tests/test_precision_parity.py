@@ -91,7 +91,8 @@ def test_fp8_recipe(tiny_folders, tmp_path):
     result = _build(tiny_folders["mlcd-rope2d"], tmp_path / "fp8", precision="fp8")
     assert result.parity_passed
     model = onnx.load(str(tmp_path / "fp8" / "model.onnx"))
-    fp8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(t.dims) == 2]
+    fp8_weights = [t for t in model.graph.initializer
+                   if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(t.dims) == 2]
     assert len(fp8_weights) == 6 * result.manifest["model"]["num_hidden_layers"]
     assert result.manifest["precision_recipe"]["fp8"]["calibration_method"] == "distribution"
 
@@ -226,7 +227,6 @@ def sample_photos_pixels(result) -> dict:
 def test_topological_sort_fixes_appended_casts():
     from onnx import TensorProto, helper
 
-    from export.pipeline import check_graph
     from export.precision.fp16 import topological_sort
 
     # y = Relu(Cast(x)): the Cast appended last, as the float16 converter does with input casts

@@ -25,6 +25,7 @@ def save_outlier_checkpoint(family: ModelFamily, folder: Path, *, seed: int = 0,
     """`family`'s tiny model at hidden OUTLIER_HIDDEN whose layer_norm1/layer_norm2 (before attention and
     before the MLP, in every layer) have gain `gain` on `channels`; saved like save_tiny_checkpoint."""
     from dataclasses import replace
+    from typing import Any
 
     import torch
 
@@ -32,7 +33,8 @@ def save_outlier_checkpoint(family: ModelFamily, folder: Path, *, seed: int = 0,
     wide = replace(family, tiny_config={**family.tiny_config, "hidden_size": OUTLIER_HIDDEN,
                                         "intermediate_size": 2 * OUTLIER_HIDDEN})
     save_tiny_checkpoint(wide, folder, seed=seed)
-    model = family.model_class().from_pretrained(folder)
+    model_class: Any = family.model_class()
+    model = model_class.from_pretrained(folder)
     norms = [m for name, m in model.named_modules() if name.endswith(("layer_norm1", "layer_norm2"))]
     assert len(norms) == 2 * model.config.num_hidden_layers, "every encoder layer has two pre-norms"
     with torch.no_grad():

@@ -36,31 +36,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from export.flops import flops_per_image
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHORT = {"batch_sizes": [1, 2], "repeats": 2, "warmup": 1}
+SHORT: dict[str, Any] = {"batch_sizes": [1, 2], "repeats": 2, "warmup": 1}
 DEFAULT_BATCH_SIZES = [1, 2, 4, 8]
 # Dense fp16 tensor-core peak in TFLOPS (vendor datasheets), for the "fraction of peak" figure.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
                    "T4": 65.0, "RTX 4090": 165.0, "RTX 6000 Ada": 364.0}
 GOALS = {"ort-fp32": 1.5, "ort-int8": 2.5, "pooled_cosine": 0.99}  # the issue's goals (mid-size model, batch 4)
-
-
-def flops_per_image(config, height: int, width: int) -> dict:
-    """Analytic FLOPs of one image through a ViT encoder (see the module docstring)."""
-    p = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-    c, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    n = (height // p) * (width // p)
-    s = n + 1
-    patch = 2 * n * 3 * p * p * c
-    proj, mlp, attn = 2 * 4 * s * c * c, 2 * 2 * s * c * i, 2 * 2 * s * s * c
-    total = patch + layers * (proj + mlp + attn)
-    return {"total": total, "gflops": round(total / 1e9, 3), "patch_embedding": patch,
-            "per_layer": {"qkvo_projections": proj, "mlp": mlp, "attention": attn}, "tokens": s,
-            "formula": "2*N*3*p^2*C + L*2*(4*S*C^2 + 2*S*C*I + 2*S^2*C)"}
 
 
 def gpu_peak(name: str | None) -> float | None:
@@ -169,6 +158,8 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
     if tensorrt and (not backends or "tensorrt" in backends):
         fp32_graph = graphs.get("ort-fp32-onnx23") or graphs.get("ort-fp32-none")
         try:
+            if fp32_graph is None:
+                raise RuntimeError("no fp32 graph to build the engine from")
             trt_runner, gpu = tensorrt_backend(fp32_graph, work, (h, w), ckpt.patch_size, max(batch_sizes), log)
             runners["tensorrt"] = trt_runner.activate()  # now: an engine that cannot run is a reason too
         except Exception as exc:  # no TensorRT / no GPU: a reason, not a crash
@@ -198,7 +189,7 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
             for name, runner in runners.items():
                 for _ in range(warmup):
                     outputs[name] = runner.infer(feed)
-            times = {name: [] for name in runners}
+            times: dict[str, list[float]] = {name: [] for name in runners}
             for _ in range(repeats):
                 for name, runner in runners.items():  # interleaved: contention hits every backend alike
                     start = time.perf_counter()

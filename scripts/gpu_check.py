@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -202,6 +203,7 @@ def check_bench(torch, cc: int, peak_tbs: float, sweep: bool):
     except Exception as exc:
         print(f"note: mvt::rope2d op not benchmarked ({type(exc).__name__}: {exc})")
         have_op = False
+    hf_rope: Callable | None
     try:
         from transformers.models.mlcd.modeling_mlcd import apply_rotary_pos_emb_vision as hf_rope
     except Exception:
@@ -221,7 +223,8 @@ def check_bench(torch, cc: int, peak_tbs: float, sweep: bool):
         figs = {"triton_ms": t_tri, "triton_GBps": gbs_tri, "triton_pct_peak": 100 * gbs_tri * GB / peak,
                 "eager_ms": t_eager, "eager_GBps": gbs_eager, "speedup_vs_eager": t_eager / t_tri}
         print(f"bench {name} B={batch} fp16: triton {t_tri * 1e3:.1f} us = {gbs_tri:.0f} GB/s "
-              f"({figs['triton_pct_peak']:.1f}% of {peak_tbs} TB/s); eager {t_eager * 1e3:.1f} us = {gbs_eager:.0f} GB/s; "
+              f"({figs['triton_pct_peak']:.1f}% of {peak_tbs} TB/s); "
+              f"eager {t_eager * 1e3:.1f} us = {gbs_eager:.0f} GB/s; "
               f"speedup {figs['speedup_vs_eager']:.2f}x", flush=True)
 
         try:
@@ -271,7 +274,7 @@ def check_bench(torch, cc: int, peak_tbs: float, sweep: bool):
         report("PASS" if pct >= 70 else "FAIL", f"bandwidth {name}", f"{pct:.1f}% of HBM peak (target >= 70%)")
         report("PASS" if figs["speedup_vs_eager"] >= 3 else "FAIL", f"speedup {name}",
                f"{figs['speedup_vs_eager']:.2f}x the eager rotation (target >= 3x)")
-        del x, k
+        x = k = None  # free both before empty_cache (not `del`: the lambdas above refer to them)
         torch.cuda.empty_cache()
 
 
@@ -293,6 +296,7 @@ def check_models(torch, iters: int):
     batch = 32
     for alias in SHAPES:
         entry = zoo_entry(alias)
+        assert entry is not None, f"{alias} is not in export.zoo"
         for dtype in (torch.bfloat16, torch.float16):
             dname = str(dtype).removeprefix("torch.")
             model = None

@@ -38,8 +38,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    p.add_argument("--instances", type=int, default=1, help="model instances when this script builds the repository")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (server and direct; 0: default)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="model instances when this script builds the repository")
+    p.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime intra-op threads (server and direct; 0: default)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     return p
 
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     repo = args.repo
     if args.url:
         if args.url.rsplit(":", 1)[0] not in LOOPBACK:
-            print(f"error: --url {args.url} is not a loopback address; this test only talks to 127.0.0.1", file=sys.stderr)
+            print(f"error: --url {args.url} is not a loopback address; this test only talks to 127.0.0.1",
+                  file=sys.stderr)
             return 2
         url, http_url = args.url, args.url if args.protocol == "http" else None
     else:
@@ -143,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             if http_url:
                 stats_before.update(model_statistics(http_url, "encoder"))
 
-        report = {"server": run_load(url, args.protocol, args.model, images, args.requests, args.concurrency,
+        report: dict = {"server": run_load(url, args.protocol, args.model, images, args.requests, args.concurrency,
                                      after_warmup=snapshot)}
-        if stats_before:
+        if stats_before and http_url:
             after = model_statistics(http_url, "encoder")
             inferences = after["inference_count"] - stats_before["inference_count"]
             executions = after["execution_count"] - stats_before["execution_count"]
@@ -166,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                                                               "native_image_size")}
 
     s = report["server"]
-    print(f"\n{s['requests']} requests ({s['protocol']}, concurrency {s['concurrency']}, one image each) in {s['seconds']} s")
-    print(f"  throughput {s['throughput_rps']} req/s   p50 {s['p50_ms']} ms   p99 {s['p99_ms']} ms   errors {s['errors']}")
+    print(f"\n{s['requests']} requests ({s['protocol']}, concurrency {s['concurrency']}, one image each) "
+          f"in {s['seconds']} s")
+    print(f"  throughput {s['throughput_rps']} req/s   p50 {s['p50_ms']} ms   p99 {s['p99_ms']} ms   "
+          f"errors {s['errors']}")
     if "encoder" in report:
         e = report["encoder"]
         print(f"  encoder: {e['inferences']} images in {e['executions']} executions (mean batch {e['mean_batch']})")

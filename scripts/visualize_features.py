@@ -1,7 +1,7 @@
 """Token features as RGB (PCA): PyTorch next to a deployed backend, one PCA basis, one PNG.
 
     .venv/bin/python scripts/visualize_features.py --artifacts artifacts/demo
-    .venv/bin/python scripts/visualize_features.py --artifacts DIR --image cat.jpg --size 448 448  # any-resolution export
+    .venv/bin/python scripts/visualize_features.py --artifacts DIR --image cat.jpg --size 448 448  # dynamic export
     .venv/bin/python scripts/visualize_features.py --artifacts DIR --backend triton --url 127.0.0.1:8000
     .venv/bin/python scripts/visualize_features.py --artifacts DIR --backend tensorrt               # GPU
 
@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
 def run(args, log=print) -> dict:
     from PIL import Image
 
-    from export.backend import OnnxRuntimeRunner, TorchRunner, image_feed, ort_mode_for, runner_for_artifacts
+    from export.backend import OnnxRuntimeRunner, Runner, TorchRunner, image_feed, ort_mode_for, runner_for_artifacts
     from export.errors import OptionError
     from export.families import INPUT_NAME
     from export.features import feature_figure
@@ -75,6 +75,7 @@ def run(args, log=print) -> dict:
     size = ExportShape(h, w, shape.dynamic_resolution, shape.hidden_layer)
     with TorchRunner(ckpt, size, [args.output]) as reference_runner:
         reference = reference_runner.infer({INPUT_NAME: pixels})[args.output]  # (1, S, C)
+    runner: Runner
     if args.backend == "onnxruntime" and args.onnx:
         runner = OnnxRuntimeRunner(args.onnx, ort_mode_for(manifest.get("precision", "fp32")),
                                    output_names=[args.output])

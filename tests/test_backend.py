@@ -16,9 +16,18 @@ import pytest
 from onnx import TensorProto, helper
 
 from export import backend
-from export.backend import (IMAGE_INPUT, OnnxRuntimeRunner, TensorRTRunner, TritonRunner, engine_problem,
-                            engine_runner_from_manifest, engine_runtime, image_feed, ort_session,
-                            runner_for_artifacts)
+from export.backend import (
+    IMAGE_INPUT,
+    OnnxRuntimeRunner,
+    TensorRTRunner,
+    TritonRunner,
+    engine_problem,
+    engine_runner_from_manifest,
+    engine_runtime,
+    image_feed,
+    ort_session,
+    runner_for_artifacts,
+)
 from export.engine import EngineTarget
 from export.errors import EngineUnavailableError, OptionError
 from export.families import INPUT_NAME
@@ -63,7 +72,8 @@ def test_the_plan_opens_in_the_runtime_that_built_it(tmp_path, gpu_here, engine,
     runner = engine_runner_from_manifest(folder)
     assert isinstance(runner, TensorRTRunner) and runner.runtime == runtime and not runner.is_active
     assert runner.output_names == ["last_hidden_state", "pooler_output"]
-    assert runner_for_artifacts(folder, "tensorrt").runtime == runtime
+    chosen = runner_for_artifacts(folder, "tensorrt")
+    assert isinstance(chosen, TensorRTRunner) and chosen.runtime == runtime
 
 
 def test_a_folder_without_an_engine_is_refused_with_what_to_do(tmp_path):

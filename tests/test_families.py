@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from export.families import FAMILIES, family_for_model_type
 from export.errors import UnsupportedModelError
+from export.families import FAMILIES, family_for_model_type
 from export.zoo import DEMO, ZOO, zoo_entry
 
 

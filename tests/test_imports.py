@@ -19,7 +19,8 @@ def test_import_export_needs_no_heavy_dependency():
 
 
 def test_build_engine_help_needs_no_heavy_dependency():
-    proc = _run("import runpy; sys.argv = ['build_engine', '-h']; runpy.run_module('export.build_engine', run_name='__main__')")
+    proc = _run("import runpy; sys.argv = ['build_engine', '-h']; "
+                "runpy.run_module('export.build_engine', run_name='__main__')")
     assert proc.returncode == 0, proc.stderr
     assert "--rope" in proc.stdout and "--dynamic-resolution" in proc.stdout
 

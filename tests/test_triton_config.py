@@ -66,7 +66,8 @@ def test_python_backend_repository(artifacts, tmp_path):
     cfgs = _configs(repo)
     assert set(cfgs) == {"embed", "encoder", "preprocess"}
     enc, pre, ens = cfgs["encoder"], cfgs["preprocess"], cfgs["embed"]
-    assert enc.backend == "python" and (repo / "encoder/1/model.py").is_file() and (repo / "encoder/1/model.onnx").is_file()
+    assert enc.backend == "python"
+    assert (repo / "encoder/1/model.py").is_file() and (repo / "encoder/1/model.onnx").is_file()
     assert [i.name for i in enc.input] == ["pixel_values"] and list(enc.input[0].dims) == [3, 56, 56]
     assert [o.name for o in enc.output] == ["last_hidden_state", "pooler_output", "hidden_state"]
     assert enc.instance_group[0].count == 2 and enc.instance_group[0].kind == enc.instance_group[0].KIND_CPU

@@ -47,9 +47,9 @@ def test_missing_client_skips_but_fails_where_the_server_is_required(tmp_path):
                     "def test_never_runs():\n    pass\n")
     root = Path(__file__).resolve().parents[1]
     results = {}
-    for required in ("0", "1"):
-        env = {**os.environ, "MVT_REQUIRE_TRITON_SERVER": required, "PYTHONPATH": str(root)}
-        results[required] = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+    for flag in ("0", "1"):
+        env = {**os.environ, "MVT_REQUIRE_TRITON_SERVER": flag, "PYTHONPATH": str(root)}
+        results[flag] = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                                             str(test)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                                            env=env)
     skipped, required = results["0"], results["1"]

@@ -18,8 +18,8 @@ PHOTOS = ("astronaut", "coffee", "chelsea")
 
 
 def _processor(size: int = 56, crop: int | None = None):
-    from export.loading import _processor_class
     from export.families import CLIP_MEAN, CLIP_STD
+    from export.loading import _processor_class
 
     crop = crop or size
     return _processor_class()(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop},
@@ -94,7 +94,8 @@ def test_image_smaller_than_crop_is_padded_like_transformers(tmp_path):
     # shortest edge 56 but crop 64: transformers zero-pads the crop; so must we
     processor = _processor(56, 64)
     data = encode(_photo("coffee"), "PNG")
-    np.testing.assert_array_equal(pixel_values_from_bytes(data, _ours(processor, tmp_path)), _reference(processor, data))
+    np.testing.assert_array_equal(pixel_values_from_bytes(data, _ours(processor, tmp_path)),
+                                  _reference(processor, data))
 
 
 @pytest.mark.parametrize("data,match", [(b"", "empty image"), (b"\xff\xd8\xff\xe0 not really a jpeg", "cannot decode"),

@@ -154,7 +154,8 @@ def test_serve_cli_runs_in_foreground_and_stops_on_sigterm(served, tmp_path):
     try:
         line = proc.stdout.readline()  # the CLI prints one line once the server is ready
         assert "tritonserver ready" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
-        assert _http_infer(f"127.0.0.1:{http}", "embed", [b"not an image"] * 0 or [photo_bytes()["coffee.png"]]).shape == (1, 64)
+        images = [b"not an image"] * 0 or [photo_bytes()["coffee.png"]]
+        assert _http_infer(f"127.0.0.1:{http}", "embed", images).shape == (1, 64)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:

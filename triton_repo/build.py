@@ -153,6 +153,7 @@ def resolve_max_batch(requested: int | None, spec: EncoderForm, art: Artifacts) 
     if not spec.needs_engine:
         return requested or manifest_max
     engine_max = art.engine_max_batch
+    assert engine_max is not None  # refusal() turns away an engine form without a profile
     if requested is not None and requested > engine_max:
         raise OptionError(
             f"--max-batch {requested} is larger than the engine's optimization profile allows ({engine_max}); "

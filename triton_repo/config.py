@@ -105,7 +105,7 @@ def _common(cfg, name: str, max_batch: int, instances: int, kind: str, warmup: W
 
 def encoder_config(backend: str | EncoderForm, interface: EncoderInterface, *, name: str = "encoder",
                    max_batch: int, instances: int = 1, warmup: Warmup | None = None,
-                   parameters: dict[str, str] | None = None):
+                   parameters: dict[str, object] | None = None):
     """The encoder in one of the forms of triton_repo/forms.py (a name or the spec itself)."""
     spec = backend if isinstance(backend, EncoderForm) else form(backend)
     pb2 = model_config_pb2()
@@ -126,7 +126,7 @@ def encoder_config(backend: str | EncoderForm, interface: EncoderInterface, *, n
 
 
 def preprocess_config(*, name: str = "preprocess", max_batch: int, instances: int, pixel_values: TensorSpec,
-                      warmup: Warmup | None = None, parameters: dict[str, str] | None = None):
+                      warmup: Warmup | None = None, parameters: dict[str, object] | None = None):
     """Encoded image bytes (TYPE_STRING, one per batch row) -> pixel_values, on the CPU."""
     pb2 = model_config_pb2()
     cfg = pb2.ModelConfig()

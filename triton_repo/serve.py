@@ -53,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         server.wait_ready()
         print(f"tritonserver ready: http {server.http_url}, grpc {server.grpc_url}, "
               f"metrics 127.0.0.1:{server.metrics_port}; log {server.log_file}. Ctrl-C stops it.", flush=True)
+        assert server.process is not None  # set by start()
         code = server.process.wait()
         print(f"error: tritonserver exited with code {code}; its log ends with:\n{server.log_tail()}", file=sys.stderr)
         return 1
     except _Stop as stop:
         print(f"{stop}: shutting down tritonserver ...", flush=True)
-        code = server.stop()
-        print(f"tritonserver stopped (exit code {code})", flush=True)
+        stopped = server.stop()
+        print(f"tritonserver stopped (exit code {stopped})", flush=True)
         return 0
     except MvtError as exc:
         print(f"error: {exc}", file=sys.stderr)

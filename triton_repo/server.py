@@ -36,7 +36,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SERVER_ENV_VAR = "MVT_SERVER_ENV"
 DEFAULT_READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
-SETUP_HINT = "run scripts/setup_server_env.sh (it creates .server-venv with the tritonserver wheel, numpy<2, onnxruntime, pillow)"
+SETUP_HINT = ("run scripts/setup_server_env.sh (it creates .server-venv with the tritonserver wheel, numpy<2, "
+              "onnxruntime, pillow)")
 
 
 class ServerUnavailable(MvtError):

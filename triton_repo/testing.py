@@ -12,13 +12,16 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
 # CI sets this after scripts/setup_server_env.sh, so that a broken setup (no tritonserver, no
 # tritonclient) fails the Triton tests instead of skipping them.
 REQUIRE_SERVER_VAR = "MVT_REQUIRE_TRITON_SERVER"
+
+if TYPE_CHECKING:
+    from .server import TritonServer
 
 
 def tiny_artifacts(folder: Path, family_name: str = "mlcd-rope2d", *, max_batch: int = 8,
@@ -97,7 +100,7 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class ServedRepository:
     """A running server on a generated repository (what the session fixture yields)."""
 
-    server: object  # triton_repo.server.TritonServer
+    server: TritonServer
     repository: Path
     artifacts: Path
     checkpoint: Path

@@ -12,10 +12,22 @@ SKIMAGE_CALIBRATION = ("rocket", "hubble_deep_field", "immunohistochemistry", "r
                        "camera", "coins", "brick", "grass", "gravel", "moon", "page", "text", "clock")
 MAX_IMAGES = 512
 # Calibration images used by default (--calib-count). Each step that calibrates (the fp16 overflow
-# scan, int8 smoothing and ranges) runs the model once per image: 16 keeps RICE-L-560's scan near a
-# minute and MLCD-bigG's (4.1 TFLOPs an image) a few minutes on 2 CPU cores, and the ranges of the
-# default photos stop growing well before that (the parity photos are never among them).
+# scan, int8 smoothing and ranges) runs the model once per image, so the default follows the model's
+# cost: as many images as fit in CALIBRATION_BUDGET_TFLOPS, within [MIN_COUNT, DEFAULT_COUNT]. Small
+# encoders (MLCD-B/32, L/14-336: <= 0.4 TFLOPs an image) get 16; RICE-L-560 (1.2) and MLCD-bigG
+# (4.1) get 8, about a minute and four minutes per pass on 2 CPU cores. (The parity photos are never
+# among them.)
 DEFAULT_COUNT = 16
+MIN_COUNT = 8
+CALIBRATION_BUDGET_TFLOPS = 8.0
+
+
+def default_count(config, size: tuple[int, int]) -> int:
+    """The --calib-count default for a model `config` at `size` (H, W)."""
+    from ..flops import flops_per_image
+
+    tflops = flops_per_image(config, *size)["total"] / 1e12
+    return max(MIN_COUNT, min(DEFAULT_COUNT, int(CALIBRATION_BUDGET_TFLOPS / max(tflops, 1e-9))))
 
 
 def calibration_images(folder: Path | None, count: int = DEFAULT_COUNT, log=print) -> tuple[list, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 from .islands import FP32_ISLANDS
 
@@ -93,7 +93,7 @@ def _stream_external_data(model, src_dir: Path, data_path: Path, location: str) 
     from onnx.external_data_helper import uses_external_data
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
-    handles: dict[str, object] = {}
+    handles: dict[str, BinaryIO] = {}
     offset = 0
     try:
         with open(data_path, "wb") as out:

@@ -4,11 +4,13 @@ Naive fp16 ViT engines lose accuracy here (cosine 0.14 against PyTorch is report
 TensorRT-LLM's issues; LayerNorm overflow is the usual cause).
 """
 
+from ..rope_identity import OP_TYPE as ROPE_OP_TYPE
+
 FP32_ISLANDS: dict[str, str] = {
     "LayerNormalization": "mean/variance of wide activations overflow or lose precision in fp16",
     "Softmax": "exp() of attention logits overflows fp16; sums need fp32",
-    "RoPE2D": "rotation angles up to ~grid size: fp16 cos/sin tables lose the phase",
-    "RotaryEmbedding": "same rotation as RoPE2D, standard op",
+    ROPE_OP_TYPE: "rotation angles up to ~grid size: fp16 cos/sin tables lose the phase",
+    "RotaryEmbedding": "same rotation as the RoPE op, standard op",
     "ReduceMean": "LayerNorm pieces when a runtime decomposes it",
     "Pow": "LayerNorm pieces when a runtime decomposes it",
     "Sqrt": "LayerNorm pieces when a runtime decomposes it",

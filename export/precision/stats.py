@@ -197,26 +197,9 @@ def _augment(model, watched: list[str], per_channel: set[str], moments: set[str]
 
 
 def _session(path: Path, providers: Sequence[str] | None):
-    """onnxruntime session with default optimizations: fusions never remove a tensor another node
-    (here, a reduction) still reads, so the statistics are of the same tensors."""
-    import onnxruntime as ort
+    """onnxruntime with default optimizations (fusions never remove a tensor that a reduction still
+    reads) in priority-based order, which runs each reduction right after its producer, so that the
+    activation can be freed (ort_session's priority_order)."""
+    from ..backend import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if providers is None:
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), options, providers=list(providers))
-
-
-def activation_peaks(model_path: Path, feeds: Iterable[dict], tensors: Sequence[str], *,
-                     per_channel: Sequence[str] = (), desc: str = "measuring activations",
-                     log=print) -> dict[str, float | np.ndarray]:
-    """{tensor: max |x|} over `feeds`; for tensors in `per_channel`, max |x| per channel (last axis, [C])."""
-    run = collect_stats(model_path, feeds, tensors, per_channel=per_channel, desc=desc, log=log)
-    peaks: dict[str, float | np.ndarray] = {name: s.max_abs for name, s in run.stats.items()}
-    for name in per_channel:
-        channel = run.stats[name].channel_max_abs
-        assert channel is not None  # filled by every batch
-        peaks[name] = channel
-    return peaks
+    return ort_session(path, "optimized", providers, priority_order=True)

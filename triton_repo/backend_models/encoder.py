@@ -36,7 +36,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        groups = {}  # input shape without batch -> [(request index, array)]
+        groups: dict = {}  # input shape without batch -> [(request index, array)]
         for i, request in enumerate(requests):
             tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
             if tensor is None:

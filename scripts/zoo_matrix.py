@@ -1,0 +1,187 @@
+"""The zoo matrix: every model x precision through `python -m export.build_engine`, at full size.
+
+    .venv/bin/python scripts/zoo_matrix.py                                  # 4 models x fp32/fp16/int8/fp8
+    .venv/bin/python scripts/zoo_matrix.py --models rice-l-560 --precisions fp16 int8
+    .venv/bin/python scripts/zoo_matrix.py --report docs/zoo_matrix          # -> .md and .json
+
+Each cell is one build in its own process, under `/usr/bin/time -v` (peak RSS of the whole process),
+with --random-weights (the real architectures, no download) and --runtime none (the ONNX side; engine
+builds are a GPU matter). The table: time per step (from manifest.json), peak RSS against the fp32
+weight bytes and against the model's own fp32 row, parity worst values and PASSED/FAILED, artifact
+sizes. Cells run one after another: they are memory-bound on a 24 GiB machine. Not part of the test
+suite (MLCD-bigG alone takes tens of minutes on 2 cores).
+Exit status: 0 when every cell PASSED within the memory bound, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("mlcd-b-32", "mlcd-l-336", "rice-l-560", "mlcd-bigg-448")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+# The issue's bounds: bigG's peak RSS at most 2.5x its fp32 weight bytes, and no precision more than
+# 25% above the same model's fp32 export.
+WEIGHT_FACTOR_BOUND = {"mlcd-bigg-448": 2.5}
+PRECISION_OVER_FP32_BOUND = 1.25
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/zoo_matrix.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), help=f"zoo aliases (default: {' '.join(MODELS)})")
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--work", type=Path, default=Path("artifacts/zoo"), help="where builds go (default: artifacts/zoo)")
+    p.add_argument("--report", type=Path, default=Path("docs/zoo_matrix"),
+                   help="report path without suffix: writes .md and .json (default: docs/zoo_matrix)")
+    p.add_argument("--calib-count", type=int, help="passed to build_engine (default: its default)")
+    p.add_argument("--keep", action="store_true", help="keep each build's folder (bigG fp32 is 7.4 GB)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default: 3600)")
+    return p.parse_args(argv)
+
+
+def run_cell(model: str, precision: str, args) -> dict:
+    out = args.work / f"{model}-{precision}"
+    cmd = [sys.executable, "-m", "export.build_engine", "--model", model, "--random-weights",
+           "--precision", precision, "--out", str(out), "--force", "--runtime", "none"]
+    if args.calib_count:
+        cmd += ["--calib-count", str(args.calib_count)]
+    log = args.work / f"{model}-{precision}.log"
+    print(f"== {model} {precision}: {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=args.timeout)
+            code: int | str = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    seconds = time.perf_counter() - start
+    text = log.read_text(errors="replace")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    cell: dict = {"model": model, "precision": precision, "exit": code, "seconds": round(seconds, 1),
+            "peak_rss_gib": round(int(rss.group(1)) / 1024**2, 2) if rss else None, "log": str(log)}
+    manifest_path = out / "manifest.json"
+    if code == 0 or manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        cell.update({
+            "steps_s": manifest.get("timings_s", {}),
+            "parity_passed": (manifest.get("parity") or {}).get("passed"),
+            "parity_worst": (manifest.get("parity") or {}).get("worst", {}),
+            "onnx_checker": manifest.get("onnx_checker"),
+            "artifact_bytes": {name: meta["bytes"] for name, meta in manifest.get("artifacts", {}).items()},
+            "calibration": (manifest.get("precision_recipe") or {}).get("calibration"),
+            "smoothing": _smoothing_summary(manifest),
+        })
+    else:
+        cell["error"] = "\n".join(text.strip().splitlines()[-5:])
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"   exit {code}, {seconds:.0f} s, peak RSS {cell['peak_rss_gib']} GiB, "
+          f"parity {'PASSED' if cell.get('parity_passed') else 'FAILED'}", flush=True)
+    return cell
+
+
+def _smoothing_summary(manifest: dict):
+    smoothing = (manifest.get("precision_recipe") or {}).get("smoothing")
+    if not isinstance(smoothing, dict):
+        return None
+    return {k: v for k, v in smoothing.items() if not isinstance(v, (list, dict))}
+
+
+def fp32_weight_bytes(model: str) -> int:
+    """Parameter bytes of the architecture in fp32, from a meta-device build (shapes only, no memory)."""
+    import torch
+
+    from export.loading import load_checkpoint
+
+    with torch.device("meta"):
+        ckpt = load_checkpoint(model, random_weights=True)
+    return 4 * sum(p.numel() for p in ckpt.model.parameters())
+
+
+def judge(cells: list[dict], weights: dict[str, int]) -> None:
+    """Add `within_bounds` and the ratios to every cell."""
+    fp32 = {c["model"]: c["peak_rss_gib"] for c in cells if c["precision"] == "fp32" and c["peak_rss_gib"]}
+    for c in cells:
+        rss = c["peak_rss_gib"]
+        w = weights.get(c["model"])
+        c["rss_over_weights"] = round(rss * 1024**3 / w, 2) if rss and w else None
+        c["rss_over_fp32"] = round(rss / fp32[c["model"]], 2) if rss and c["model"] in fp32 else None
+        bound = WEIGHT_FACTOR_BOUND.get(c["model"])
+        ok = c["exit"] == 0 and bool(c.get("parity_passed"))
+        if bound and c["rss_over_weights"] is not None:
+            ok &= c["rss_over_weights"] <= bound
+        if c["rss_over_fp32"] is not None:
+            ok &= c["rss_over_fp32"] <= PRECISION_OVER_FP32_BOUND
+        c["within_bounds"] = ok
+
+
+def markdown(cells: list[dict], weights: dict[str, int], meta: dict) -> str:
+    lines = [f"# Zoo matrix ({meta['date']})", "",
+             f"`python scripts/zoo_matrix.py` on {meta['machine']}; `--random-weights --runtime none`, "
+             f"calibration {meta['calib_count']} images; peak RSS from `/usr/bin/time -v`.", "",
+             "| model | precision | result | total | load | trace | reference | precision step | parity | "
+             "peak RSS | / fp32 weights | / own fp32 | worst pooled cosine | model.onnx(+data) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        steps = c.get("steps_s", {})
+
+        def step(prefix: str) -> str:
+            v = next((v for k, v in steps.items() if k.startswith(prefix)), None)
+            return "-" if v is None else f"{v:.0f} s"
+
+        worst = (c.get("parity_worst") or {}).get("pooler_output", {}).get("min_cosine")
+        size = sum(v for k, v in (c.get("artifact_bytes") or {}).items() if k.startswith("model.onnx"))
+        result = "PASSED" if c.get("within_bounds") else ("FAILED" if c["exit"] in (0, 1) else f"exit {c['exit']}")
+        lines.append(
+            f"| {c['model']} | {c['precision']} | {result} | {c['seconds']:.0f} s | {step('Loading')} | "
+            f"{step('Tracing')} | {step('Running the PyTorch')} | {step('Applying')} | {step('Checking parity')} | "
+            f"{c['peak_rss_gib']} GiB | {c.get('rss_over_weights')} | {c.get('rss_over_fp32')} | "
+            f"{'-' if worst is None else f'{worst:.6f}'} | {size / 1e9:.2f} GB |")
+    lines += ["", "fp32 weight bytes: " + ", ".join(f"{m} {w / 1e9:.2f} GB" for m, w in weights.items()),
+              f"Bounds: bigG peak RSS <= {WEIGHT_FACTOR_BOUND['mlcd-bigg-448']} x fp32 weights; every precision "
+              f"<= {PRECISION_OVER_FP32_BOUND} x the model's fp32 peak.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    weights = {m: fp32_weight_bytes(m) for m in args.models}
+    cells = [run_cell(m, p, args) for m in args.models for p in args.precisions]
+    judge(cells, weights)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {_cores()} cores, {_mem_gib()} GiB",
+            "calib_count": args.calib_count or "default"}
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.with_suffix(".json").write_text(json.dumps({"meta": meta, "weights": weights, "cells": cells},
+                                                           indent=2) + "\n")
+    args.report.with_suffix(".md").write_text(markdown(cells, weights, meta))
+    print(f"wrote {args.report.with_suffix('.md')} and .json")
+    return 0 if all(c["within_bounds"] for c in cells) else 1
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def _mem_gib() -> int:
+    try:
+        kb = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")))
+        return round(kb / 1024**2)
+    except (OSError, StopIteration):
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
