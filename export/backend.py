@@ -29,10 +29,8 @@ from typing import Any, Iterable, TypeVar
 import numpy as np
 
 from .errors import EngineUnavailableError, MissingDependencyError, OptionError
-from .families import INPUT_NAME
+from .families import IMAGE_INPUT, INPUT_NAME
 
-# The served ensemble's input: encoded image bytes, TYPE_STRING [B, 1] (triton_repo builds it).
-IMAGE_INPUT = "image"
 RUNNER_KINDS = ("torch", "onnxruntime", "tensorrt", "triton")
 _R = TypeVar("_R", bound="Runner")  # activate() and `with` return the runner's own class
 

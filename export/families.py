@@ -14,6 +14,7 @@ from typing import Any, Callable, ContextManager
 from .errors import UnsupportedModelError
 
 INPUT_NAME = "pixel_values"
+IMAGE_INPUT = "image"  # the served ensemble's input: encoded image bytes, preprocessed by the server
 OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
 HIDDEN_LAYER_OUTPUT = "hidden_state"  # added by --hidden-layer N
 

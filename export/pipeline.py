@@ -21,8 +21,11 @@ from .artifacts import EXTERNAL_DATA_THRESHOLD, ONNX_NAME, save_onnx, sha256, st
 from .errors import OptionError
 from .families import INPUT_NAME
 from .lowering import lower_rope, resolve_rope
-from .onnx_export import ExportShape, export_canonical, validate_hidden_layer, validate_image_size
+from .manifest import MANIFEST_NAME
+from .onnx_export import ExportShape
 from .precision.recipe import check_options as check_precision_options
+from .steps import Steps
+from .torch_side import TorchRequest, run_torch_side
 
 
 @dataclass
@@ -63,24 +66,6 @@ class BuildResult:
         return bool(self.manifest["engine"].get("failed"))
 
 
-class Steps:
-    """Numbered progress lines with timings: long steps (tracing bigG) say what is happening."""
-
-    def __init__(self, total: int, log: Callable[[str], None]):
-        self.total, self.log, self.n = total, log, 0
-        self.timings: dict[str, float] = {}  # step title -> seconds
-
-    def run(self, title: str, fn, *args, **kwargs):
-        self.n += 1
-        self.log(f"[{self.n}/{self.total}] {title} ...")
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        seconds = time.perf_counter() - start
-        self.timings[title] = round(seconds, 2)
-        self.log(f"      done in {seconds:.1f} s")
-        return result
-
-
 def default_out(model: str | None) -> Path:
     name = "demo" if model is None else Path(model.rstrip("/")).name.lower()
     return Path("artifacts") / name
@@ -108,8 +93,6 @@ def validate_options(opts: BuildOptions) -> None:
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult:
-    from .loading import load_checkpoint
-
     validate_options(opts)
     out = Path(opts.out) if opts.out is not None else default_out(opts.model)
     target = _engine_target(opts)
@@ -122,32 +105,18 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
     steps = Steps(7, log)
 
     with staged_output(out, opts.force) as stage:
-        ckpt = steps.run(f"Loading {opts.model or 'the demo model'}", load_checkpoint, opts.model,
-                         random_weights=opts.random_weights)
-        if ckpt.random_weights:
-            log("      note: this model has seeded RANDOM weights (an architecture demo, not a trained encoder)")
-        height, width = opts.image_size or ckpt.image_size
-        validate_image_size(height, width, ckpt.patch_size)
-        if opts.hidden_layer is not None:
-            validate_hidden_layer(opts.hidden_layer, ckpt.config.num_hidden_layers)
-        shape = ExportShape(height, width, opts.dynamic_resolution, opts.hidden_layer)
-
         onnx_path = stage / ONNX_NAME
-        steps.run(f"Tracing to ONNX ({height}x{width}{', any resolution' if shape.dynamic_resolution else ''})",
-                  export_canonical, ckpt, shape, onnx_path)
-        references = None
-        if opts.parity:
-            from .parity import reference_outputs
-
-            references = steps.run("Running the PyTorch reference on the parity photos", reference_outputs,
-                                   ckpt, shape)
-        else:
-            _skip(steps, log, "PyTorch reference skipped (--skip-parity)")
-        # Nothing runs the PyTorch model from here on: free its memory for the ONNX steps.
-        ckpt.release_model()
+        # Steps 1-3 (load, trace, PyTorch reference) in a child process: its memory (the weights, and
+        # the copies tracing keeps) is returned before the ONNX steps start (torch_side.py).
+        torch_side = run_torch_side(TorchRequest(
+            opts.model, opts.random_weights, opts.image_size, opts.dynamic_resolution, opts.hidden_layer,
+            onnx_path, opts.parity, first_step=steps.n, total_steps=steps.total), log)
+        ckpt, shape, references = torch_side.checkpoint, torch_side.shape, torch_side.references
+        steps.n += 3
+        steps.timings.update(torch_side.timings)
         precision = None
         if opts.precision == "fp32":
-            _skip(steps, log, "Precision fp32: the traced graph as it is")
+            steps.skip("Precision fp32: the traced graph as it is")
         else:
             precision = steps.run(f"Applying the {opts.precision} recipe", _apply_precision, opts, ckpt, shape,
                                   onnx_path, log)
@@ -170,7 +139,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
             log(parity.checklist())
             write_json(stage / "parity.json", parity.to_json())
         else:
-            _skip(steps, log, "parity check skipped (--skip-parity)")
+            steps.skip("parity check skipped (--skip-parity)")
 
         if target.skip_reason is None:
             if not target.gpu:
@@ -181,24 +150,17 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
             files += [stage / name for name in engine.pop("files")]
         else:
             engine = {"built": False, "runtime": target.runtime, "reason": target.skip_reason}
-            _skip(steps, log, f"TensorRT engine skipped: {target.skip_reason}")
+            steps.skip(f"TensorRT engine skipped: {target.skip_reason}")
 
         ckpt.processor.save_pretrained(stage)  # the exact preprocessing, for serving
         extra = [stage / n for n in ("preprocessor_config.json", "overflow_report.json", "parity.json")
                  if (stage / n).exists()]
         manifest = _manifest(opts, ckpt, shape, rope, files + extra, parity, engine, steps.timings,
                              precision.recipe if precision else {"compute": "fp32"}, graph_error)
-        write_json(stage / "manifest.json", manifest)
-    log(f"wrote {out}/ ({', '.join(sorted(manifest['artifacts']))}, manifest.json)")
+        write_json(stage / MANIFEST_NAME, manifest)
+    log(f"wrote {out}/ ({', '.join(sorted(manifest['artifacts']))}, {MANIFEST_NAME})")
     return BuildResult(out, manifest, None if parity is None else parity.passed,
                        sorted(manifest["artifacts"]))
-
-
-def _skip(steps: Steps, log, message: str) -> None:
-    """A step that does nothing this time still gets its number, so the count stays true."""
-    steps.n += 1
-    log(f"[{steps.n}/{steps.total}] {message}")
-    return None
 
 
 def _cpu_quantized(opts: BuildOptions) -> bool:
@@ -345,7 +307,7 @@ def _manifest(opts, ckpt, shape, rope, files, parity, engine, timings, recipe, g
         "artifacts": {Path(f).name: {"sha256": sha256(Path(f)), "bytes": Path(f).stat().st_size} for f in files},
         "versions": _versions(),
         "timings_s": timings,
-        "peak_rss_mib": round(_peak_rss_mib(), 1),
+        "peak_rss_mib": _peak_rss_mib(),
     }
 
 
@@ -362,6 +324,13 @@ def _versions() -> dict:
     return versions
 
 
-def _peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+def _peak_rss_mib() -> dict[str, float]:
+    """Peak resident memory of this process (the ONNX steps) and of the PyTorch child (load, trace):
+    the build's peak is the larger, as they never overlap."""
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
+
+    def peak(who: int) -> float:
+        return round(resource.getrusage(who).ru_maxrss / scale, 1)
+
+    onnx_steps, torch_steps = peak(resource.RUSAGE_SELF), peak(resource.RUSAGE_CHILDREN)
+    return {"build": max(onnx_steps, torch_steps), "onnx_steps": onnx_steps, "torch_steps": torch_steps}

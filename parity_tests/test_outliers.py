@@ -286,10 +286,22 @@ def test_fp8_recipe_reports_on_outlier_models(fp8_builds, family):
     print(f"fp8 {family}: parity {result.manifest['parity']['worst']}, held-out {held_out}")
 
 
-@pytest.mark.xfail(strict=True, reason="onnxruntime's fp8 scales come from the std of the values (about 4 std "
-                                       "fit in E4M3), which clips the outlier channels (~20 std); TensorRT and "
-                                       "ModelOpt use max |x| / 448. Remove this mark when qdq.py does.")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fp8_holds_on_outlier_models(fp8_builds, family):
+def test_fp8_pooled_embedding_holds_on_outlier_models(fp8_builds, family):
+    """fp8 scales are max |x| / 448 (qdq.py), as TensorRT and ModelOpt calibrate: the outlier channels
+    fit (onnxruntime's std-based scales clipped them: held-out pooled cosine 0.17 / 0.50 before)."""
     result, held_out = fp8_builds(family)
-    assert result.parity_passed and held_out["pooler_output"] >= 0.99
+    assert held_out["pooler_output"] >= 0.99, held_out
+    assert result.manifest["parity"]["worst"]["pooler_output"]["min_cosine"] >= 0.99
+
+
+@pytest.mark.parametrize("family", [
+    "mlcd-rope2d",
+    pytest.param("clip-vision", marks=pytest.mark.xfail(
+        strict=True, reason="measured: the CLIP outlier model's fp8 last_hidden_state reaches minimum token "
+                            "cosine 0.95 on the parity photos (threshold 0.98) while pooled is 0.9988; the "
+                            "fallback, judged on calibration images, does not see it")),
+])
+def test_fp8_checklist_on_outlier_models(fp8_builds, family):
+    result, _ = fp8_builds(family)
+    assert result.parity_passed, result.manifest["parity"]["worst"]

@@ -22,6 +22,7 @@ from typing import Callable
 from export.artifacts import ONNX_NAME
 from export.engine import PLAN_NAME
 from export.errors import MvtError, OptionError, require
+from export.families import IMAGE_INPUT
 from export.manifest import MANIFEST_NAME
 
 from .config import EncoderInterface, TensorSpec, Warmup, validate_model_name
@@ -225,7 +226,7 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
         _write(pre / "warmup" / "image", struct.pack("<I", len(jpeg)) + jpeg)
         pre_cfg = tc.preprocess_config(
             name=PREPROCESS, max_batch=max_batch, instances=opts.instances, pixel_values=iface.input,
-            warmup=Warmup("sample_photo", 1, {"image": ("TYPE_STRING", (1,), "image")}),
+            warmup=Warmup("sample_photo", 1, {IMAGE_INPUT: ("TYPE_STRING", (1,), "image")}),
             parameters={"max_pixels": opts.max_pixels})
         result.models[PREPROCESS] = tc.write_config(pre_cfg, pre)
 

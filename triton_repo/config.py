@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.errors import OptionError, require
+from export.families import IMAGE_INPUT
 
 from .forms import BACKENDS, EncoderForm, form  # noqa: F401  (BACKENDS: the --backend choices, re-exported)
 
@@ -132,7 +133,7 @@ def preprocess_config(*, name: str = "preprocess", max_batch: int, instances: in
     cfg = pb2.ModelConfig()
     cfg.backend = "python"
     _common(cfg, name, max_batch, instances, "KIND_CPU", warmup, pb2)
-    _io(cfg.input.add(), TensorSpec("image", (1,), "TYPE_STRING"), pb2)
+    _io(cfg.input.add(), TensorSpec(IMAGE_INPUT, (1,), "TYPE_STRING"), pb2)
     _io(cfg.output.add(), pixel_values, pb2)
     for key, value in (parameters or {}).items():
         cfg.parameters[key].string_value = str(value)
@@ -146,13 +147,13 @@ def ensemble_config(*, name: str, max_batch: int, preprocess: str, encoder: str,
     cfg.name = name
     cfg.platform = "ensemble"
     cfg.max_batch_size = max_batch
-    _io(cfg.input.add(), TensorSpec("image", (1,), "TYPE_STRING"), pb2)
+    _io(cfg.input.add(), TensorSpec(IMAGE_INPUT, (1,), "TYPE_STRING"), pb2)
     for out in interface.outputs:
         _io(cfg.output.add(), out, pb2)
     step = cfg.ensemble_scheduling.step.add()
     step.model_name = preprocess
     step.model_version = -1
-    step.input_map["image"] = "image"
+    step.input_map[IMAGE_INPUT] = IMAGE_INPUT
     step.output_map[interface.input.name] = "_pixel_values"
     step = cfg.ensemble_scheduling.step.add()
     step.model_name = encoder

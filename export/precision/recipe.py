@@ -25,8 +25,8 @@ class PrecisionResult:
 
     def overflow_report(self) -> dict:
         return {
-            "rule": f"keep a node in fp32 when it writes or reads a tensor whose max |value| on calibration images exceeds "
-                    f"fp16 max {FP16_MAX:g} / headroom {HEADROOM:g} = {FP16_MAX / HEADROOM:g}",
+            "rule": f"keep a node in fp32 when it writes or reads a tensor whose max |value| on calibration images "
+                    f"exceeds fp16 max {FP16_MAX:g} / headroom {HEADROOM:g} = {FP16_MAX / HEADROOM:g}",
             "kept_fp32": [f.to_json() for f in self.overflow],
             "fp32_island_op_types": FP32_ISLANDS,
             **{key: self.recipe[key] for key in ("smoothing", "fallback") if key in self.recipe},
@@ -37,7 +37,8 @@ def check_options(precision: str, quant_target: str = "tensorrt", calib_method: 
     """Option checks that need no model, so that a typo fails before a slow load."""
     from .qdq import CALIBRATION_METHODS
 
-    for flag, value, choices in (("--precision", precision, PRECISIONS), ("--quant-target", quant_target, QUANT_TARGETS),
+    for flag, value, choices in (("--precision", precision, PRECISIONS),
+                                 ("--quant-target", quant_target, QUANT_TARGETS),
                                  ("--calib-method", calib_method, CALIBRATION_METHODS)):
         if value not in choices:
             raise OptionError(f"{flag} {value} is unknown; choose one of {', '.join(choices)}")
@@ -65,6 +66,8 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
     from .overflow import localize_overflow
 
     path = Path(path)
+    if not feeds:
+        raise ValueError(f"--precision {precision} needs calibration images (feeds)")
     result.overflow = localize_overflow(path, feeds, log=log) if rest == "fp16" else []
     kept = [f.node for f in result.overflow]
     for f in result.overflow:
