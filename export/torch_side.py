@@ -7,15 +7,16 @@ parity) would otherwise hold on top of their own copy. In a child process, all o
 the system when the child exits: the parent keeps the checkpoint's config, processor and family,
 the traced model.onnx and the reference outputs (a few MB).
 
-The child is started with "spawn" (fork is unsafe once torch or onnxruntime have started threads);
-its log lines come back to the parent's `log` as they happen, and its exceptions are re-raised in
-the parent (an option error stays an option error: exit 2, nothing written).
+The child is `python -m export.torch_side REQUEST RESULT` (pickle files in the staging folder):
+a fresh interpreter, so nothing of the caller's state is inherited (fork is unsafe once torch or
+onnxruntime run threads) and nothing of the caller's __main__ is re-run (multiprocessing's spawn
+would, breaking scripts without a main guard). Its log lines come back to the parent's `log` as
+they happen (stdout, line by line; progress bars go to the shared stderr), and its exceptions are
+re-raised in the parent (an option error stays an option error: exit 2, nothing written).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -46,41 +47,56 @@ class TorchResult:
 
 
 def run_torch_side(request: TorchRequest, log: Callable[[str], None]) -> TorchResult:
-    """Run `torch_steps(request)` in a spawned child; forward its log lines; return its result."""
-    ctx = multiprocessing.get_context("spawn")
-    messages = ctx.Queue()
-    child = ctx.Process(target=_child, args=(request, messages), name="mvt-torch-side", daemon=True)
-    child.start()
+    """Run `torch_steps(request)` in a child interpreter; forward its log lines; return its result."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    work = Path(request.onnx_path).parent
+    request_file, result_file = work / ".torch-request.pkl", work / ".torch-result.pkl"
+    request_file.write_bytes(pickle.dumps(request))
+    env = dict(os.environ)
+    # The child imports this very copy of the package, however the parent found it.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [sys.executable, "-m", "export.torch_side", str(request_file), str(result_file)]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        while True:
-            try:
-                kind, payload = messages.get(timeout=1.0)
-            except queue.Empty:
-                if not child.is_alive():
-                    raise RuntimeError(f"the PyTorch step (load, trace) died with exit code {child.exitcode}"
-                                       f"{' (killed: out of memory?)' if child.exitcode == -9 else ''}") from None
-                continue
-            if kind == "log":
-                log(payload)
-            elif kind == "error":
-                raise payload
-            else:
-                return payload
+        assert child.stdout is not None
+        for line in child.stdout:
+            log(line.rstrip("\n"))
+        code = child.wait()
+        if not result_file.exists():
+            raise RuntimeError(f"the PyTorch steps (load, trace) died with exit code {code}"
+                               f"{' (killed: out of memory?)' if code in (-9, 137) else ''}")
+        kind, payload = pickle.loads(result_file.read_bytes())
+        if kind == "error":
+            raise payload
+        return payload
     finally:
-        if child.is_alive():
-            child.join(timeout=30)
-        if child.is_alive():  # interrupted, or it hangs: do not leave it behind
+        if child.poll() is None:  # interrupted: do not leave it behind
             child.terminate()
-            child.join(timeout=10)
-        messages.close()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        request_file.unlink(missing_ok=True)
+        result_file.unlink(missing_ok=True)
 
 
-def _child(request: TorchRequest, messages) -> None:
+def _child(request_file: Path, result_file: Path) -> int:
+    import pickle
+
+    request = pickle.loads(Path(request_file).read_bytes())
     try:
-        result = torch_steps(request, lambda line: messages.put(("log", line)))
-        messages.put(("result", result))
+        result: tuple = ("result", torch_steps(request, lambda line: print(line, flush=True)))
+        code = 0
     except BaseException as exc:  # noqa: BLE001  everything goes back to the parent, which decides
-        messages.put(("error", _picklable(exc)))
+        result, code = ("error", _picklable(exc)), 1
+    Path(result_file).write_bytes(pickle.dumps(result))
+    return code
 
 
 def _picklable(exc: BaseException) -> BaseException:
@@ -121,3 +137,12 @@ def torch_steps(request: TorchRequest, log: Callable[[str], None]) -> TorchResul
         steps.skip("PyTorch reference skipped (--skip-parity)")
     ckpt.release_model()  # not sent back: the parent never runs it
     return TorchResult(ckpt, shape, references, steps.timings)
+
+
+if __name__ == "__main__":
+    import sys
+
+    # Through the package, not this __main__ copy: the pickled classes must be export.torch_side's.
+    from export.torch_side import _child as child_main
+
+    sys.exit(child_main(Path(sys.argv[1]), Path(sys.argv[2])))

@@ -153,3 +153,24 @@ def test_cpu_int8_with_the_default_runtime_skips_the_engine_with_the_reason(tiny
     engine = result.manifest["engine"]
     assert engine["built"] is False and "for onnxruntime on CPUs" in engine["reason"]
     assert result.manifest["precision_recipe"]["calibration"]["count"] == 2
+
+
+def test_python_api_from_a_script_without_a_main_guard(tiny_folders, tmp_path):
+    """The PyTorch steps run in a child interpreter (export/torch_side.py) that never re-runs the
+    caller's script, so a plain script calling build() works (multiprocessing's spawn would re-run it)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    script = tmp_path / "embed_my_model.py"
+    script.write_text(
+        "from export.pipeline import BuildOptions, build\n"
+        f"result = build(BuildOptions(model={str(tiny_folders['mlcd-rope2d'])!r}, out={str(out)!r}, "
+        "runtime='none', parity=False))\n"
+        "print('built', sorted(result.files))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[2/7] Tracing to ONNX (56x56) ..." in proc.stdout  # the child's progress reaches the caller's log
+    assert "built" in proc.stdout and (out / "model.onnx").exists()
+    peaks = json.loads((out / "manifest.json").read_text())["peak_rss_mib"]
+    assert peaks["torch_steps"] > 0 and peaks["build"] == max(peaks["onnx_steps"], peaks["torch_steps"])
