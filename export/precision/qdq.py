@@ -90,10 +90,13 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", m
     else:
         reader = FeedReader(feeds, f"calibrating {dtype} ({method})")
     del graph
+    # Written beside `src`: the weights it does not replace stay in src's data file (relative paths).
+    work, target = Path(src).resolve().parent, Path(dst).resolve()
+    written = target if target.parent == work else work / f".qdq-{target.name}"
     try:
-        with _quiet_root_logger():
+        with _quiet_root_logger(), _weights_read_lazily(work):
             quantize_static(
-                str(src), str(dst), reader,
+                str(Path(src).resolve()), str(written), reader,
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=QUANTIZED_OP_TYPES,  # the calibrator watches only these ops' tensors
                 per_channel=not fp8,
@@ -111,8 +114,15 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", m
                                **({"CalibStridedMinMax": 1} if reader is not None else {})},
                 **options,
             )
+        if written != target:  # elsewhere: a self-contained copy (weights streamed)
+            from .fp16 import convert_file
+
+            convert_file(written, target, fp16=False)
     finally:
         cache.unlink(missing_ok=True)
+        if written != target:
+            written.unlink(missing_ok=True)
+            written.with_name(written.name + ".data").unlink(missing_ok=True)
     scheme = ("fp8 E4M3, per-tensor scales max |x| / 448 (Q/DQ)" if fp8 else
               "uint8 activations with zero points, symmetric int8 per-channel weights (Q/DQ)"
               if unsigned_activations else
@@ -141,6 +151,43 @@ def _weight_peaks(model, nodes: list[str], folder: Path) -> dict[str, float]:
     wanted = set(nodes)
     names = {i for n in model.graph.node if n.name in wanted for i in n.input[1:2] if i in inits}
     return {name: float(np.abs(numpy_helper.to_array(inits[name], str(folder))).max()) for name in sorted(names)}
+
+
+@contextlib.contextmanager
+def _weights_read_lazily(folder: Path):
+    """onnxruntime's quantizer loads the whole float model (external data included: 7.4 GB for
+    MLCD-bigG) and keeps it while it adds the quantized weights: 2.7x the weights at peak. It only
+    needs the graph and, one at a time, the weights it quantizes (numpy_helper.to_array, which
+    resolves external data against the working directory). So: load the graph alone (shape
+    inference on the path, as onnxruntime does) and work from the model's folder; the weights it
+    does not replace stay in the source's data file, which the written Q/DQ model points to."""
+    import importlib
+    import os
+
+    import onnx
+    from onnxruntime.quantization import quant_utils
+
+    # the module, not the package's `quantize` function of the same name
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")
+
+    def load_graph(model_path: Path):
+        inferred = Path(model_path).with_name(Path(model_path).stem + "-inferred.onnx")
+        onnx.shape_inference.infer_shapes_path(str(model_path), str(inferred))
+        try:
+            model = onnx.load(str(inferred), load_external_data=False)
+        finally:
+            inferred.unlink(missing_ok=True)
+        quant_utils.add_infer_metadata(model)
+        return model
+
+    original, cwd = ort_quantize.load_model_with_shape_infer, os.getcwd()
+    ort_quantize.load_model_with_shape_infer = load_graph
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        ort_quantize.load_model_with_shape_infer = original
 
 
 @contextlib.contextmanager
