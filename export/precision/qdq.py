@@ -180,14 +180,15 @@ def _weights_read_lazily(folder: Path):
         quant_utils.add_infer_metadata(model)
         return model
 
-    original, cwd = ort_quantize.load_model_with_shape_infer, os.getcwd()
-    ort_quantize.load_model_with_shape_infer = load_graph
+    name = "load_model_with_shape_infer"
+    original, cwd = getattr(ort_quantize, name), os.getcwd()
+    setattr(ort_quantize, name, load_graph)
     os.chdir(folder)
     try:
         yield
     finally:
         os.chdir(cwd)
-        ort_quantize.load_model_with_shape_infer = original
+        setattr(ort_quantize, name, original)
 
 
 @contextlib.contextmanager
