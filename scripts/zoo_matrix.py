@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-count", type=int, help="passed to build_engine (default: its default)")
     p.add_argument("--keep", action="store_true", help="keep each build's folder (bigG fp32 is 7.4 GB)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default: 3600)")
+    p.add_argument("--append", action="store_true",
+                   help="merge into the existing report: these cells replace the same model x precision there")
     return p.parse_args(argv)
 
 
@@ -158,6 +160,14 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     weights = {m: fp32_weight_bytes(m) for m in args.models}
     cells = [run_cell(m, p, args) for m in args.models for p in args.precisions]
+    report_json = args.report.with_suffix(".json")
+    if args.append and report_json.exists():
+        old = json.loads(report_json.read_text())
+        new = {(c["model"], c["precision"]) for c in cells}
+        weights = {**old["weights"], **weights}
+        cells = [c for c in old["cells"] if (c["model"], c["precision"]) not in new] + cells
+        order = {(m, p): i for i, (m, p) in enumerate((m, p) for m in MODELS for p in PRECISIONS)}
+        cells.sort(key=lambda c: order.get((c["model"], c["precision"]), len(order)))
     judge(cells, weights)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {_cores()} cores, {_mem_gib()} GiB",
             "calib_count": args.calib_count or "default"}
