@@ -6,7 +6,6 @@ are all on the ONNX side of the comparison.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,27 +106,30 @@ def onnx_parity(checkpoint: Checkpoint, shape: ExportShape, onnx_path: Path, *, 
         judged = ort_mode_for(precision)
         modes = {judged: True} if precision in ("fp32", "fp16") else {judged: True, "optimized": False}
     report = ParityReport(precision)
-    with contextlib.ExitStack() as stack:
-        runners: dict[str, OnnxRuntimeRunner] = {}
-        for mode, enforced in modes.items():
-            try:
-                runners[mode] = stack.enter_context(OnnxRuntimeRunner(onnx_path, mode, output_names=shape.output_names))
-            except Exception as exc:  # an informational mode must not hide the judged one
-                if enforced:
-                    raise
-                report.notes.append(f"onnxruntime {mode} mode could not load the graph: {_first_line(exc)}")
-        if any(r.pluginref for r in runners.values()):
-            report.notes.append("plugin nodes ran with the RoPE2D reference body (pluginref); "
-                                "the plugin kernel itself runs only in TensorRT")
-        for ref in references:
-            for mode, runner in runners.items():
+    # One onnxruntime session at a time: for large Q/DQ graphs the "optimized" session folds the
+    # weights back to float, and two sessions side by side would hold both forms at once.
+    for mode, enforced in modes.items():
+        try:
+            runner = OnnxRuntimeRunner(onnx_path, mode, output_names=shape.output_names).activate()
+        except Exception as exc:  # an informational mode must not hide the judged one
+            if enforced:
+                raise
+            report.notes.append(f"onnxruntime {mode} mode could not load the graph: {_first_line(exc)}")
+            continue
+        try:
+            if runner.pluginref and not any("pluginref" in n for n in report.notes):
+                report.notes.append("plugin nodes ran with the RoPE2D reference body (pluginref); "
+                                    "the plugin kernel itself runs only in TensorRT")
+            for ref in references:
                 actual = runner.infer(ref.feed)
                 case = f"batch {ref.batch} @ {ref.height}x{ref.width}" + ("" if len(modes) == 1 else f" {mode}")
                 for name in shape.output_names:
                     measured = compare(ref.outputs[name], actual[name])
                     report.measured.append({"case": case, "output": name, "ort_mode": mode, **measured})
                     for metric, threshold in thresholds_for(tolerances, precision, name).items():
-                        report.checks.append(Check(case, name, metric, measured[metric], threshold, modes[mode]))
+                        report.checks.append(Check(case, name, metric, measured[metric], threshold, enforced))
+        finally:
+            runner.deactivate()
     return report
 
 
