@@ -204,8 +204,8 @@ def needs_pluginref(model) -> bool:
     """Whether `model` (a ModelProto) holds RoPE2D nodes without a body: the plugin lowering."""
     from . import onnx_rope
 
-    return bool(onnx_rope.rope_nodes(model.graph)) and not any(
-        f.name == onnx_rope.OP_TYPE for f in model.functions)
+    return any(n.domain == onnx_rope.DOMAIN and n.op_type == onnx_rope.OP_TYPE
+               for n in onnx_rope.nodes_without_body(model))
 
 
 class _pluginref:
