@@ -44,6 +44,7 @@ class TorchResult:
     shape: ExportShape
     references: list | None  # parity.ReferenceCase, when parity runs
     timings: dict[str, float]
+    peaks_mib: dict[str, float]  # the child's peak RSS after each step
 
 
 def run_torch_side(request: TorchRequest, log: Callable[[str], None]) -> TorchResult:
@@ -136,7 +137,7 @@ def torch_steps(request: TorchRequest, log: Callable[[str], None]) -> TorchResul
     else:
         steps.skip("PyTorch reference skipped (--skip-parity)")
     ckpt.release_model()  # not sent back: the parent never runs it
-    return TorchResult(ckpt, shape, references, steps.timings)
+    return TorchResult(ckpt, shape, references, steps.timings, steps.peaks_mib)
 
 
 if __name__ == "__main__":

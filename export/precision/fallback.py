@@ -148,9 +148,13 @@ def _shortfall(cosines: dict[str, float], targets: dict[str, float]) -> float:
     return max((1 - cosines[n]) / max(1 - t, 1e-12) for n, t in targets.items())
 
 
-def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision: str, *, log=print) -> dict:
+def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision: str, *,
+                              reference: dict[str, list[np.ndarray]] | None = None, log=print) -> dict:
     """Apply the fallback rule to the Q/DQ model at `qdq` (rewritten in place when layers go back to
-    float), quantized from the float model at `src`. Returns the report for the manifest."""
+    float), quantized from the float model at `src`. Returns the report for the manifest.
+
+    reference: the fp32 model's outputs on the first FALLBACK_IMAGES feeds, one array per feed
+    (stats.collect_stats keep_outputs, from the recipe's statistics pass); None: run `src` here."""
     import onnx
 
     # Graphs only: the weights stay in their files (model.onnx.data, qdq.onnx.data beside them), so
@@ -171,8 +175,12 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
     if not targets or not feeds:
         report["skipped"] = "no cosine targets or no calibration images"
         return report
-    reference = _outputs(src, feeds, list(targets), folder, "optimized")  # fp32: fusions keep it exact
-    everywhere = _min_cosines(reference, _outputs(qdq, feeds, list(targets), folder))
+    if reference is not None and all(len(reference.get(n, [])) >= len(feeds) for n in targets):
+        reference_rows = {n: np.concatenate([v.reshape(-1, v.shape[-1]) for v in reference[n][:len(feeds)]])
+                          for n in targets}  # (tokens or images, C), as _outputs returns them
+    else:
+        reference_rows = _outputs(src, feeds, list(targets), folder, "optimized")  # fp32: fusions keep it exact
+    everywhere = _min_cosines(reference_rows, _outputs(qdq, feeds, list(targets), folder))
     report["all_quantized"] = everywhere
     if _shortfall(everywhere, targets) <= 1:
         report["met"] = True
@@ -193,7 +201,7 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
     alone = {}
     for name in layers:
         only = restore(qdq_model, src_model, set(layers) - {name})
-        alone[name] = _min_cosines(reference, _outputs(only, feeds, list(targets), folder))
+        alone[name] = _min_cosines(reference_rows, _outputs(only, feeds, list(targets), folder))
     ranked = sorted(layers, key=lambda n: -_shortfall(alone[n], targets))
     budget = int(MAX_KEPT_FRACTION * len(layers))
     kept: list[str] = []
@@ -201,7 +209,7 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
     for name in ranked[:budget]:
         kept.append(name)
         candidate = restore(qdq_model, src_model, set(kept))
-        cosines = _min_cosines(reference, _outputs(candidate, feeds, list(targets), folder))
+        cosines = _min_cosines(reference_rows, _outputs(candidate, feeds, list(targets), folder))
         if _shortfall(cosines, targets) <= 1:
             break
     report["met"] = _shortfall(cosines, targets) <= 1

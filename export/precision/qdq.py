@@ -25,6 +25,11 @@ def quantizable_nodes(model) -> list[str]:
             if (n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[1:])) or n.op_type == "Conv"]
 
 
+def calibration_tensors(model) -> list[str]:
+    """The tensors quantize_qdq calibrates in `model` (its `stats` must cover them)."""
+    return activation_tensors(model, quantizable_nodes(model))
+
+
 def activation_tensors(model, nodes: list[str]) -> list[str]:
     """The non-constant float tensors the quantizer needs ranges for: inputs and outputs of `nodes`."""
     weights = {t.name for t in model.graph.initializer}
@@ -34,7 +39,8 @@ def activation_tensors(model, nodes: list[str]) -> list[str]:
 
 
 def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", method: str = "max",
-                 large: bool = False, unsigned_activations: bool = False, log=print) -> dict:
+                 large: bool = False, unsigned_activations: bool = False, stats: dict | None = None,
+                 log=print) -> dict:
     """Write the Q/DQ model of `src` to `dst` in `dtype` (int8 or fp8); return what was done.
 
     unsigned_activations: uint8 activations with zero points (onnxruntime CPU's U8S8 kernels)
@@ -51,6 +57,9 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", m
     fp8 scales are max |x| / 448 (E4M3's largest value), activations and weights, as TensorRT and
     ModelOpt calibrate fp8: onnxruntime's own fp8 scale (from the standard deviation) covers about
     4.5 std and clips outlier channels, which sit near 20.
+
+    stats: {tensor: stats.TensorStats} of `src`'s calibration_tensors already collected ("max" and
+    fp8; moments for fp8), so that the recipe runs the model once for all its statistics.
     """
     import numpy as np
     import onnx
@@ -74,17 +83,21 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", m
     overrides: dict = {}
     if method in ("max", "distribution"):
         tensors = activation_tensors(graph, nodes)
-        run = collect_stats(src, feeds, tensors, moments=tensors if fp8 else (), model=graph,
-                            desc=f"calibrating {dtype} ({method})", log=log)
+        if stats is None:
+            stats = collect_stats(src, feeds, tensors, moments=tensors if fp8 else (), model=graph,
+                                  desc=f"calibrating {dtype} ({method})", log=log).stats
+        missing = [t for t in tensors if t not in stats]
+        if missing:
+            raise ValueError(f"calibration statistics lack {len(missing)} tensors, e.g. {missing[:3]}")
         f32 = np.float32
-        data = {name: TensorData(lowest=f32(s.min), highest=f32(s.max),
-                                 **({"avg": f32(s.mean), "std": f32(s.std)} if fp8 else {}))
-                for name, s in run.stats.items()}
+        data = {name: TensorData(lowest=f32(stats[name].min), highest=f32(stats[name].max),
+                                 **({"avg": f32(stats[name].mean), "std": f32(stats[name].std)} if fp8 else {}))
+                for name in tensors}
         save_tensors_data(TensorsData(calibrate, data), cache)
         options["calibration_cache_path"] = str(cache)
         reader = None
         if fp8:
-            peaks = {name: s.max_abs for name, s in run.stats.items()}
+            peaks = {name: stats[name].max_abs for name in tensors}
             peaks.update(_weight_peaks(graph, nodes, Path(src).parent))
             overrides = {name: [_fp8_override(peak)] for name, peak in peaks.items()}
     else:

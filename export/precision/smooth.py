@@ -103,6 +103,12 @@ def spread(peaks: np.ndarray) -> float:
     return float(np.max(peaks)) / median if median > 0 else float("inf")
 
 
+def smoothing_tensors(model, dtype: str) -> list[str]:
+    """The tensors whose per-channel statistics smoothing needs: the smoothable LayerNorm outputs
+    (none for a dtype that is not smoothed)."""
+    return [t.tensor for t in smoothable(model)[0]] if dtype in SMOOTHED_DTYPES else []
+
+
 def smooth_for_quantization(path: Path, feeds: list[dict], *, dtype: str = "int8", dst: Path | None = None,
                             alpha: float = ALPHA, min_spread: float = MIN_SPREAD, log=print) -> dict:
     """Smooth the fp32 model at `path` into `dst` (default: `path` beside it as smoothed.onnx).
@@ -114,6 +120,15 @@ def smooth_for_quantization(path: Path, feeds: list[dict], *, dtype: str = "int8
     Weights are read and rewritten one tensor at a time, so a model with external data (> 2 GB)
     never sits in memory whole; the rewritten ones go to `dst`.data, the rest stay where they are.
     """
+    return smooth_with_factors(path, feeds, dtype=dtype, dst=dst, alpha=alpha, min_spread=min_spread, log=log)[0]
+
+
+def smooth_with_factors(path: Path, feeds: list[dict], *, dtype: str = "int8", dst: Path | None = None,
+                        alpha: float = ALPHA, min_spread: float = MIN_SPREAD, stats: dict | None = None,
+                        log=print) -> tuple[dict, dict[str, np.ndarray]]:
+    """smooth_for_quantization, also returning {smoothed tensor: factors s [C]} (the smoothed model
+    writes tensor / s). stats: per-channel statistics of smoothing_tensors already collected (then
+    `feeds` are not run)."""
     import onnx
 
     from .stats import collect_stats
@@ -133,14 +148,16 @@ def smooth_for_quantization(path: Path, feeds: list[dict], *, dtype: str = "int8
         "smoothed": [],
         "not_smoothed": list(skipped),
     }
+    factors: dict[str, np.ndarray] = {}
     if dtype not in SMOOTHED_DTYPES:
         report["skipped"] = SMOOTHED_DTYPES_WHY
-        return report
+        return report, factors
     if not targets:
-        return report
+        return report, factors
     tensors = [t.tensor for t in targets]
-    stats = collect_stats(path, feeds, tensors, per_channel=tensors, model=model, desc="smoothing statistics",
-                          log=log).stats
+    if stats is None:
+        stats = collect_stats(path, feeds, tensors, per_channel=tensors, model=model,
+                              desc="smoothing statistics", log=log).stats
     rewriter = _Rewriter(model, path.parent, dst)
     for target in targets:
         x_peak = np.asarray(stats[target.tensor].channel_max_abs, np.float64)  # (C,) max |X_j|, every token and image
@@ -173,12 +190,13 @@ def smooth_for_quantization(path: Path, feeds: list[dict], *, dtype: str = "int8
                    f"Smoothed, the spread is {spread(x_peak / s):.1f} x",
         })
         report["smoothed"].append(entry)
+        factors[target.tensor] = s
         log(f"      smoothing {target.layernorm.name} -> {', '.join(entry['linear_layers'])}: "
             f"channel spread {entry['spread']:.1f} -> {entry['spread_after']:.1f}, "
             f"factors {s.min():.3g}..{s.max():.3g}")
     if report["smoothed"]:
         rewriter.save()
-    return report
+    return report, factors
 
 
 class _Rewriter:

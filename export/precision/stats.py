@@ -37,8 +37,27 @@ class TensorStats:
     total: float = 0.0  # sum of values (moments)
     total_sq: float = 0.0  # sum of squares (moments)
     count: int = 0  # number of values (moments)
-    channel_max_abs: np.ndarray | None = None  # [C] max |x| over all but the last axis (per_channel)
+    channel_max: np.ndarray | None = None  # [C] max over all but the last axis (per_channel)
+    channel_min: np.ndarray | None = None  # [C] min over all but the last axis (per_channel)
     finite: bool = True
+
+    @property
+    def channel_max_abs(self) -> np.ndarray | None:
+        """[C] max |x| per channel (per_channel)."""
+        if self.channel_max is None or self.channel_min is None:
+            return None
+        return np.maximum(np.abs(self.channel_max), np.abs(self.channel_min))
+
+    def divided(self, factor: np.ndarray) -> "TensorStats":
+        """The statistics of x / factor (factor [C] > 0, per channel), from the per-channel ones:
+        what smoothing (smooth.py) makes of a LayerNorm output, without running the smoothed model.
+        min and max are exact; the moments are not kept (no per-channel sums are collected)."""
+        if self.channel_max is None or self.channel_min is None:
+            raise ValueError("dividing statistics per channel needs per_channel statistics")
+        factor = np.asarray(factor, np.float64)
+        hi, lo = self.channel_max / factor, self.channel_min / factor  # (C,)
+        return TensorStats(min=float(lo.min()), max=float(hi.max()), channel_max=hi, channel_min=lo,
+                           finite=self.finite)
 
     @property
     def max_abs(self) -> float:
@@ -65,6 +84,7 @@ class StatsPass:
     stats: dict[str, TensorStats] = field(default_factory=dict)
     batches: int = 0
     seconds: float = 0.0
+    outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # the model's own, keep_outputs feeds
 
 
 def float_tensor_ranks(model) -> dict[str, int | None]:
@@ -87,12 +107,14 @@ def float_tensor_ranks(model) -> dict[str, int | None]:
 def collect_stats(model_path: Path, feeds: Iterable[dict], tensors: Sequence[str], *,
                   per_channel: Sequence[str] = (), moments: Sequence[str] = (), model=None,
                   desc: str = "collecting activation statistics", providers: Sequence[str] | None = None,
-                  log=print) -> StatsPass:
+                  keep_outputs: int = 0, log=print) -> StatsPass:
     """Run `model_path` once per feed with reductions of `tensors` (float32 intermediates) appended.
 
-    per_channel: tensors whose max |x| is also kept per channel (last axis; rank must be known).
+    per_channel: tensors whose max and min are also kept per channel (last axis; rank must be known).
     moments: tensors whose sum, sum of squares and count are kept (mean/std for fp8 scales).
     model: `model_path` already loaded without external data (saves a load).
+    keep_outputs: also keep the model's own outputs for the first this many feeds (the fp32
+    reference that int8's fallback judges against, without another run of the model).
     """
     import onnx
     from tqdm.auto import tqdm
@@ -112,9 +134,14 @@ def collect_stats(model_path: Path, feeds: Iterable[dict], tensors: Sequence[str
         del probe
         session = _session(tmp, providers)
         names = [name for _, name in outputs]
-        for feed in tqdm(feeds, desc=f"      {desc}", unit="batch", leave=False):
-            for ((tensor, kind), _), value in zip(outputs, session.run(names, feed)):
+        own = [o.name for o in model.graph.output]
+        for i, feed in enumerate(tqdm(feeds, desc=f"      {desc}", unit="batch", leave=False)):
+            kept = own if i < keep_outputs else []
+            values = session.run(names + kept, feed)
+            for ((tensor, kind), _), value in zip(outputs, values):
                 _update(result.stats[tensor], kind, value)
+            for name, value in zip(kept, values[len(names):]):
+                result.outputs.setdefault(name, []).append(value)
             result.batches += 1
     finally:
         tmp.unlink(missing_ok=True)
@@ -138,9 +165,12 @@ def _update(s: TensorStats, kind: str, value: np.ndarray) -> None:
         s.total_sq += float(value)
     elif kind == "size":
         s.count += int(value)
-    elif kind in ("channel_max", "channel_min"):
-        a = np.abs(np.asarray(value, dtype=np.float64)).reshape(-1)  # (C,)
-        s.channel_max_abs = a if s.channel_max_abs is None else np.maximum(s.channel_max_abs, a)
+    elif kind == "channel_max":
+        a = np.asarray(value, dtype=np.float64).reshape(-1)  # (C,)
+        s.channel_max = a if s.channel_max is None else np.maximum(s.channel_max, a)
+    elif kind == "channel_min":
+        a = np.asarray(value, dtype=np.float64).reshape(-1)  # (C,)
+        s.channel_min = a if s.channel_min is None else np.minimum(s.channel_min, a)
 
 
 def _augment(model, watched: list[str], per_channel: set[str], moments: set[str], ranks: dict):
