@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory):
-    """{family name: checkpoint folder}, plus "clip-full" (a whole CLIPModel checkpoint)."""
+    """{family name: what --model takes (a checkpoint folder; UNICOM: a released-format .pt file)}, plus
+    "clip-full" (a whole CLIPModel checkpoint)."""
     from export.families import CLIP_VISION, FAMILIES
     from export.testing import save_tiny_checkpoint
 
@@ -23,20 +24,21 @@ def tiny_folders(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported(tiny_folders, tmp_path_factory):
-    """Canonical exports, one trace per family: any resolution, plus hidden_states[-2].
+    """Canonical exports, one trace per family: any resolution (fixed-resolution families: their own),
+    plus hidden_states[-2].
 
     Returns a function family name -> (checkpoint, shape, path of the canonical model.onnx).
     """
-    from export.loading import load_folder
+    from export.loading import load_checkpoint
     from export.onnx_export import ExportShape, export_canonical
 
     cache = {}
 
     def get(name: str):
         if name not in cache:
-            ckpt = load_folder(tiny_folders[name])
+            ckpt = load_checkpoint(str(tiny_folders[name]))
             h, w = ckpt.image_size
-            shape = ExportShape(h, w, dynamic_resolution=True, hidden_layer=-2)
+            shape = ExportShape(h, w, dynamic_resolution=not ckpt.family.fixed_resolution, hidden_layer=-2)
             path = tmp_path_factory.mktemp(f"onnx-{name}") / "model.onnx"
             export_canonical(ckpt, shape, path)
             cache[name] = (ckpt, shape, path)

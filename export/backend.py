@@ -6,7 +6,8 @@
 `activate()` loads, `infer(feed) -> dict` runs, `deactivate()` frees; every runner is a context
 manager. Runners:
 
-    TorchRunner        the unpatched transformers encoder (the reference every parity check uses)
+    TorchRunner        the unpatched transformers encoder (the reference every parity check uses; UNICOM:
+                       our module, export/unicom.py)
     OnnxRuntimeRunner  a graph in onnxruntime, mode "optimized" (its defaults: what a deployment
                        gets) or "exact" (optimizations off: Q/DQ as float simulation, as TensorRT
                        runs int8); plugin-form RoPE2D nodes get the reference body (pluginref)
@@ -131,7 +132,8 @@ class TorchRunner(Runner):
 
         self.checkpoint = checkpoint
         self.shape = shape or ExportShape(*checkpoint.image_size)
-        super().__init__(f"torch ({checkpoint.source or 'demo'})", output_names or self.shape.output_names)
+        self.module_outputs = checkpoint.family.output_names(self.shape.hidden_layer)  # what the module returns
+        super().__init__(f"torch ({checkpoint.source or 'demo'})", output_names or self.module_outputs)
         self._module: Any = None
 
     def activate_impl(self) -> None:
@@ -145,7 +147,7 @@ class TorchRunner(Runner):
         x = torch.from_numpy(np.ascontiguousarray(feed[INPUT_NAME], np.float32))  # (B, 3, H, W)
         with torch.no_grad():
             values = self._module(x)
-        out = {name: v.numpy() for name, v in zip(self.shape.output_names, values)}
+        out = {name: v.numpy() for name, v in zip(self.module_outputs, values)}
         assert self.output_names is not None  # always given: the shape's outputs by default
         return {name: out[name] for name in self.output_names}
 
@@ -167,22 +169,24 @@ def default_providers() -> list:
 
 
 def ort_session(model, mode: str = "optimized", providers=None, *, threads: int = 0, allow_spinning: bool = True,
-                priority_order: bool = False):
+                priority_order: bool = True):
     """An onnxruntime InferenceSession for `model` (a path, an onnx.ModelProto or its bytes).
 
     mode: ORT_MODES key ("exact" = ORT_DISABLE_ALL). providers: None = default_providers().
     threads: intra-op threads (0: onnxruntime's default). allow_spinning=False stops idle worker
     threads from spinning (they would steal cores from whatever runs next, timed or served).
     Plugin-form RoPE2D nodes (no body) run with the reference body attached (pluginref).
-    priority_order: execute in onnxruntime's priority-based order, which follows the node list. For
-    graphs with side branches on every tensor (precision/stats.py's reductions) the default order
-    runs the branches late and keeps every activation alive: 6.3 GB instead of 1.2 GB measured on
-    the demo model at 896 px.
+    priority_order: execute in onnxruntime's priority-based order, which follows the node list
+    (default), rather than its default order, which holds far more at once: for graphs with side
+    branches on every tensor (precision/stats.py's reductions) it runs the branches late and keeps
+    every activation alive (6.3 GB instead of 1.2 GB measured on the demo model at 896 px), and in
+    a Q/DQ graph it dequantizes weights long before their layer runs (our graphs put each weight's
+    DequantizeLinear right before its reader: precision.fp16.topological_sort).
     """
     return _ort_session(model, mode, providers, threads, allow_spinning, priority_order)[0]
 
 
-def _ort_session(model, mode, providers, threads, allow_spinning, priority_order=False):
+def _ort_session(model, mode, providers, threads, allow_spinning, priority_order=True):
     """(session, whether the pluginref body was attached)."""
     import onnxruntime as ort
 
@@ -195,6 +199,12 @@ def _ort_session(model, mode, providers, threads, allow_spinning, priority_order
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if priority_order:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if mode == "exact":
+        # Q/DQ graphs dequantize weights at run time; onnxruntime's CPU arena keeps every buffer it
+        # ever handed out, and its CPU provider inserts fp16 <-> fp32 Casts (new nodes, last in
+        # priority) that make it dequantize far ahead: MLCD-bigG int8 peaked at 9.6 GiB with the
+        # arena, 5.4 GiB without (batch 1). The mode is for judging numbers, not for speed.
+        options.enable_cpu_mem_arena = False
     providers = default_providers() if providers is None else list(providers)
     with _pluginref(model) as (source, attached):
         return ort.InferenceSession(source, options, providers=providers), attached

@@ -17,8 +17,10 @@ from .precision.qdq import CALIBRATION_METHODS
 from .precision.recipe import PRECISIONS, QUANT_TARGETS
 
 EPILOG = """\
-models: a checkpoint folder (config.json, *.safetensors, preprocessor_config.json), a hub id, or a
-zoo alias: rice-l-560, mlcd-bigg-448 (2D RoPE); mlcd-l-336, mlcd-b-32 (CLIP-style).
+models: a checkpoint folder (config.json, *.safetensors, preprocessor_config.json), a hub id, a
+UNICOM release file (FP16-ViT-B-32.pt, ...), or a zoo alias: rice-l-560, mlcd-bigg-448 (2D RoPE);
+mlcd-l-336, mlcd-b-32 (CLIP-style); unicom-b-32, unicom-b-16, unicom-l-14, unicom-l-14-336 (UNICOM:
+downloaded into ~/.cache/mvt-deploy/unicom and checked against their SHA-256).
 Without --model: a small bundled 2D-RoPE demo with seeded random weights.
 
 exit status: 0 done, 1 parity failed, 2 bad input (nothing written), 3 engine build failed (the ONNX
@@ -28,6 +30,7 @@ examples:
   python -m export.build_engine
   python -m export.build_engine --model ./rice-vit-large-patch14-560 --out artifacts/rice --hidden-layer -2
   python -m export.build_engine --model rice-l-560 --random-weights --dynamic-resolution
+  python -m export.build_engine --model FP16-ViT-B-32.pt --precision fp16
 """
 
 
@@ -39,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint folder, hub id or zoo alias (default: demo)")
+    p.add_argument("--model", metavar="PATH_OR_ID",
+                   help="checkpoint folder, UNICOM .pt file, hub id or zoo alias (default: demo)")
     p.add_argument("--out", metavar="DIR", type=Path, help="output folder (default: artifacts/<model>)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="precision recipe: fp32, fp16 (fp32 islands), int8 or fp8 (Q/DQ + fp16) (default: fp32)")

@@ -187,6 +187,8 @@ def _select_polygraphy_runtime(runtime: str) -> None:
 
 def default_timing_cache(target: EngineTarget) -> Path:
     """Reused across builds (per user, runtime and version): later builds skip most tactic timing."""
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mvt-deploy"
+    from .download import cache_root
+
+    root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root / f"timing-{target.runtime}-{target.version}.cache"

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from .errors import UnsupportedModelError
 
 INPUT_NAME = "pixel_values"
 IMAGE_INPUT = "image"  # the served ensemble's input: encoded image bytes, preprocessed by the server
-OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
+OUTPUT_NAMES = ("last_hidden_state", "pooler_output")  # the transformers families' outputs (ModelFamily.outputs)
 HIDDEN_LAYER_OUTPUT = "hidden_state"  # added by --hidden-layer N
 
 # Dynamic axes by meaning (optimum style); the sequence axis of outputs follows from height/width.
 INPUT_AXES = {0: "batch", 2: "height", 3: "width"}
 OUTPUT_AXES = {"last_hidden_state": {0: "batch", 1: "sequence"}, "pooler_output": {0: "batch"},
-               HIDDEN_LAYER_OUTPUT: {0: "batch", 1: "sequence"}}
+               "embedding": {0: "batch"}, HIDDEN_LAYER_OUTPUT: {0: "batch", 1: "sequence"}}
 
 # CLIP's normalization; the model zoo's preprocessor configs use it too.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -30,6 +31,19 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 def _no_patch() -> ContextManager:
     return contextlib.nullcontext()
+
+
+def _hidden_size(config) -> int:
+    return config.hidden_size
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A family released as single weight files (UNICOM's `.pt`) rather than Hugging Face folders."""
+
+    suffixes: tuple[str, ...]  # file name endings --model recognizes
+    load: Callable[[Path, int | None], Any]  # (path, heads override or None) -> fp32 eval model
+    save_tiny: Callable[[Path, dict[str, Any], int], Path]  # (path, config kwargs, seed): a file as released
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,22 @@ class ModelFamily:
     resize_kwargs: dict[str, Any] = field(default_factory=dict)
     # fp32 parity thresholds per output; "*" applies to all outputs.
     tolerances: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # The model output's fields that become graph outputs, in order; `pooled_output` among them is the
+    # one-vector-per-image answer (parity's pooled cosine, nearest neighbours, the served embedding).
+    outputs: tuple[str, ...] = OUTPUT_NAMES
+    pooled_output: str = "pooler_output"
+    pooled_size: Callable[[Any], int] = _hidden_size  # config -> width of the pooled output
+    prefix_tokens: int = 1  # tokens before the patch tokens (the class token); sequence = patches + this
+    # The trained resolution is the only one (no position interpolation, or a head over all tokens):
+    # --image-size other than the checkpoint's and --dynamic-resolution are refused.
+    fixed_resolution: bool = False
+    head_flops: Callable[[Any, int], int] | None = None  # (config, patches) -> FLOPs after the encoder
+    head_flops_formula: str = ""  # its term in the FLOPs formula text
+    weights_file: WeightsFile | None = None
+
+    def output_names(self, hidden_layer: int | None = None) -> tuple[str, ...]:
+        """The exported graph's outputs: the family's, plus `hidden_state` for --hidden-layer N."""
+        return self.outputs + ((HIDDEN_LAYER_OUTPUT,) if hidden_layer is not None else ())
 
 
 def _mlcd_model():
@@ -69,6 +99,40 @@ def _clip_config():
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig
+
+
+def _unicom_model():
+    from .unicom import UnicomVisionModel
+
+    return UnicomVisionModel
+
+
+def _unicom_config():
+    from .unicom import UnicomVisionConfig
+
+    return UnicomVisionConfig
+
+
+def _unicom_load(path: Path, num_heads: int | None):
+    from .unicom import load_unicom_file
+
+    return load_unicom_file(path, num_heads=num_heads)
+
+
+def _unicom_save_tiny(path: Path, config: dict[str, Any], seed: int) -> Path:
+    from .unicom import save_tiny_release
+
+    return save_tiny_release(path, config, seed)
+
+
+def _unicom_head_flops(config, patches: int) -> int:
+    from .unicom import head_flops
+
+    return head_flops(config, patches)
+
+
+def _embedding_size(config) -> int:
+    return config.embedding_size
 
 
 def _mlcd_tracing_context():
@@ -115,7 +179,30 @@ CLIP_VISION = ModelFamily(
     tolerances=TOLERANCES,
 )
 
-FAMILIES = (MLCD_ROPE2D, CLIP_VISION)
+# UNICOM (MVT-1.0): released as fp16 state_dict files (export/unicom.py). No class token, and a head over
+# the flattened token grid (its BatchNorms folded into the Linears at load time) whose output, the
+# retrieval `embedding`, plays the pooled output's role. Tiny model: hidden 128 (2 heads of 64, as the
+# releases infer heads), 4x4 patches, E = 96 (unlike hidden, so that a swapped axis shows).
+UNICOM = ModelFamily(
+    name="unicom",
+    model_types=("unicom_vision_model",),
+    has_rope=False,
+    model_class=_unicom_model,
+    config_class=_unicom_config,
+    tiny_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                     image_size=56, patch_size=14, embedding_size=96),
+    tolerances=TOLERANCES,
+    outputs=("last_hidden_state", "embedding"),
+    pooled_output="embedding",
+    pooled_size=_embedding_size,
+    prefix_tokens=0,
+    fixed_resolution=True,
+    head_flops=_unicom_head_flops,
+    head_flops_formula="2*N*C*C + 2*C*E",
+    weights_file=WeightsFile(suffixes=(".pt", ".pth"), load=_unicom_load, save_tiny=_unicom_save_tiny),
+)
+
+FAMILIES = (MLCD_ROPE2D, CLIP_VISION, UNICOM)
 
 
 def family_for_model_type(model_type: str) -> ModelFamily:
@@ -126,6 +213,14 @@ def family_for_model_type(model_type: str) -> ModelFamily:
     raise UnsupportedModelError(
         f"model_type {model_type!r} is not supported; mvt-deploy exports {known} checkpoints"
     )
+
+
+def family_for_weights_file(path: Path) -> ModelFamily | None:
+    """The family whose releases are single files named like `path` (UNICOM: .pt), or None."""
+    for fam in FAMILIES:
+        if fam.weights_file is not None and path.suffix.lower() in fam.weights_file.suffixes:
+            return fam
+    return None
 
 
 def family_by_name(name: str) -> ModelFamily:

@@ -45,14 +45,15 @@ def fit_pca(tokens: np.ndarray) -> PcaBasis:
     return PcaBasis(mean, components, low, high)
 
 
-def patch_tokens(hidden: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """[S, C] or [1, S, C] with the class token first -> the [gh * gw, C] patch tokens."""
+def patch_tokens(hidden: np.ndarray, grid: tuple[int, int], prefix_tokens: int = 1) -> np.ndarray:
+    """[S, C] or [1, S, C] with `prefix_tokens` first (1: the class token; UNICOM: none) -> the
+    [gh * gw, C] patch tokens."""
     tokens = hidden.reshape(-1, hidden.shape[-1])  # (S, C)
     n = grid[0] * grid[1]
-    if tokens.shape[0] != n + 1:
-        raise ValueError(f"expected {n} patch tokens + 1 class token for a {grid[0]}x{grid[1]} grid, "
-                         f"got {tokens.shape[0]} tokens")
-    return tokens[1:]  # (gh * gw, C)
+    if tokens.shape[0] != n + prefix_tokens:
+        raise ValueError(f"expected {n} patch tokens + {prefix_tokens} prefix tokens for a {grid[0]}x{grid[1]} "
+                         f"grid, got {tokens.shape[0]} tokens")
+    return tokens[prefix_tokens:]  # (gh * gw, C)
 
 
 def model_view(pixels: np.ndarray, mean, std) -> np.ndarray:
@@ -70,17 +71,17 @@ def upsample(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def feature_figure(reference_tokens: np.ndarray, deployed_tokens: np.ndarray, pixels: np.ndarray,
-                   patch: int, processor, out, backend_label: str, title: str = "") -> dict:
+                   patch: int, processor, out, backend_label: str, title: str = "", prefix_tokens: int = 1) -> dict:
     """Write the PNG: input | PyTorch PCA-RGB | backend PCA-RGB (one basis). Returns the figures shown.
 
-    reference_tokens / deployed_tokens: [S, C] last_hidden_state of the image (class token first);
-    pixels: its pixel_values [3, H, W].
+    reference_tokens / deployed_tokens: [S, C] last_hidden_state of the image (`prefix_tokens` first:
+    the family's, 1 for a class token); pixels: its pixel_values [3, H, W].
     """
     from .plots import plot_features
 
     h, w = pixels.shape[-2:]
     grid = (h // patch, w // patch)
-    ref, dep = patch_tokens(reference_tokens, grid), patch_tokens(deployed_tokens, grid)  # (N, C) each
+    ref, dep = (patch_tokens(t, grid, prefix_tokens) for t in (reference_tokens, deployed_tokens))  # (N, C) each
     basis = fit_pca(ref)
     ref_rgb, dep_rgb = basis.rgb(ref, grid), basis.rgb(dep, grid)  # (gh, gw, 3)
     cos = row_cosines(ref, dep)  # (N,)

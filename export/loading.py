@@ -1,6 +1,8 @@
-"""Load a checkpoint: a local Hugging Face folder, a hub id, a zoo alias or the bundled demo.
+"""Load a checkpoint: a local Hugging Face folder, a hub id, a released weights file (UNICOM `.pt`),
+a zoo alias or the bundled demo.
 
-Safetensors only and no remote code: a checkpoint is data, never code we execute.
+Safetensors (or `torch.load(weights_only=True)` for released `.pt` files) and no remote code: a
+checkpoint is data, never code we execute.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .families import CLIP_MEAN, CLIP_STD, ModelFamily, family_for_model_type
-from .zoo import DEMO, DEMO_SEED, ZooEntry, zoo_entry
+from .families import CLIP_MEAN, CLIP_STD, ModelFamily, family_for_model_type, family_for_weights_file
+from .zoo import DEMO, DEMO_SEED, ZooEntry, release_named, zoo_entry
 
 HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "preprocessor_config.json"]
 
@@ -25,7 +27,7 @@ class Checkpoint:
     family: ModelFamily
     processor: Any  # CLIP image processor
     source: str  # what the user asked for
-    folder: Path | None  # where config/weights came from (None for built-in architectures)
+    folder: Path | None  # where config/weights came from (None for built-in architectures and weight files)
     random_weights: bool
 
     _config: Any = None  # kept when the model is released
@@ -54,8 +56,10 @@ class Checkpoint:
         return p if isinstance(p, int) else p[0]
 
 
-def load_checkpoint(model: str | None = None, *, random_weights: bool = False, seed: int = DEMO_SEED) -> Checkpoint:
-    """Resolve `model` (None: the demo) and load it through transformers."""
+def load_checkpoint(model: str | None = None, *, random_weights: bool = False, seed: int = DEMO_SEED,
+                    num_heads: int | None = None) -> Checkpoint:
+    """Resolve `model` (None: the demo) and load it through transformers. num_heads: attention heads of a
+    released weights file (None: inferred, hidden / 64 for UNICOM)."""
     if model is None:
         return _from_architecture(DEMO, source="demo", seed=seed)
     entry = zoo_entry(model)
@@ -65,8 +69,27 @@ def load_checkpoint(model: str | None = None, *, random_weights: bool = False, s
                 f"--random-weights needs a zoo architecture ({', '.join(_aliases())}); got {model!r}"
             )
         return _from_architecture(entry, source=entry.alias, seed=seed)
+    if entry is not None and entry.release is not None:
+        from .download import fetch_release
+
+        return load_weights_file(fetch_release(entry.release, entry.alias), source=model, num_heads=num_heads)
+    path = Path(model).expanduser()
+    if path.is_file() and family_for_weights_file(path) is not None:
+        return load_weights_file(path, source=model, num_heads=num_heads)
     folder = _local_or_download(entry.hub_id if entry else model)
     return load_folder(folder, source=model)
+
+
+def load_weights_file(path: Path, source: str | None = None, num_heads: int | None = None) -> Checkpoint:
+    """A family's released single weights file (UNICOM `.pt`): architecture from the tensor shapes,
+    preprocessing CLIP's at the model's resolution (what the releases use)."""
+    path = Path(path)
+    family = family_for_weights_file(path)
+    if family is None or family.weights_file is None:
+        known = ", ".join(s for f in _file_families() for s in f.weights_file.suffixes)
+        raise CheckpointError(f"{path} is not a weights file mvt-deploy knows ({known}); pass a checkpoint folder")
+    model = family.weights_file.load(path, num_heads)
+    return Checkpoint(model, family, load_processor(None, model.config), source or str(path), None, False)
 
 
 def load_folder(folder: Path, source: str | None = None) -> Checkpoint:
@@ -143,12 +166,19 @@ def _local_or_download(name: str) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json")
+            files = ", ".join(f"{s} ({f.name})" for f in _file_families() for s in f.weights_file.suffixes)
+            raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json, "
+                                  f"or a released weights file: {files}")
         return path
+    released = release_named(path.name)
+    if released is not None and released.release is not None:
+        raise CheckpointError(
+            f"{name} does not exist; download it from {released.release.url}, or use --model {released.alias} "
+            "(downloads it into the cache and verifies its SHA-256)")
     if _looks_like_path(name):
         raise CheckpointError(
-            f"checkpoint folder {name} does not exist; pass a folder, a hub id (owner/name) "
-            f"or a zoo alias ({', '.join(_aliases())})"
+            f"checkpoint folder {name} does not exist; pass a folder, a released weights file (UNICOM .pt), "
+            f"a hub id (owner/name) or a zoo alias ({', '.join(_aliases())})"
         )
     try:
         from huggingface_hub import snapshot_download
@@ -160,6 +190,12 @@ def _local_or_download(name: str) -> Path:
             f"Download it where the hub is reachable (hf download {name}) and pass the folder, "
             f"or use a zoo alias ({', '.join(_aliases())}) with --random-weights to export the architecture"
         ) from None
+
+
+def _file_families() -> list[Any]:
+    from .families import FAMILIES
+
+    return [f for f in FAMILIES if f.weights_file is not None]
 
 
 def _looks_like_path(name: str) -> bool:

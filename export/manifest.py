@@ -53,3 +53,15 @@ def export_shape(manifest: dict, ckpt):
 def output_names(manifest: dict) -> list[str]:
     """The deployed graph's outputs, in interface order."""
     return list(manifest["interface"].get("outputs") or {})
+
+
+def pooled_output(manifest: dict) -> str:
+    """The one-vector-per-image output (UNICOM: embedding); manifests written before families named
+    theirs have pooler_output."""
+    return manifest["interface"].get("pooled_output") or "pooler_output"
+
+
+def prefix_tokens(manifest: dict) -> int:
+    """Tokens before the patch tokens (1: a class token); older manifests are all class-token models."""
+    value = manifest["model"].get("prefix_tokens")
+    return 1 if value is None else int(value)

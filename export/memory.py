@@ -19,3 +19,27 @@ def peak_mib() -> float:
 
 def describe(mib: float) -> str:
     return f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes
+
+
+def return_large_frees_to_the_os() -> bool:
+    """Serve every allocation of MMAP_THRESHOLD or more by its own mmap, so freeing it returns the
+    memory at once (glibc's mallopt M_MMAP_THRESHOLD; False where that is not glibc).
+
+    glibc raises the threshold to the size of each large block freed, up to 32 MiB, after which
+    onnxruntime's weight-sized buffers (a layer's dequantized weights, 11-33 MB in MLCD-bigG) come
+    from the heap and stay there, fragmented: its int8 parity run grew to 9.8 GiB at batch 3; with
+    the threshold fixed at 1 MiB it peaks at 5.6 GiB, and runs in 101 s instead of 173 s."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3
+        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False

@@ -13,22 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OptionError
-from .families import HIDDEN_LAYER_OUTPUT, INPUT_AXES, INPUT_NAME, OUTPUT_AXES, OUTPUT_NAMES
+from .families import INPUT_AXES, INPUT_NAME, OUTPUT_AXES
 from .loading import Checkpoint
 
 
 @dataclass(frozen=True)
 class ExportShape:
-    """What the graph accepts: a fixed H x W, or any multiple of the patch size."""
+    """What the graph accepts: a fixed H x W, or any multiple of the patch size. Its outputs are the
+    family's: `checkpoint.family.output_names(shape.hidden_layer)`."""
 
     height: int
     width: int
     dynamic_resolution: bool = False
     hidden_layer: int | None = None
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return OUTPUT_NAMES + ((HIDDEN_LAYER_OUTPUT,) if self.hidden_layer is not None else ())
 
 
 def validate_image_size(height: int, width: int, patch: int) -> None:
@@ -49,13 +46,25 @@ def validate_hidden_layer(layer: int, num_layers: int) -> None:
         )
 
 
+def validate_resolution(checkpoint: Checkpoint, shape: ExportShape) -> None:
+    """A fixed-resolution family (UNICOM: no position interpolation, a head over all tokens) exports at
+    its checkpoint's size only."""
+    native = checkpoint.image_size
+    if checkpoint.family.fixed_resolution and (shape.dynamic_resolution or (shape.height, shape.width) != native):
+        asked = "--dynamic-resolution" if shape.dynamic_resolution else f"--image-size {shape.height} {shape.width}"
+        raise OptionError(f"{asked}: {checkpoint.family.name} models run at {native[0]}x{native[1]} only (their "
+                          "learned positions and the head over the flattened tokens fix the resolution); drop it")
+
+
 def encoder_module(checkpoint: Checkpoint, shape: ExportShape):
-    """An nn.Module: pixel_values [B, 3, H, W] -> (last_hidden_state, pooler_output[, hidden_state])."""
+    """An nn.Module: pixel_values [B, 3, H, W] -> the family's outputs (e.g. last_hidden_state,
+    pooler_output), then hidden_state with --hidden-layer."""
     import torch
 
     native = checkpoint.image_size == (shape.height, shape.width)
     extra = {} if native and not shape.dynamic_resolution else dict(checkpoint.family.resize_kwargs)
     layer = shape.hidden_layer
+    fields = checkpoint.family.outputs
 
     class Encoder(torch.nn.Module):
         def __init__(self, model):
@@ -64,7 +73,7 @@ def encoder_module(checkpoint: Checkpoint, shape: ExportShape):
 
         def forward(self, pixel_values):
             out = self.model(pixel_values=pixel_values, output_hidden_states=layer is not None, **extra)
-            outputs: tuple = (out.last_hidden_state, out.pooler_output)  # (B, S, C), (B, C)
+            outputs: tuple = tuple(getattr(out, name) for name in fields)  # (B, S, C) tokens, (B, C') pooled
             if layer is not None:
                 outputs += (out.hidden_states[layer],)  # (B, S, C)
             return outputs
@@ -80,6 +89,7 @@ def export_canonical(checkpoint: Checkpoint, shape: ExportShape, path: Path, *, 
     from . import onnx_rope
 
     validate_image_size(shape.height, shape.width, checkpoint.patch_size)
+    validate_resolution(checkpoint, shape)
     if shape.hidden_layer is not None:
         validate_hidden_layer(shape.hidden_layer, checkpoint.config.num_hidden_layers)
 
@@ -96,7 +106,7 @@ def export_canonical(checkpoint: Checkpoint, shape: ExportShape, path: Path, *, 
             (example,),
             dynamo=True,
             input_names=[INPUT_NAME],
-            output_names=list(shape.output_names),
+            output_names=list(checkpoint.family.output_names(shape.hidden_layer)),
             dynamic_shapes={INPUT_NAME: axes},
             custom_translation_table=onnx_rope.custom_translation_table(),
             verbose=verbose,

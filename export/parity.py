@@ -106,11 +106,12 @@ def onnx_parity(checkpoint: Checkpoint, shape: ExportShape, onnx_path: Path, *, 
         judged = ort_mode_for(precision)
         modes = {judged: True} if precision in ("fp32", "fp16") else {judged: True, "optimized": False}
     report = ParityReport(precision)
+    output_names = checkpoint.family.output_names(shape.hidden_layer)
     # One onnxruntime session at a time: for large Q/DQ graphs the "optimized" session folds the
     # weights back to float, and two sessions side by side would hold both forms at once.
     for mode, enforced in modes.items():
         try:
-            runner = OnnxRuntimeRunner(onnx_path, mode, output_names=shape.output_names).activate()
+            runner = OnnxRuntimeRunner(onnx_path, mode, output_names=output_names).activate()
         except Exception as exc:  # an informational mode must not hide the judged one
             if enforced:
                 raise
@@ -123,7 +124,7 @@ def onnx_parity(checkpoint: Checkpoint, shape: ExportShape, onnx_path: Path, *, 
             for ref in references:
                 actual = runner.infer(ref.feed)
                 case = f"batch {ref.batch} @ {ref.height}x{ref.width}" + ("" if len(modes) == 1 else f" {mode}")
-                for name in shape.output_names:
+                for name in output_names:
                     measured = compare(ref.outputs[name], actual[name])
                     report.measured.append({"case": case, "output": name, "ort_mode": mode, **measured})
                     for metric, threshold in thresholds_for(tolerances, precision, name).items():

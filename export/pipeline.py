@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, engine as engines
+from . import __version__, engine as engines, memory
 from .artifacts import EXTERNAL_DATA_THRESHOLD, ONNX_NAME, save_onnx, sha256, staged_output, write_json
 from .errors import OptionError
 from .families import INPUT_NAME
@@ -67,7 +67,8 @@ class BuildResult:
 
 
 def default_out(model: str | None) -> Path:
-    name = "demo" if model is None else Path(model.rstrip("/")).name.lower()
+    # a released weights file names its folder without the suffix: artifacts/fp16-vit-b-32
+    name = "demo" if model is None else Path(model.rstrip("/")).name.lower().removesuffix(".pt")
     return Path("artifacts") / name
 
 
@@ -94,6 +95,7 @@ def validate_options(opts: BuildOptions) -> None:
 
 def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult:
     validate_options(opts)
+    memory.return_large_frees_to_the_os()  # the onnxruntime steps free weight-sized buffers often
     out = Path(opts.out) if opts.out is not None else default_out(opts.model)
     target = _engine_target(opts)
     # model.onnx stays portable: the custom op with its function body unless a portable lowering is
@@ -114,6 +116,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         ckpt, shape, references = torch_side.checkpoint, torch_side.shape, torch_side.references
         steps.n += 3
         steps.timings.update(torch_side.timings)
+        steps.peaks_mib.update(torch_side.peaks_mib)
         precision = None
         if opts.precision == "fp32":
             steps.skip("Precision fp32: the traced graph as it is")
@@ -155,7 +158,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         ckpt.processor.save_pretrained(stage)  # the exact preprocessing, for serving
         extra = [stage / n for n in ("preprocessor_config.json", "overflow_report.json", "parity.json")
                  if (stage / n).exists()]
-        manifest = _manifest(opts, ckpt, shape, rope, files + extra, parity, engine, steps.timings,
+        manifest = _manifest(opts, ckpt, shape, rope, files + extra, parity, engine, steps,
                              precision.recipe if precision else {"compute": "fp32"}, graph_error)
         write_json(stage / MANIFEST_NAME, manifest)
     log(f"wrote {out}/ ({', '.join(sorted(manifest['artifacts']))}, {MANIFEST_NAME})")
@@ -270,7 +273,7 @@ def _lower_and_save(onnx_path: Path, rope: str, threshold: int) -> list[Path]:
     return save_onnx(lowered, onnx_path, threshold=threshold)
 
 
-def _manifest(opts, ckpt, shape, rope, files, parity, engine, timings, recipe, graph_error) -> dict:
+def _manifest(opts, ckpt, shape, rope, files, parity, engine, steps: Steps, recipe, graph_error) -> dict:
     cfg = ckpt.config
     return {
         "mvt_deploy": __version__,
@@ -286,14 +289,16 @@ def _manifest(opts, ckpt, shape, rope, files, parity, engine, timings, recipe, g
             "num_attention_heads": cfg.num_attention_heads,
             "patch_size": ckpt.patch_size,
             "native_image_size": list(ckpt.image_size),
+            "prefix_tokens": ckpt.family.prefix_tokens,  # sequence = patches + this (1: the class token)
         },
         "interface": {
             "inputs": {INPUT_NAME: {"dtype": "float32",
                                     "shape": ["batch", 3, "height" if shape.dynamic_resolution else shape.height,
                                               "width" if shape.dynamic_resolution else shape.width]}},
             "outputs": {name: {"dtype": "float32", "shape": ["batch", "sequence", cfg.hidden_size]
-                               if name != "pooler_output" else ["batch", cfg.hidden_size]}
-                        for name in shape.output_names},
+                               if name != ckpt.family.pooled_output else ["batch", ckpt.family.pooled_size(cfg)]}
+                        for name in ckpt.family.output_names(shape.hidden_layer)},
+            "pooled_output": ckpt.family.pooled_output,  # the one-vector-per-image output (served embedding)
             "hidden_layer": shape.hidden_layer,
             "dynamic_resolution": shape.dynamic_resolution,
             "max_batch": opts.max_batch,
@@ -306,8 +311,8 @@ def _manifest(opts, ckpt, shape, rope, files, parity, engine, timings, recipe, g
         "onnx_checker": graph_error or "passed",
         "artifacts": {Path(f).name: {"sha256": sha256(Path(f)), "bytes": Path(f).stat().st_size} for f in files},
         "versions": _versions(),
-        "timings_s": timings,
-        "peak_rss_mib": _peak_rss_mib(),
+        "timings_s": steps.timings,
+        "peak_rss_mib": {**_peak_rss_mib(), "after_step": steps.peaks_mib},
     }
 
 

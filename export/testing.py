@@ -13,7 +13,9 @@ from .loading import load_processor
 
 
 def save_tiny_checkpoint(family: ModelFamily, folder: Path, *, seed: int = 0, full_clip: bool = False) -> Path:
-    """Write config.json, model.safetensors and preprocessor_config.json for `family`'s tiny model.
+    """Write config.json, model.safetensors and preprocessor_config.json for `family`'s tiny model, and
+    return the folder; a family released as single weight files (UNICOM) gets one such file in `folder`,
+    written as the releases are, and its path is returned. Either way: what --model takes.
 
     full_clip: save a whole CLIPModel (text + vision towers, model_type "clip") instead of the
     vision tower, as OpenAI-style checkpoints are distributed.
@@ -21,6 +23,9 @@ def save_tiny_checkpoint(family: ModelFamily, folder: Path, *, seed: int = 0, fu
     import torch
 
     folder = Path(folder)
+    if family.weights_file is not None:
+        suffix = family.weights_file.suffixes[0]
+        return family.weights_file.save_tiny(folder / f"tiny-{family.name}{suffix}", dict(family.tiny_config), seed)
     torch.manual_seed(seed)
     config = family.config_class()(**family.tiny_config)
     if full_clip:

@@ -91,6 +91,9 @@ def _child(request_file: Path, result_file: Path) -> int:
     import pickle
 
     request = pickle.loads(Path(request_file).read_bytes())
+    from .memory import return_large_frees_to_the_os
+
+    return_large_frees_to_the_os()
     try:
         result: tuple = ("result", torch_steps(request, lambda line: print(line, flush=True)))
         code = 0

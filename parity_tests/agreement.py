@@ -22,31 +22,33 @@ LEDGER_METRICS = {
 }
 
 # Added to export.families.TOLERANCES: relative L2 on every output, NN agreement on the pooled
-# output, and how exactly a row must be reproduced whatever its batch (accumulation order in the
-# GEMMs changes with the batch size, so not bit-exact: a few ulps of the compute precision).
+# output (POOLED: the family's pooled output, pooler_output or UNICOM's embedding), and how exactly a
+# row must be reproduced whatever its batch (accumulation order in the GEMMs changes with the batch
+# size, so not bit-exact: a few ulps of the compute precision).
+POOLED = "<pooled>"
 LEDGER_EXTRA = {
-    "fp32": {"*": {"rel_l2": 1e-4}, "pooler_output": {"nn_top1": 1.0, "nn_top5": 0.98},
+    "fp32": {"*": {"rel_l2": 1e-4}, POOLED: {"nn_top1": 1.0, "nn_top5": 0.98},
              "invariants": {"invariant_rel_l2": 1e-5}},
-    "fp16": {"*": {"rel_l2": 2e-2}, "pooler_output": {"nn_top1": 0.9, "nn_top5": 0.9},
+    "fp16": {"*": {"rel_l2": 2e-2}, POOLED: {"nn_top1": 0.9, "nn_top5": 0.9},
              "invariants": {"invariant_rel_l2": 5e-3}},
-    "int8": {"*": {"rel_l2": 0.1}, "pooler_output": {"nn_top1": 0.8, "nn_top5": 0.8},
+    "int8": {"*": {"rel_l2": 0.1}, POOLED: {"nn_top1": 0.8, "nn_top5": 0.8},
              "invariants": {"invariant_rel_l2": 5e-3}},
     # fp8 (E4M3) deployments: judged where they run (a GPU engine, or the served model)
-    "fp8": {"*": {"rel_l2": 0.2}, "pooler_output": {"nn_top1": 0.8, "nn_top5": 0.8},
+    "fp8": {"*": {"rel_l2": 0.2}, POOLED: {"nn_top1": 0.8, "nn_top5": 0.8},
             "invariants": {"invariant_rel_l2": 5e-3}},
 }
 
 
-def ledger_thresholds(family_tolerances: dict | None = None) -> dict:
+def ledger_thresholds(family_tolerances: dict | None = None, pooled_output: str = "pooler_output") -> dict:
     """{precision: {output or "*" or "invariants": {metric: threshold}}}: the family's parity table
-    overlaid with LEDGER_EXTRA."""
+    overlaid with LEDGER_EXTRA, whose pooled-output entries go to `pooled_output`."""
     base = family_tolerances or TOLERANCES
     out: dict = {}
     for precision in set(base) | set(LEDGER_EXTRA):
         merged: dict = {}
         for table in (base.get(precision, {}), LEDGER_EXTRA.get(precision, {})):
             for key, metrics in table.items():
-                merged.setdefault(key, {}).update(metrics)
+                merged.setdefault(pooled_output if key == POOLED else key, {}).update(metrics)
         out[precision] = merged
     return out
 

@@ -119,8 +119,9 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
     log(f"[1/5] Loading the PyTorch reference ({manifest['options'].get('model') or 'demo'}) ...")
     ckpt = reference_checkpoint(manifest)
     shape = export_shape(manifest, ckpt)
-    names = list(shape.output_names)
-    table = ledger_thresholds(ckpt.family.tolerances)
+    names = list(ckpt.family.output_names(shape.hidden_layer))
+    pooled = ckpt.family.pooled_output
+    table = ledger_thresholds(ckpt.family.tolerances, pooled)
     photos = held_out_photos(opts.photos)
     if len(photos) < 3:
         raise LedgerInputError(f"--photos {opts.photos}: nearest-neighbour agreement needs at least 3 images")
@@ -156,7 +157,7 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
                     stage.notes.append(f"{name} is not served by this stage")
                     continue
                 m = measure(reference[name], actual[name])
-                if name == "pooler_output":
+                if name == pooled:
                     m.update(nn_agreement(reference[name], actual[name]))
                 rows.append({"stage": stage.name, "output": name, **m})
                 for metric, threshold in thresholds(table, stage.precision, name).items():
@@ -179,7 +180,8 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
         "deployed_precision": manifest.get("precision"),
         "image_size": [shape.height, shape.width],
         "photos": [p.name for p in photos],
-        "reference": "transformers " + type(ckpt.model).__name__ + " (fp32, eval) on the same pixel_values",
+        "reference": type(ckpt.model).__module__.split(".")[0] + " " + type(ckpt.model).__name__
+                     + " (fp32, eval) on the same pixel_values",
         "stages": [s.to_json() for s in stages],
         "facts": facts,
         "metrics": {k: {"direction": d, "meaning": m} for k, (d, m) in LEDGER_METRICS.items()},

@@ -16,13 +16,14 @@ Backends:
 onnxruntime runs with its default (full) optimizations, as a CPU deployment would. Timing: every
 backend is warmed up, then the repeats are interleaved (backend A, B, C, A, B, C, ...) so that load
 from other processes spreads over all backends alike; the median is reported. Accuracy: the pooled
-embeddings' (and tokens') minimum cosine against PyTorch at the largest batch size.
+embeddings' (UNICOM: `embedding`) and tokens' minimum cosine against PyTorch at the largest batch size.
 
 FLOPs per image (2 FLOPs per multiply-add; LayerNorm, softmax, activations and RoPE left out, < 1%):
     patch embedding   2 * N * (3 * p^2) * C                        N = (H/p) * (W/p) patches
     per layer         2 * (4 * S * C^2  +  2 * S * C * I  +  2 * S^2 * C)
                            q,k,v,out        MLP fc1, fc2     QK^T and AV        S = N + 1 tokens
-    (RICE-ViT-L-14-560: 1,221 GFLOPs; the demo model at 224 px: 6.2 GFLOPs)
+    UNICOM head       2 * N * C^2  +  2 * C * E                    S = N (no class token)
+    (RICE-ViT-L-14-560: 1,221 GFLOPs; UNICOM ViT-L/14@336: 382; the demo model at 224 px: 6.2 GFLOPs)
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def gpu_peak(name: str | None) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- backends
 
-BENCH_OUTPUTS = ("pooler_output", "last_hidden_state")
+def bench_outputs(family) -> tuple[str, str]:
+    """(pooled output, token output) of a family: what the benchmark runs and compares."""
+    return family.pooled_output, "last_hidden_state"
 
 
 def torch_backend(ckpt, threads: int):
@@ -74,18 +77,18 @@ def torch_backend(ckpt, threads: int):
 
     torch.set_num_threads(threads)
     ckpt.model.set_attn_implementation("sdpa")
-    return TorchRunner(ckpt, output_names=BENCH_OUTPUTS)
+    return TorchRunner(ckpt, output_names=bench_outputs(ckpt.family))
 
 
-def ort_backend(path: Path, threads: int):
+def ort_backend(path: Path, threads: int, outputs: tuple[str, ...]):
     from export.backend import OnnxRuntimeRunner
 
     # No spin-waiting between runs: with runs interleaved across backends, idle spinning threads of one
     # session would steal the cores the next backend (PyTorch included) is timed on.
-    return OnnxRuntimeRunner(path, "optimized", output_names=BENCH_OUTPUTS, threads=threads, allow_spinning=False)
+    return OnnxRuntimeRunner(path, "optimized", output_names=outputs, threads=threads, allow_spinning=False)
 
 
-def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: int, log):
+def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: int, log, outputs: tuple[str, ...]):
     """Build an engine for the fp32 graph and return (runner, gpu info); raises when it cannot run."""
     from export import engine as engines
     from export.backend import TensorRTRunner
@@ -99,7 +102,7 @@ def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: i
     log("      building the TensorRT engine ...")
     shapes = engines.profiles(INPUT_NAME, tuple(size), False, patch, max_batch)
     engines.build_engine(target, onnx_path, plan, shapes, timing_cache=engines.default_timing_cache(target))
-    return TensorRTRunner(plan, target.runtime, BENCH_OUTPUTS), target.gpu
+    return TensorRTRunner(plan, target.runtime, outputs), target.gpu
 
 
 def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, str]]:
@@ -153,14 +156,15 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
     graphs, skipped = prepare_graphs(ckpt, work, log)
     runners = {"torch-eager": torch_backend(ckpt, threads)}
     for name, path in graphs.items():
-        runners[name] = ort_backend(path, threads)
+        runners[name] = ort_backend(path, threads, bench_outputs(ckpt.family))
     gpu = {}
     if tensorrt and (not backends or "tensorrt" in backends):
         fp32_graph = graphs.get("ort-fp32-onnx23") or graphs.get("ort-fp32-none")
         try:
             if fp32_graph is None:
                 raise RuntimeError("no fp32 graph to build the engine from")
-            trt_runner, gpu = tensorrt_backend(fp32_graph, work, (h, w), ckpt.patch_size, max(batch_sizes), log)
+            trt_runner, gpu = tensorrt_backend(fp32_graph, work, (h, w), ckpt.patch_size, max(batch_sizes), log,
+                                               bench_outputs(ckpt.family))
             runners["tensorrt"] = trt_runner.activate()  # now: an engine that cannot run is a reason too
         except Exception as exc:  # no TensorRT / no GPU: a reason, not a crash
             skipped["tensorrt"] = f"{type(exc).__name__}: {_first_line(exc)}"
@@ -176,6 +180,7 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
     log(f"[3/4] Timing {len(runners)} backends x batch {batch_sizes}: {warmup} warm-up, {repeats} repeats, "
         f"{threads} threads ...")
     flops = flops_per_image(ckpt.config, h, w)
+    pooled, tokens = bench_outputs(ckpt.family)
     peak = gpu_peak(gpu.get("name"))
     results = []
     accuracy = {}
@@ -202,8 +207,8 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
                 row = {"backend": name, "batch": b, "median_ms": round(med * 1e3, 3),
                        "min_ms": round(min(times[name]) * 1e3, 3), "images_per_s": round(b / med, 2),
                        "speedup_vs_torch": round(base / med, 3),
-                       "pooled_min_cosine": _min_cosine(ref["pooler_output"], outputs[name]["pooler_output"]),
-                       "tokens_min_cosine": _min_cosine(ref["last_hidden_state"], outputs[name]["last_hidden_state"])}
+                       "pooled_min_cosine": _min_cosine(ref[pooled], outputs[name][pooled]),
+                       "tokens_min_cosine": _min_cosine(ref[tokens], outputs[name][tokens])}
                 row["tflops_achieved"] = round(flops["total"] * row["images_per_s"] / 1e12, 4)
                 row["fraction_of_gpu_peak"] = round(flops["total"] * row["images_per_s"] / peak, 4) \
                     if (peak and name == "tensorrt") else None

@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_load(url: str, protocol: str, model: str, images: list[bytes], requests: int, concurrency: int,
-             after_warmup=lambda: None) -> dict:
+             after_warmup=lambda: None, output: str | None = None) -> dict:
+    """`output`: the one output to request (the repository's pooled output); None: every served output."""
     from export.backend import IMAGE_INPUT, TritonRunner
 
     local = threading.local()
@@ -56,7 +57,7 @@ def run_load(url: str, protocol: str, model: str, images: list[bytes], requests:
 
     def runner() -> TritonRunner:
         if not hasattr(local, "runner"):
-            local.runner = TritonRunner(url, model, ["pooler_output"], protocol=protocol)
+            local.runner = TritonRunner(url, model, None if output is None else [output], protocol=protocol)
             with lock:
                 runners.append(local.runner)
         return local.runner.activate()  # a no-op once active
@@ -70,7 +71,7 @@ def run_load(url: str, protocol: str, model: str, images: list[bytes], requests:
         start = time.perf_counter()
         try:
             out = client.infer(feed)
-            err = None if out["pooler_output"].shape[0] == 1 else "bad output shape"
+            err = None if out and all(v.shape[0] == 1 for v in out.values()) else "bad output shape"
         except Exception as exc:
             err = f"{type(exc).__name__}: {exc}"
         return time.perf_counter() - start, err
@@ -93,13 +94,14 @@ def run_load(url: str, protocol: str, model: str, images: list[bytes], requests:
             "first_errors": errors[:3]}
 
 
-def direct_onnxruntime(onnx_path: Path, pixels: np.ndarray, batch: int, seconds: float = 5.0, threads: int = 0) -> dict:
+def direct_onnxruntime(onnx_path: Path, pixels: np.ndarray, batch: int, seconds: float = 5.0, threads: int = 0,
+                       output: str = "pooler_output") -> dict:
     """The same model.onnx in onnxruntime, here, on preprocessed pixels: images per second."""
     from export.backend import OnnxRuntimeRunner
     from export.families import INPUT_NAME
 
     feed = {INPUT_NAME: np.repeat(pixels[None], batch, axis=0)}  # (B, 3, H, W)
-    with OnnxRuntimeRunner(onnx_path, "optimized", output_names=["pooler_output"], threads=threads) as runner:
+    with OnnxRuntimeRunner(onnx_path, "optimized", output_names=[output], threads=threads) as runner:
         runner.infer(feed)
         runs, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -107,6 +109,12 @@ def direct_onnxruntime(onnx_path: Path, pixels: np.ndarray, batch: int, seconds:
             runs += 1
         wall = time.perf_counter() - start
     return {"batch": batch, "images_per_s": round(runs * batch / wall, 1), "ms_per_run": round(wall / runs * 1000, 2)}
+
+
+def _repo_info(repo) -> dict:
+    from triton_repo.build import REPO_INFO
+
+    return json.loads((Path(repo) / REPO_INFO).read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             if http_url:
                 stats_before.update(model_statistics(http_url, "encoder"))
 
+        pooled = _repo_info(repo).get("pooled_output") if repo is not None else None
         report: dict = {"server": run_load(url, args.protocol, args.model, images, args.requests, args.concurrency,
-                                     after_warmup=snapshot)}
+                                           after_warmup=snapshot, output=pooled)}
         if stats_before and http_url:
             after = model_statistics(http_url, "encoder")
             inferences = after["inference_count"] - stats_before["inference_count"]
@@ -158,12 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
     if repo is not None:
-        info = json.loads((Path(repo) / "mvt_repository.json").read_text())
+        info = _repo_info(repo)
         onnx_path = Path(repo) / "encoder" / "1" / "model.onnx"
         cfg = ClipPreprocessing.from_file(Path(repo) / "preprocess" / "1" / "preprocessor_config.json")
         pixels = pixel_values_from_bytes(images[0], cfg)
         if onnx_path.is_file():
-            report["direct_onnxruntime"] = [direct_onnxruntime(onnx_path, pixels, b, threads=args.threads)
+            report["direct_onnxruntime"] = [direct_onnxruntime(onnx_path, pixels, b, threads=args.threads,
+                                                               output=info.get("pooled_output", "pooler_output"))
                                             for b in sorted({1, info["max_batch"]})]
         report["model"] = {k: info["model"].get(k) for k in ("family", "hidden_size", "num_hidden_layers",
                                                               "native_image_size")}

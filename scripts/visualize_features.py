@@ -65,8 +65,9 @@ def run(args, log=print) -> dict:
                               "export with --dynamic-resolution to use other resolutions")
         if args.backend == "triton":
             raise OptionError("--backend triton: the server preprocesses to the export's resolution; drop --size")
-    if args.output not in shape.output_names:
-        raise OptionError(f"--output {args.output}: this export has {', '.join(shape.output_names)}")
+    token_outputs = [n for n in ckpt.family.output_names(shape.hidden_layer) if n != ckpt.family.pooled_output]
+    if args.output not in token_outputs:
+        raise OptionError(f"--output {args.output}: this export's token outputs are {', '.join(token_outputs)}")
     if args.backend == "triton" and not args.url:
         raise OptionError("--backend triton needs --url HOST:PORT")
     image = Image.open(args.image).convert("RGB") if args.image else sample_photos(1)[0]
@@ -87,7 +88,8 @@ def run(args, log=print) -> dict:
         deployed = runner.infer(image_feed(runner, pixels, [image]))[args.output]  # (1, S, C)
     out = args.out or args.artifacts / f"features-{args.backend}-{h}x{w}.png"
     title = f"{manifest['model'].get('source')}: {args.output}"
-    facts = feature_figure(reference[0], deployed[0], pixels[0], ckpt.patch_size, ckpt.processor, out, label, title)
+    facts = feature_figure(reference[0], deployed[0], pixels[0], ckpt.patch_size, ckpt.processor, out, label, title,
+                           prefix_tokens=ckpt.family.prefix_tokens)
     facts.update(png=str(out), backend=args.backend)
     log(json.dumps(facts))
     log(f"wrote {out}")

@@ -78,6 +78,7 @@ def run_cell(model: str, precision: str, args) -> dict:
             "steps_s": manifest.get("timings_s", {}),
             "parity_passed": (manifest.get("parity") or {}).get("passed"),
             "parity_worst": (manifest.get("parity") or {}).get("worst", {}),
+            "pooled_output": manifest.get("interface", {}).get("pooled_output") or "pooler_output",
             "onnx_checker": manifest.get("onnx_checker"),
             "artifact_bytes": {name: meta["bytes"] for name, meta in manifest.get("artifacts", {}).items()},
             "calibration": (manifest.get("precision_recipe") or {}).get("calibration"),
@@ -141,7 +142,7 @@ def markdown(cells: list[dict], weights: dict[str, int], meta: dict) -> str:
             v = next((v for k, v in steps.items() if k.startswith(prefix)), None)
             return "-" if v is None else f"{v:.0f} s"
 
-        worst = (c.get("parity_worst") or {}).get("pooler_output", {}).get("min_cosine")
+        worst = (c.get("parity_worst") or {}).get(c.get("pooled_output") or "pooler_output", {}).get("min_cosine")
         size = sum(v for k, v in (c.get("artifact_bytes") or {}).items() if k.startswith("model.onnx"))
         if c.get("within_bounds"):
             result = "PASSED"

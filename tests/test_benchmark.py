@@ -25,7 +25,7 @@ def test_flops_formula_matches_the_published_figures(alias, gflops):
     from export.zoo import zoo_entry
 
     entry = zoo_entry(alias)
-    config = SimpleNamespace(**entry.config)
+    config = SimpleNamespace(model_type=entry.model_type, **entry.config)
     flops = _script().flops_per_image(config, entry.image_size, entry.image_size)
     assert flops["gflops"] == pytest.approx(gflops, rel=0.01)
 
@@ -50,6 +50,21 @@ def test_short_benchmark_on_a_tiny_model(tiny_folders, tmp_path, capsys):
     assert all(r["speedup_vs_torch"] == 1.0 for r in report["results"] if r["backend"] == "torch-eager")
     assert report["flops_per_image"]["total"] > 0 and report["settings"]["repeats"] == 2
     assert "| torch-eager |" in capsys.readouterr().out
+
+
+def test_short_benchmark_on_unicom(tiny_folders, tmp_path):
+    """A released-format UNICOM file: its `embedding` is the pooled output compared, its head is in the FLOPs."""
+    out = tmp_path / "bench"
+    code = _script().main(["--model", str(tiny_folders["unicom"]), "--short", "--out", str(out), "--threads", "2",
+                           "--no-tensorrt", "--backends", "ort-fp32-none", "ort-int8"])
+    assert code == 0
+    report = json.loads((out / "benchmark.json").read_text())
+    assert report["model"]["family"] == "unicom"
+    assert {r["backend"] for r in report["results"]} == {"torch-eager", "ort-fp32-none", "ort-int8"}
+    cosines = {r["backend"]: r["pooled_min_cosine"] for r in report["results"]}
+    assert cosines["ort-fp32-none"] > 0.99999 and cosines["ort-int8"] > 0.99
+    flops = report["flops_per_image"]
+    assert flops["tokens"] == 16 and flops["head"] == 2 * 16 * 128 * 128 + 2 * 128 * 96
 
 
 def test_bad_arguments_exit_2(capsys):

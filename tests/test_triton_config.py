@@ -271,3 +271,69 @@ def test_cli_refuses_a_plugin_form_graph_with_exit_2(plugin_form_artifacts, tmp_
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2, proc.stderr
     assert "onnxruntime cannot run" in proc.stderr and "--backend tensorrt" in proc.stderr
+
+
+# ------------------------------------------------------------------ UNICOM: embedding, no class token, --normalize
+
+@pytest.fixture(scope="module")
+def unicom_artifacts(tmp_path_factory):
+    """A tiny UNICOM model exported from its released-format .pt file."""
+    return tiny_artifacts(tmp_path_factory.mktemp("triton-unicom"), "unicom", max_batch=4)
+
+
+def test_unicom_repository_answers_the_embedding(unicom_artifacts, tmp_path):
+    repo = build_repository(RepoOptions(unicom_artifacts, tmp_path / "repo", backend="python"), log=lambda _: None).out
+    cfgs = _configs(repo)
+    assert set(cfgs) == {"embed", "encoder", "preprocess"}  # no normalize step by default
+    ens = cfgs["embed"]
+    assert [(o.name, list(o.dims)) for o in ens.output] == [("last_hidden_state", [-1, 128]), ("embedding", [96])]
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocess", "encoder"]
+    assert dict(ens.ensemble_scheduling.step[1].output_map) == {"last_hidden_state": "last_hidden_state",
+                                                                 "embedding": "embedding"}
+    readme = (repo / "README.md").read_text()
+    assert 'InferRequestedOutput("embedding")' in readme and "(1, 96)" in readme and "L2-normalized" not in readme
+    info = json.loads((repo / "mvt_repository.json").read_text())
+    assert info["pooled_output"] == "embedding" and info["normalized"] is False
+
+
+def test_normalize_adds_a_step_for_the_pooled_output_only(unicom_artifacts, tmp_path):
+    repo = build_repository(RepoOptions(unicom_artifacts, tmp_path / "repo", backend="python", normalize=True,
+                                        instances=2), log=lambda _: None).out
+    cfgs = _configs(repo)
+    norm, ens = cfgs["normalize"], cfgs["embed"]
+    assert norm.backend == "python" and (repo / "normalize/1/model.py").is_file()
+    assert [(i.name, list(i.dims)) for i in norm.input] == [("unnormalized", [96])]
+    assert [(o.name, list(o.dims)) for o in norm.output] == [("normalized", [96])]
+    assert norm.max_batch_size == ens.max_batch_size == 4 and norm.instance_group[0].count == 2
+    steps = ens.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["preprocess", "encoder", "normalize"]
+    assert dict(steps[1].output_map) == {"last_hidden_state": "last_hidden_state", "embedding": "_embedding"}
+    assert dict(steps[2].input_map) == {"unnormalized": "_embedding"}
+    assert dict(steps[2].output_map) == {"normalized": "embedding"}
+    assert [o.name for o in ens.output] == ["last_hidden_state", "embedding"]  # same names for clients
+    assert "L2-normalized" in (repo / "README.md").read_text()
+    with pytest.raises(OptionError, match="--name normalize is taken"):
+        build_repository(RepoOptions(unicom_artifacts, tmp_path / "r2", backend="python", name="normalize"),
+                         log=lambda _: None)
+
+
+def test_unicom_engine_sequence_has_no_class_token(unicom_artifacts, tmp_path):
+    """FAKE plan, as plan_artifacts: the engine's exact sequence length is the 16 patches, without a class token."""
+    folder = tmp_path / "artifacts"
+    shutil.copytree(unicom_artifacts, folder)
+    (folder / "model.plan").write_bytes(b"placeholder, not a TensorRT engine")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine"] = {"built": True, "runtime": "tensorrt", "version": "fake",
+                          "profiles": {"pixel_values": {"min": [1, 3, 56, 56], "opt": [2, 3, 56, 56],
+                                                        "max": [4, 3, 56, 56]}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    enc = _configs(build_repository(RepoOptions(folder, tmp_path / "repo"), log=lambda _: None).out)["encoder"]
+    assert [list(o.dims) for o in enc.output] == [[16, 128], [96]]
+
+
+def test_cli_normalize_flag(unicom_artifacts, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "triton_repo.build", "--artifacts", str(unicom_artifacts), "--out",
+                           str(tmp_path / "repo"), "--backend", "python", "--normalize"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "-> normalize" in proc.stdout and (tmp_path / "repo/normalize/config.pbtxt").is_file()

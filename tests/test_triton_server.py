@@ -64,20 +64,20 @@ def references(served, photos):
     return {name: reference_pooler(served.checkpoint, [data])[0] for name, data in photos.items()}
 
 
-def _http_infer(url: str, model: str, images: list[bytes], input_name: str = "image"):
+def _http_infer(url: str, model: str, images: list[bytes], input_name: str = "image", output: str = "pooler_output"):
     with httpclient.InferenceServerClient(url) as client:
         inp = httpclient.InferInput(input_name, [len(images), 1], "BYTES")
         inp.set_data_from_numpy(np.array([[b] for b in images], dtype=np.object_))
-        return client.infer(model, [inp]).as_numpy("pooler_output")
+        return client.infer(model, [inp]).as_numpy(output)
 
 
-def _grpc_infer(url: str, model: str, images: list[bytes]):
+def _grpc_infer(url: str, model: str, images: list[bytes], pooled: str = "pooler_output"):
     with grpcclient.InferenceServerClient(url) as client:
         inp = grpcclient.InferInput("image", [len(images), 1], "BYTES")
         inp.set_data_from_numpy(np.array([[b] for b in images], dtype=np.object_))
-        out = [grpcclient.InferRequestedOutput("pooler_output"), grpcclient.InferRequestedOutput("last_hidden_state")]
+        out = [grpcclient.InferRequestedOutput(pooled), grpcclient.InferRequestedOutput("last_hidden_state")]
         result = client.infer(model, [inp], outputs=out)
-        return result.as_numpy("pooler_output"), result.as_numpy("last_hidden_state")
+        return result.as_numpy(pooled), result.as_numpy("last_hidden_state")
 
 
 def _assert_ready(served):
@@ -188,3 +188,61 @@ def test_server_that_cannot_start_fails_with_its_log(tmp_path):
             pass
     assert time.monotonic() - start < 60
     assert server.process is None
+
+
+# ------------------------------------------------------------------ UNICOM: a served embedding from JPEG bytes
+
+@pytest.fixture(scope="module")
+def served_unicom(tmp_path_factory):
+    """A tiny UNICOM exported from its released-format .pt file, served as `embed` (as exported) and as
+    `embed_normalized` (--normalize) by one server: the second repository's extra models are moved into the
+    first (preprocess and encoder are the same files in both)."""
+    import shutil
+
+    from triton_repo.build import RepoOptions, build_repository
+    from triton_repo.server import TritonServer, free_port
+
+    install = tritonserver_or_skip()
+    root = tmp_path_factory.mktemp("triton-unicom")
+    artifacts = tiny_artifacts(root, "unicom", max_batch=4)
+    repo = build_repository(RepoOptions(artifacts, root / "repo", backend="python", max_batch=4, intra_op_threads=1),
+                            log=lambda _: None).out
+    other = build_repository(RepoOptions(artifacts, root / "repo-normalized", backend="python", max_batch=4,
+                                         intra_op_threads=1, name="embed_normalized", normalize=True),
+                             log=lambda _: None).out
+    for model in ("normalize", "embed_normalized"):
+        shutil.copytree(other / model, repo / model)
+    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          install=install, ready_timeout_s=90)
+    with server:
+        yield ServedRepository(server, repo, artifacts, next((root / "checkpoint").glob("*.pt")))
+
+
+def test_unicom_embedding_for_jpeg_bytes_matches_the_module(served_unicom, photos):
+    for name in ("astronaut.jpg", "chelsea.jpg", "coffee.png"):
+        data = photos[name]
+        out = _http_infer(served_unicom.http_url, "embed", [data], output="embedding")
+        ref = reference_pooler(served_unicom.checkpoint, [data])  # (1, 96): the head's output, unnormalized
+        assert out.shape == (1, 96) and cosine_rows(out, ref).min() >= MIN_COSINE, name
+        assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), name
+
+
+def test_unicom_grpc_batch_of_three(served_unicom, photos):
+    names = ["astronaut.jpg", "coffee.png", "chelsea.jpg"]
+    images = [photos[n] for n in names]
+    embedding, hidden = _grpc_infer(served_unicom.grpc_url, "embed", images, pooled="embedding")
+    assert embedding.shape == (3, 96) and hidden.shape == (3, 16, 128)  # no class token: 4 x 4 patches
+    ref = np.concatenate([reference_pooler(served_unicom.checkpoint, [b]) for b in images])
+    assert cosine_rows(embedding, ref).min() >= MIN_COSINE
+    tokens = np.concatenate([reference_pooler(served_unicom.checkpoint, [b], "last_hidden_state") for b in images])
+    assert cosine_rows(hidden.reshape(-1, 128), tokens.reshape(-1, 128)).min() >= MIN_COSINE
+
+
+def test_unicom_normalized_ensemble(served_unicom, photos):
+    images = [photos["astronaut.jpg"], photos["chelsea.jpg"]]
+    raw = _http_infer(served_unicom.http_url, "embed", images, output="embedding")
+    unit = _http_infer(served_unicom.http_url, "embed_normalized", images, output="embedding")
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)  # off by default
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=0, atol=1e-6)
+    _assert_ready(served_unicom)

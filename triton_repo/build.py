@@ -23,14 +23,14 @@ from export.artifacts import ONNX_NAME
 from export.engine import PLAN_NAME
 from export.errors import MvtError, OptionError, require
 from export.families import IMAGE_INPUT
-from export.manifest import MANIFEST_NAME
+from export.manifest import MANIFEST_NAME, pooled_output, prefix_tokens
 
 from .config import EncoderInterface, TensorSpec, Warmup, validate_model_name
 from .forms import BACKENDS, FORMS, EncoderForm, cli_help, form
 from .preprocessing import CONFIG_NAME as PREPROCESSOR_CONFIG, DEFAULT_MAX_PIXELS, ClipPreprocessing
 
 HERE = Path(__file__).resolve().parent
-ENCODER, PREPROCESS = "encoder", "preprocess"
+ENCODER, PREPROCESS, NORMALIZE = "encoder", "preprocess", "normalize"
 REPO_INFO = "mvt_repository.json"
 
 
@@ -45,6 +45,8 @@ class RepoOptions:
     force: bool = False
     intra_op_threads: int = 0  # python backend: onnxruntime threads per instance (0: its default)
     max_pixels: int = DEFAULT_MAX_PIXELS  # preprocess refuses larger images
+    # answer the pooled output (UNICOM: embedding) L2-normalized, through a `normalize` step
+    normalize: bool = False
 
 
 @dataclass
@@ -178,7 +180,7 @@ def encoder_interface(art: Artifacts, spec: EncoderForm) -> EncoderInterface:
     sequence = -1
     if spec.needs_engine:  # engines have one resolution: give TensorRT the exact sequence length
         patch = art.manifest["model"]["patch_size"]
-        sequence = (crop[0] // patch) * (crop[1] // patch) + 1  # class token + patches
+        sequence = (crop[0] // patch) * (crop[1] // patch) + prefix_tokens(art.manifest)  # (class token +) patches
     outputs = tuple(
         TensorSpec(name, tuple(d if isinstance(d, int) else (sequence if d == "sequence" else -1)
                                for d in out["shape"][1:]))
@@ -203,7 +205,7 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
     from .preprocessing import pixel_values_from_bytes
 
     name = validate_model_name(opts.name)
-    if name in (ENCODER, PREPROCESS):
+    if name in (ENCODER, PREPROCESS, NORMALIZE):
         raise OptionError(f"--name {name} is taken by the {name} step; choose another ensemble name (e.g. embed)")
     if opts.instances < 1:
         raise OptionError(f"--instances {opts.instances} must be at least 1")
@@ -243,27 +245,53 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
             warmup=Warmup("sample_photo", 1, {iface.input.name: ("TYPE_FP32", tuple(pixels.shape), iface.input.name)}))
         result.models[ENCODER] = tc.write_config(enc_cfg, enc)
 
+        normalize = None
+        if opts.normalize:
+            pooled = _pooled_spec(art, iface)
+            _copy(HERE / "backend_models" / "normalize.py", stage / NORMALIZE / "1" / "model.py")
+            norm_cfg = tc.normalize_config(name=NORMALIZE, max_batch=max_batch, instances=opts.instances,
+                                           width=pooled.dims[-1])
+            result.models[NORMALIZE] = tc.write_config(norm_cfg, stage / NORMALIZE)
+            normalize = (NORMALIZE, pooled.name)
+
         (stage / name / "1").mkdir(parents=True)  # an ensemble still needs a version folder
         ens_cfg = tc.ensemble_config(name=name, max_batch=max_batch, preprocess=PREPROCESS, encoder=ENCODER,
-                                     interface=iface)
+                                     interface=iface, normalize=normalize)
         result.models[name] = tc.write_config(ens_cfg, stage / name)
 
         for model, path in result.models.items():  # read back every config the way Triton will
             tc.parse_config(path)
             result.models[model] = Path(opts.out) / model / tc.CONFIG_NAME
-        (stage / "README.md").write_text(repository_readme(name, spec, iface, max_batch, art, Path(opts.out)))
+        (stage / "README.md").write_text(repository_readme(name, spec, iface, max_batch, art, Path(opts.out),
+                                                           opts.normalize))
         info = {"ensemble": name, "encoder": ENCODER, "preprocess": PREPROCESS, "backend": spec.name,
                 "max_batch": max_batch, "image_size": list(iface.image_size),
-                "outputs": list(iface.output_names), "artifacts": str(Path(opts.artifacts).resolve()),
+                "outputs": list(iface.output_names), "pooled_output": pooled_output(art.manifest),
+                "normalized": opts.normalize, "artifacts": str(Path(opts.artifacts).resolve()),
                 "model": art.manifest.get("model", {})}
         (stage / REPO_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    log(f"wrote {opts.out}/ ({name} = {PREPROCESS} -> {ENCODER} [{spec.name}], max batch {max_batch})")
+    steps = f"{PREPROCESS} -> {ENCODER} [{spec.name}]" + (f" -> {NORMALIZE}" if opts.normalize else "")
+    log(f"wrote {opts.out}/ ({name} = {steps}, max batch {max_batch})")
     return result
 
 
+def _pooled_spec(art: Artifacts, iface: EncoderInterface) -> TensorSpec:
+    """The encoder output --normalize applies to: the manifest's pooled output, one vector per image."""
+    name = pooled_output(art.manifest)
+    spec = next((o for o in iface.outputs if o.name == name), None)
+    if spec is None or len(spec.dims) != 1 or spec.dims[0] < 1:
+        raise OptionError(f"--normalize: the artifacts have no pooled output {name!r} of one vector per image; "
+                          "re-export them with this version of python -m export.build_engine")
+    return spec
+
+
 def repository_readme(name: str, spec: EncoderForm, iface: EncoderInterface, max_batch: int, art: Artifacts,
-                      repo: Path) -> str:
+                      repo: Path, normalized: bool = False) -> str:
     outputs = ", ".join(f"`{o.name}` {list(o.dims)}" for o in iface.outputs)
+    pooled = pooled_output(art.manifest)
+    width = next((o.dims[-1] for o in iface.outputs if o.name == pooled), "?")
+    normalize_row = (f"| `{NORMALIZE}` | `{pooled}` -> `{pooled}` / its L2 norm, per image | python |\n"
+                     if normalized else "")
     h, w = iface.image_size
     production = spec.readme.format(engine_version=art.engine.get("version") or "?")
     backend = spec.name
@@ -276,7 +304,7 @@ Generated by `python -m triton_repo.build` from `{art.folder}`.
 | `{name}` | ensemble: `image` (encoded bytes, TYPE_STRING) -> {outputs} | ensemble |
 | `{PREPROCESS}` | image bytes -> `pixel_values` [3, {h}, {w}] (the checkpoint's CLIPImageProcessor) | python |
 | `{ENCODER}` | `pixel_values` -> encoder outputs | {backend} |
-
+{normalize_row}
 Batched (max batch {max_batch}, dynamic batching); every model warms up on a real photograph.
 {production}
 
@@ -306,8 +334,8 @@ client = httpclient.InferenceServerClient("127.0.0.1:8000")
 data = open("photo.jpg", "rb").read()
 image = httpclient.InferInput("image", [1, 1], "BYTES")
 image.set_data_from_numpy(np.array([[data]], dtype=np.object_))
-result = client.infer("{name}", [image], outputs=[httpclient.InferRequestedOutput("pooler_output")])
-embedding = result.as_numpy("pooler_output")  # (1, {iface.outputs[-1].dims[-1] if iface.outputs else '?'})
+result = client.infer("{name}", [image], outputs=[httpclient.InferRequestedOutput("{pooled}")])
+embedding = result.as_numpy("{pooled}")  # (1, {width}){", L2-normalized" if normalized else ""}
 ```
 
 A bad image (corrupt, empty, over the pixel limit) fails only its own request, with a message.
@@ -346,6 +374,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: 1)")
     p.add_argument("--max-batch", type=int, metavar="N",
                    help="max batch (default: the manifest's; never above the engine's optimization profile)")
+    p.add_argument("--normalize", action="store_true",
+                   help="answer the pooled output (UNICOM: embedding) L2-normalized, for retrieval by inner "
+                        "product (default: as the model computes it)")
     p.add_argument("--force", action="store_true", help="replace an existing repository")
     return p
 
@@ -353,7 +384,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     opts = RepoOptions(artifacts=args.artifacts, out=args.out, backend=args.backend, name=args.name,
-                       instances=args.instances, max_batch=args.max_batch, force=args.force)
+                       instances=args.instances, max_batch=args.max_batch, force=args.force, normalize=args.normalize)
     try:
         build_repository(opts)
     except MvtError as exc:

@@ -140,8 +140,28 @@ def preprocess_config(*, name: str = "preprocess", max_batch: int, instances: in
     return cfg
 
 
-def ensemble_config(*, name: str, max_batch: int, preprocess: str, encoder: str, interface: EncoderInterface):
-    """image (TYPE_STRING) -> preprocess -> encoder -> every encoder output, under the same names."""
+# The `normalize` step's tensors (python backend, backend_models/normalize.py): one vector per row in,
+# the same vector divided by its L2 norm out.
+NORMALIZE_INPUT, NORMALIZE_OUTPUT = "unnormalized", "normalized"
+
+
+def normalize_config(*, name: str = "normalize", max_batch: int, instances: int, width: int):
+    """L2 normalization of one [batch, width] output, on the CPU (the ensemble's --normalize step)."""
+    pb2 = model_config_pb2()
+    cfg = pb2.ModelConfig()
+    cfg.backend = "python"
+    _common(cfg, name, max_batch, instances, "KIND_CPU", None, pb2, dynamic_batching=False)
+    _io(cfg.input.add(), TensorSpec(NORMALIZE_INPUT, (width,)), pb2)
+    _io(cfg.output.add(), TensorSpec(NORMALIZE_OUTPUT, (width,)), pb2)
+    return cfg
+
+
+def ensemble_config(*, name: str, max_batch: int, preprocess: str, encoder: str, interface: EncoderInterface,
+                    normalize: tuple[str, str] | None = None):
+    """image (TYPE_STRING) -> preprocess -> encoder -> every encoder output, under the same names.
+
+    normalize: (the normalize model, the output it applies to): that output goes through the model and
+    is answered L2-normalized, under its own name."""
     pb2 = model_config_pb2()
     cfg = pb2.ModelConfig()
     cfg.name = name
@@ -160,7 +180,14 @@ def ensemble_config(*, name: str, max_batch: int, preprocess: str, encoder: str,
     step.model_version = -1
     step.input_map[interface.input.name] = "_pixel_values"
     for out in interface.outputs:
-        step.output_map[out.name] = out.name
+        step.output_map[out.name] = f"_{out.name}" if normalize and out.name == normalize[1] else out.name
+    if normalize:
+        model, output = normalize
+        step = cfg.ensemble_scheduling.step.add()
+        step.model_name = model
+        step.model_version = -1
+        step.input_map[NORMALIZE_INPUT] = f"_{output}"
+        step.output_map[NORMALIZE_OUTPUT] = output
     return cfg
 
 

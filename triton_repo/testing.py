@@ -36,7 +36,7 @@ def tiny_artifacts(folder: Path, family_name: str = "mlcd-rope2d", *, max_batch:
     from export.testing import save_tiny_checkpoint
 
     folder = Path(folder)
-    ckpt = save_tiny_checkpoint(family_by_name(family_name), folder / "checkpoint")
+    ckpt = save_tiny_checkpoint(family_by_name(family_name), folder / "checkpoint")  # UNICOM: a .pt in it
     out = folder / "artifacts"
     build(BuildOptions(model=str(ckpt), out=out, max_batch=max_batch, hidden_layer=hidden_layer, parity=False,
                        runtime=runtime), log=lambda _: None)
@@ -75,18 +75,19 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     return bytes(data)
 
 
-def reference_pooler(checkpoint_folder: Path, images: list[bytes], output: str = "pooler_output") -> np.ndarray:
-    """transformers' processor + model on the decoded images: the reference the server must match."""
+def reference_pooler(checkpoint: Path, images: list[bytes], output: str | None = None) -> np.ndarray:
+    """transformers' processor + model on the decoded images: the reference the server must match.
+    checkpoint: what --model took (a folder, or UNICOM's .pt file); output None: the family's pooled output."""
     import torch
     from PIL import Image
 
-    from export.loading import load_folder
+    from export.loading import load_checkpoint
 
-    ckpt = load_folder(Path(checkpoint_folder))
+    ckpt = load_checkpoint(str(checkpoint))
     pil = [Image.open(io.BytesIO(b)) for b in images]
     pixels = ckpt.processor(images=pil, return_tensors="pt")["pixel_values"].float()
     with torch.no_grad():
-        return getattr(ckpt.model(pixel_values=pixels), output).numpy()
+        return getattr(ckpt.model(pixel_values=pixels), output or ckpt.family.pooled_output).numpy()
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -103,7 +104,7 @@ class ServedRepository:
     server: TritonServer
     repository: Path
     artifacts: Path
-    checkpoint: Path
+    checkpoint: Path  # what --model took: a folder, or a released weights file
     ensemble: str = "embed"
 
     @property

@@ -161,6 +161,11 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
     # a large model is never held twice; the candidates below reference the same files.
     src_model = onnx.load(str(src), load_external_data=False)
     qdq_model = onnx.load(str(qdq), load_external_data=False)
+    # The quantizer writes every weight's DequantizeLinear at the top; each right before its layer,
+    # a run holds one layer's float weights instead of all of them (8.2 GiB on MLCD-bigG before).
+    from .fp16 import topological_sort
+
+    topological_sort(qdq_model.graph)
     folder = Path(qdq).parent
     names = [o.name for o in qdq_model.graph.output]
     targets = cosine_targets(precision, names)
@@ -180,7 +185,7 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
                           for n in targets}  # (tokens or images, C), as _outputs returns them
     else:
         reference_rows = _outputs(src, feeds, list(targets), folder, "optimized")  # fp32: fusions keep it exact
-    everywhere = _min_cosines(reference_rows, _outputs(qdq, feeds, list(targets), folder))
+    everywhere = _min_cosines(reference_rows, _outputs(qdq_model, feeds, list(targets), folder))
     report["all_quantized"] = everywhere
     if _shortfall(everywhere, targets) <= 1:
         report["met"] = True

@@ -124,10 +124,13 @@ def _stream_external_data(model, src_dir: Path, data_path: Path, location: str) 
 
 def topological_sort(graph) -> None:
     """Order `graph`'s nodes so that every input is produced before it is read (in place; Kahn's
-    algorithm, ties broken by the original position, so an already sorted graph is unchanged).
+    algorithm, ties broken by the original position), then move every node computed from constants
+    alone (a weight's DequantizeLinear, and a Cast after it) to just before its first reader.
 
     onnxruntime sorts what it loads, but onnx.checker (full check), Polygraphy's lint and other
-    consumers require the order; the float16 converter appends its input Casts at the end."""
+    consumers require the order; the float16 converter appends its input Casts at the end. The
+    quantizer puts every weight's DequantizeLinear near the top: run in that order (onnxruntime's
+    priority-based order follows the node list) they would hold every weight in float at once."""
     import heapq
 
     nodes = list(graph.node)
@@ -152,7 +155,38 @@ def topological_sort(graph) -> None:
     if len(order) != len(nodes):
         raise ValueError("the graph has a cycle: it cannot be sorted topologically")
     del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)
+    graph.node.extend(_constants_just_in_time(graph, [nodes[i] for i in order]))
+
+
+def _constants_just_in_time(graph, nodes: list) -> list:
+    """`nodes` (sorted) with the nodes that depend on constants alone placed right before their
+    first reader (depth first, so a chain DequantizeLinear -> Cast stays in order)."""
+    graph_inputs = {i.name for i in graph.input}  # an initializer named as an input can be overridden
+    constant = {t.name for t in graph.initializer} - graph_inputs
+    derived: dict[str, int] = {}  # output name -> index of the constant-only node writing it
+    for i, node in enumerate(nodes):
+        if all(not name or name in constant for name in _outer_inputs(node)):
+            constant.update(node.output)
+            derived.update({out: i for out in node.output if out})
+    placed: set[int] = set()
+    out: list = []
+
+    def place(i: int) -> None:
+        if i in placed:
+            return
+        for name in _outer_inputs(nodes[i]):
+            if name in derived:
+                place(derived[name])
+        placed.add(i)
+        out.append(nodes[i])
+
+    movable = set(derived.values())
+    for i, node in enumerate(nodes):
+        if i not in movable:
+            place(i)
+    for i in sorted(movable):  # read by no other node (a graph output): where the sort put them, at the end
+        place(i)
+    return out
 
 
 def _outer_inputs(node) -> list[str]:
