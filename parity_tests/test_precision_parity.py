@@ -245,3 +245,18 @@ def test_topological_sort_fixes_appended_casts():
                                "c", [], [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2])])
     with pytest.raises(ValueError, match="cycle"):
         topological_sort(cyclic)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_quantized_build_with_a_relative_output_folder(precision, tmp_path, monkeypatch):
+    """onnxruntime's quantizer runs from the model's folder (qdq._weights_read_lazily): paths given
+    relative to the caller's folder must still resolve (the zoo matrix passes artifacts/zoo/...)."""
+    from pathlib import Path
+
+    from export.pipeline import BuildOptions, build
+
+    monkeypatch.chdir(tmp_path)
+    result = build(BuildOptions(precision=precision, out=Path("artifacts") / precision, runtime="none",
+                                parity=False, calib_count=2), log=lambda _: None)
+    assert (tmp_path / "artifacts" / precision / "model.onnx").is_file()
+    assert result.manifest["precision_recipe"]["calibration"]["count"] == 2

@@ -149,7 +149,10 @@ def markdown(cells: list[dict], weights: dict[str, int], meta: dict) -> str:
         elif c["exit"] == 0 and c.get("parity_passed"):
             result = "parity PASSED, memory over bound"
         else:
-            result = "parity FAILED" if c["exit"] in (0, 1) else f"did not finish (exit {c['exit']})"
+            ran_parity = c.get("parity_passed") is not None  # an exit 1 without a manifest is a crash
+            result = ("parity FAILED" if c["exit"] in (0, 1) and ran_parity
+                      else "failed (exit 1, see its log)" if c["exit"] == 1
+                      else f"did not finish (exit {c['exit']})")
         lines.append(
             f"| {c['model']} | {c['precision']} | {result} | {c['seconds']:.0f} s | {step('Loading')} | "
             f"{step('Tracing')} | {step('Running the PyTorch')} | {step('Applying')} | {step('Checking parity')} | "

@@ -79,7 +79,8 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", m
     calibrate = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[method]
     options: dict = {}
-    cache = Path(dst).with_name(Path(dst).name + ".calibration.json")
+    # Absolute: quantize_static runs from the model's folder (_weights_read_lazily).
+    cache = Path(dst).resolve().with_name(Path(dst).name + ".calibration.json")
     overrides: dict = {}
     if method in ("max", "distribution"):
         tensors = activation_tensors(graph, nodes)
@@ -104,12 +105,14 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", m
         reader = FeedReader(feeds, f"calibrating {dtype} ({method})")
     del graph
     # Written beside `src`: the weights it does not replace stay in src's data file (relative paths).
-    work, target = Path(src).resolve().parent, Path(dst).resolve()
+    # Resolved here: inside _weights_read_lazily the working directory is the model's folder.
+    source, target = Path(src).resolve(), Path(dst).resolve()
+    work = source.parent
     written = target if target.parent == work else work / f".qdq-{target.name}"
     try:
         with _quiet_root_logger(), _weights_read_lazily(work):
             quantize_static(
-                str(Path(src).resolve()), str(written), reader,
+                str(source), str(written), reader,
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=QUANTIZED_OP_TYPES,  # the calibrator watches only these ops' tensors
                 per_channel=not fp8,
