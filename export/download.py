@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .artifacts import sha256
 from .errors import CheckpointError
 from .zoo import Release
 
@@ -32,21 +33,13 @@ def release_cache(subdir: str = "unicom") -> Path:
     return cache_root() / subdir
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_release(release: Release, alias: str, cache: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """The verified local copy of `release` (downloaded into `cache`, default release_cache()); `alias`
     (the zoo alias) is for the message that says what to do without network."""
     cache = Path(cache) if cache is not None else release_cache()
     target = cache / release.filename
     if target.is_file():
-        if file_sha256(target) == release.sha256:
+        if sha256(target) == release.sha256:
             return target
         log(f"      {target} does not match its SHA-256; downloading it again")
     cache.mkdir(parents=True, exist_ok=True)

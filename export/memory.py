@@ -11,10 +11,11 @@ import resource
 import sys
 
 
-def peak_mib() -> float:
-    """Peak resident MiB of this process so far."""
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
+def peak_mib(children: bool = False) -> float:
+    """Peak resident MiB of this process so far (children: of its largest finished child)."""
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return round(resource.getrusage(who).ru_maxrss / scale, 1)
 
 
 def describe(mib: float) -> str:

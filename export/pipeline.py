@@ -9,8 +9,6 @@ The CLI (build_engine.py) is a thin layer over `build`.
 from __future__ import annotations
 
 import platform
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -332,10 +330,5 @@ def _versions() -> dict:
 def _peak_rss_mib() -> dict[str, float]:
     """Peak resident memory of this process (the ONNX steps) and of the PyTorch child (load, trace):
     the build's peak is the larger, as they never overlap."""
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
-
-    def peak(who: int) -> float:
-        return round(resource.getrusage(who).ru_maxrss / scale, 1)
-
-    onnx_steps, torch_steps = peak(resource.RUSAGE_SELF), peak(resource.RUSAGE_CHILDREN)
+    onnx_steps, torch_steps = memory.peak_mib(), memory.peak_mib(children=True)
     return {"build": max(onnx_steps, torch_steps), "onnx_steps": onnx_steps, "torch_steps": torch_steps}

@@ -44,7 +44,11 @@ def artifacts(tmp_path_factory):
 def plan_artifacts(artifacts, tmp_path_factory):
     """FAKE engine artifacts: a placeholder model.plan and an engine profile of max batch 4 in the manifest.
     Only for validating the generated tensorrt_plan config; this file is not an engine and is never served."""
-    folder = tmp_path_factory.mktemp("fake-plan") / "artifacts"
+    return _with_fake_plan(artifacts, tmp_path_factory.mktemp("fake-plan") / "artifacts")
+
+
+def _with_fake_plan(artifacts: Path, folder: Path) -> Path:
+    """A copy of `artifacts` in `folder` with a placeholder model.plan and a max-batch-4 profile."""
     shutil.copytree(artifacts, folder)
     (folder / "model.plan").write_bytes(b"placeholder, not a TensorRT engine")
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -319,14 +323,7 @@ def test_normalize_adds_a_step_for_the_pooled_output_only(unicom_artifacts, tmp_
 
 def test_unicom_engine_sequence_has_no_class_token(unicom_artifacts, tmp_path):
     """FAKE plan, as plan_artifacts: the engine's exact sequence length is the 16 patches, without a class token."""
-    folder = tmp_path / "artifacts"
-    shutil.copytree(unicom_artifacts, folder)
-    (folder / "model.plan").write_bytes(b"placeholder, not a TensorRT engine")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["engine"] = {"built": True, "runtime": "tensorrt", "version": "fake",
-                          "profiles": {"pixel_values": {"min": [1, 3, 56, 56], "opt": [2, 3, 56, 56],
-                                                        "max": [4, 3, 56, 56]}}}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    folder = _with_fake_plan(unicom_artifacts, tmp_path / "artifacts")
     enc = _configs(build_repository(RepoOptions(folder, tmp_path / "repo"), log=lambda _: None).out)["encoder"]
     assert [list(o.dims) for o in enc.output] == [[16, 128], [96]]
 

@@ -45,15 +45,16 @@ def localize_overflow(model_path: Path, batches: Iterable[dict], headroom: float
     from .stats import collect_stats
 
     model = onnx.load(str(model_path), load_external_data=False)
-    run = collect_stats(model_path, batches, list(float_intermediates(model)), model=model,
-                        desc="overflow scan", log=log)
-    return overflow_findings(model, run.stats, headroom)
-
-
-def overflow_findings(model, stats: dict, headroom: float = HEADROOM) -> list[OverflowFinding]:
-    """localize_overflow's verdict from statistics already collected (stats.TensorStats of every
-    float_intermediates tensor): int8/fp8 collect them in the same pass as their calibration."""
     producers = float_intermediates(model)
+    run = collect_stats(model_path, batches, list(producers), model=model, desc="overflow scan", log=log)
+    return overflow_findings(model, producers, run.stats, headroom)
+
+
+def overflow_findings(model, producers: dict[str, tuple[str, str]], stats: dict,
+                      headroom: float = HEADROOM) -> list[OverflowFinding]:
+    """localize_overflow's verdict from statistics already collected (stats.TensorStats of every
+    tensor in `producers`, float_intermediates(model)): int8/fp8 collect them in the same pass as
+    their calibration."""
     consumers: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:

@@ -120,17 +120,18 @@ def _quantize(path: Path, precision: str, feeds: list[dict], calib_method: str, 
 
     fp16_rest = quant_target != "cpu"
     graph = onnx.load(str(path), load_external_data=False)
-    scanned = list(float_intermediates(graph)) if fp16_rest else []
+    producers = float_intermediates(graph) if fp16_rest else {}  # the overflow scan's tensors
     smoothed_tensors = smoothing_tensors(graph, precision)
     # onnxruntime's histogram calibrators ("entropy", "percentile") run their own pass on the smoothed model.
     calibrated = calibration_tensors(graph) if calib_method == "max" or precision == "fp8" else []
+    scanned = list(producers)
     purposes = [what for what, tensors in (("overflow scan", scanned), ("smoothing", smoothed_tensors),
                                            (f"{precision} calibration", calibrated)) if tensors]
     run = collect_stats(path, feeds, scanned + calibrated, per_channel=smoothed_tensors,
                         moments=calibrated if precision == "fp8" else (), model=graph,
                         desc=f"statistics ({', '.join(purposes + ['fp32 reference'])})",
                         keep_outputs=FALLBACK_IMAGES, log=log)
-    result.overflow = overflow_findings(graph, run.stats) if fp16_rest else []
+    result.overflow = overflow_findings(graph, producers, run.stats)
     _log_overflow(result.overflow, log)
 
     # Smoothing (smooth.py): LayerNorm outlier channels migrate into the next weights before Q/DQ.
