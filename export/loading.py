@@ -61,8 +61,16 @@ def load_checkpoint(model: str | None = None, *, random_weights: bool = False, s
     """Resolve `model` (None: the demo) and load it through transformers. num_heads: attention heads of a
     released weights file (None: inferred, hidden / 64 for UNICOM)."""
     if model is None:
+        if num_heads is not None:
+            raise CheckpointError("--num-heads applies to released weights files (UNICOM .pt), not the demo")
         return _from_architecture(DEMO, source="demo", seed=seed)
     entry = zoo_entry(model)
+    if num_heads is not None and (random_weights or entry is None or entry.release is None):
+        path = Path(model).expanduser()
+        if random_weights or not (path.is_file() and family_for_weights_file(path) is not None):
+            # a config.json or a zoo architecture already names its heads
+            raise CheckpointError(f"--num-heads applies to released weights files (UNICOM .pt); {model!r} "
+                                  "names its attention heads itself")
     if random_weights:
         if entry is None:
             raise CheckpointError(

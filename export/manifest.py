@@ -38,7 +38,8 @@ def reference_checkpoint(manifest: dict):
     from .loading import load_checkpoint
 
     options = manifest["options"]
-    return load_checkpoint(options.get("model"), random_weights=bool(options.get("random_weights")))
+    return load_checkpoint(options.get("model"), random_weights=bool(options.get("random_weights")),
+                           num_heads=options.get("num_heads"))
 
 
 def export_shape(manifest: dict, ckpt):

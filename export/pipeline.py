@@ -36,6 +36,7 @@ class BuildOptions:
     dynamic_resolution: bool = False
     max_batch: int = 32
     hidden_layer: int | None = None
+    num_heads: int | None = None  # released weights files (UNICOM .pt): attention heads; None = hidden / 64
     calib_images: Path | None = None  # None: scikit-image's photographs (not the parity ones)
     calib_count: int | None = None  # calibration images used; None: precision.calibration.default_count
     calib_method: str = "max"
@@ -110,7 +111,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         # the copies tracing keeps) is returned before the ONNX steps start (torch_side.py).
         torch_side = run_torch_side(TorchRequest(
             opts.model, opts.random_weights, opts.image_size, opts.dynamic_resolution, opts.hidden_layer,
-            onnx_path, opts.parity, first_step=steps.n, total_steps=steps.total), log)
+            onnx_path, opts.parity, first_step=steps.n, total_steps=steps.total, num_heads=opts.num_heads), log)
         ckpt, shape, references = torch_side.checkpoint, torch_side.shape, torch_side.references
         steps.n += 3
         steps.timings.update(torch_side.timings)

@@ -36,6 +36,7 @@ class TorchRequest:
     parity: bool
     first_step: int  # step numbers continue the parent's
     total_steps: int
+    num_heads: int | None = None  # released weights files (UNICOM .pt): None = inferred
 
 
 @dataclass
@@ -122,7 +123,7 @@ def torch_steps(request: TorchRequest, log: Callable[[str], None]) -> TorchResul
 
     steps = Steps(request.total_steps, log, start=request.first_step)
     ckpt = steps.run(f"Loading {request.model or 'the demo model'}", load_checkpoint, request.model,
-                     random_weights=request.random_weights)
+                     random_weights=request.random_weights, num_heads=request.num_heads)
     if ckpt.random_weights:
         log("      note: this model has seeded RANDOM weights (an architecture demo, not a trained encoder)")
     height, width = request.image_size or ckpt.image_size

@@ -184,6 +184,28 @@ def test_head_count_override(tiny_pt, photos_pixels):
         load_checkpoint(str(tiny_pt), num_heads=3)
 
 
+def test_num_heads_flag_reaches_the_export_and_its_reference(tiny_pt, tmp_path):
+    """`--num-heads 4` (the file alone says 2): traced with 4 heads, recorded, and the manifest's reference
+    (what the ledger and the benchmarks reload) is rebuilt with 4 heads too."""
+    import json
+
+    from export.build_engine import main
+    from export.manifest import read_manifest, reference_checkpoint
+
+    out = tmp_path / "four-heads"
+    assert main(["--model", str(tiny_pt), "--num-heads", "4", "--out", str(out), "--runtime", "none"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["options"]["num_heads"] == 4 and manifest["model"]["num_attention_heads"] == 4
+    assert json.loads((out / "parity.json").read_text())["passed"]
+    assert reference_checkpoint(manifest).config.num_attention_heads == 4
+
+
+@pytest.mark.parametrize("model", [None, "mlcd-b-32"])
+def test_num_heads_is_refused_where_the_checkpoint_names_its_heads(model):
+    with pytest.raises(CheckpointError, match="--num-heads applies to released weights files"):
+        load_checkpoint(model, random_weights=model is not None, num_heads=4)
+
+
 @pytest.mark.parametrize("alias", ["unicom-b-32", "unicom-b-16", "unicom-l-14", "unicom-l-14-336"])
 def test_zoo_architectures_match_what_a_release_file_infers(alias):
     """Each zoo architecture, built on the meta device (no memory), has the released key set, and the shapes

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .qdq import prune_unused_qdq
+
 # Calibration feeds used to judge (the first ones: distinct photographs). Each judgement runs the
 # model once per feed, so this bounds the cost on large models; 8 and 16 chose the same layers on
 # the outlier test models, within one.
@@ -91,25 +93,8 @@ def restore(qdq, src, names: set[str]):
                 for user in consumers.get(dq.output[0], []):
                     if user.name not in quantized:
                         user.input[:] = [x if i == dq.output[0] else i for i in user.input]
-    _prune(graph)
+    prune_unused_qdq(graph)
     return model
-
-
-def _prune(graph) -> None:
-    """Drop Q/DQ nodes nobody reads any more, then unused initializers."""
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input} | outputs
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
 
 
 def _outputs(model, feeds: list[dict], names: list[str], folder: Path, mode: str = "exact") -> dict[str, np.ndarray]:

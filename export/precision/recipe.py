@@ -114,7 +114,7 @@ def _quantize(path: Path, precision: str, feeds: list[dict], calib_method: str, 
 
     from .fallback import FALLBACK_IMAGES, keep_sensitive_layers_out
     from .overflow import float_intermediates, overflow_findings
-    from .qdq import calibration_tensors, quantize_qdq
+    from .qdq import calibration_tensors, quantize_qdq, weight_only_on_vectors
     from .smooth import smooth_with_factors, smoothing_tensors
     from .stats import collect_stats
 
@@ -147,6 +147,10 @@ def _quantize(path: Path, precision: str, feeds: list[dict], calib_method: str, 
     result.recipe[precision] = quantize_qdq(float_model, qdq, feeds, precision, calib_method, large=large,
                                             unsigned_activations=quant_target == "cpu", stats=calibration,
                                             log=log)
+    if fp16_rest:  # TensorRT: layers on one vector per image keep float inputs (qdq.py says why)
+        result.recipe[precision]["weight_only"] = weight_only_on_vectors(qdq)
+        for entry in result.recipe[precision]["weight_only"]:
+            log(f"      {entry['node']} ({entry['op_type']}): {precision} weights, float input ({entry['why']})")
     # Per-layer fallback (fallback.py): layers whose error the model amplifies go back to float.
     result.recipe["fallback"] = keep_sensitive_layers_out(float_model, qdq, feeds, precision,
                                                           reference=run.outputs, log=log)
