@@ -15,7 +15,7 @@ if [ ! -x "$py" ]; then
     echo "lint: $py not found; run scripts/setup.sh first" >&2
     exit 2
 fi
-paths=(export kernels triton_repo parity_tests scripts tests conftest.py)  # the same files as [tool.mypy] files
+paths=(export kernels triton_repo parity_tests embed scripts tests conftest.py)  # the same files as [tool.mypy] files
 
 status=0
 echo "lint: ruff check ${paths[*]}"
