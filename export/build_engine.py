@@ -1,6 +1,7 @@
 """python -m export.build_engine: checkpoint -> ONNX (+ TensorRT engine where TensorRT and a GPU exist).
 
-A thin layer over export.pipeline.build; everything it does is importable.
+A thin layer over export.pipeline.build (and, with --artifacts, export.rebuild.rebuild_engine); everything
+it does is importable.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ examples:
   python -m export.build_engine --model ./rice-vit-large-patch14-560 --out artifacts/rice --hidden-layer -2
   python -m export.build_engine --model rice-l-560 --random-weights --dynamic-resolution
   python -m export.build_engine --model FP16-ViT-B-32.pt --precision fp16
+  python -m export.build_engine --artifacts artifacts/rice --runtime tensorrt   # rebuild model.plan for this GPU
+
+--artifacts DIR rebuilds DIR/model.plan for the GPU and TensorRT at hand from an existing export (no
+checkpoint): every file is checked against the manifest's sha256 first (a changed folder is refused), the
+new plan replaces the old one only when complete, and the manifest records it. Engine options apply
+(--runtime, --compute-capability, --opt-level, --timing-cache, --max-batch, --force); a plan already built
+for this target is kept unless --force.
 """
 
 
@@ -45,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="PATH_OR_ID",
                    help="checkpoint folder, UNICOM .pt file, hub id or zoo alias (default: demo)")
     p.add_argument("--out", metavar="DIR", type=Path, help="output folder (default: artifacts/<model>)")
+    p.add_argument("--artifacts", metavar="DIR", type=Path,
+                   help="rebuild DIR/model.plan of an existing export for the GPU and TensorRT here, after "
+                        "checking the manifest's hashes (no checkpoint; see below)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="precision recipe: fp32, fp16 (fp32 islands), int8 or fp8 (Q/DQ + fp16) (default: fp32)")
     p.add_argument("--rope", choices=ROPE_CHOICES, default="auto",
@@ -53,10 +64,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"),
                    help="input resolution, multiples of the patch size (default: the checkpoint's)")
     p.add_argument("--dynamic-resolution", action="store_true",
-                   help="one graph for any H and W that are multiples of the patch size")
-    p.add_argument("--max-batch", type=int, default=32, metavar="N", help="largest batch for engines (default: 32)")
+                   help="one graph for any H and W that are multiples of the patch size; its engine also holds "
+                        "every size of triton_repo.build --preprocess native at the budget below")
+    p.add_argument("--resize-factor", type=int, metavar="N",
+                   help="with --dynamic-resolution: native-mode sides are multiples of N (default: twice the patch)")
+    p.add_argument("--min-pixels", type=int, metavar="N",
+                   help="with --dynamic-resolution: native-mode pixel budget, lower end (default: 3136, "
+                        "LLaVA-OneVision-1.5's)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="with --dynamic-resolution: native-mode pixel budget, upper end (default: 3240000, "
+                        "LLaVA-OneVision-1.5's)")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help=f"largest batch for engines (default: {BuildOptions.max_batch}; --artifacts: the export's)")
     p.add_argument("--hidden-layer", type=int, metavar="N",
                    help="also output hidden_states[N] as `hidden_state` (e.g. -2 for LLaVA-style VLMs)")
+    p.add_argument("--num-heads", type=int, metavar="N",
+                   help="attention heads of a released weights file (UNICOM .pt), whose tensors do not say "
+                        "(default: hidden size / 64, as in all four releases)")
     p.add_argument("--calib-images", type=Path, metavar="DIR",
                    help="calibration images (JPEG/PNG) for int8 and the fp16 overflow scan "
                         "(default: scikit-image's photographs)")
@@ -82,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", type=Path, metavar="FILE",
                    help="TensorRT timing cache, reused across builds (default: ~/.cache/mvt-deploy/)")
     p.add_argument("--skip-parity", action="store_true", help="do not run the onnxruntime parity check")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output folder (--artifacts: rebuild a plan that fits this target)")
     return p
 
 
@@ -96,21 +121,67 @@ def _capabilities(values: list[str] | None) -> list[tuple[int, int]] | None:
         raise SystemExit(f"error: --compute-capability takes MAJOR.MINOR, e.g. 8.9; got {values}") from None
 
 
+def _native_budget(args) -> dict | None:
+    given = {"factor": args.resize_factor, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}
+    return {k: v for k, v in given.items() if v is not None} or None
+
+
 # Exit status: 0 success, 1 parity failed, 2 bad input (nothing written), 3 the engine build failed
 # (the ONNX artifacts, parity.json and manifest.json are written; manifest engine.reason says why).
 EXIT_PARITY_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE_FAILED = 1, 2, 3
 
 
+# Options that shape the export itself: with --artifacts the folder already fixed them.
+ENGINE_OPTIONS = ("artifacts", "runtime", "compute_capabilities", "opt_level", "timing_cache", "max_batch", "force")
+
+
+def _rebuild(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .errors import MvtError
+    from .rebuild import RebuildOptions, rebuild_engine
+
+    flags = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
+    given = [flags[dest] for dest, value in vars(args).items()
+             if dest not in ENGINE_OPTIONS and value != p.get_default(dest)]
+    if given:
+        print(f"error: --artifacts rebuilds the engine of an existing export; {', '.join(given)} shape(s) the "
+              "export itself: re-export with --model instead, or drop them", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.runtime == "none":
+        print("error: --artifacts builds an engine: --runtime none builds none; use tensorrt or tensorrt-rtx",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    opts = RebuildOptions(args.artifacts, runtime=args.runtime,
+                          compute_capabilities=_capabilities(args.compute_capabilities),
+                          optimization_level=args.opt_level, timing_cache=args.timing_cache,
+                          max_batch=args.max_batch, force=args.force)
+    try:
+        rebuild_engine(opts)
+    except MvtError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # TensorRT/Polygraphy raise many kinds; the folder is unchanged either way
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        print(f"error: the engine build failed: {type(exc).__name__}: {lines[0] if lines else ''} "
+              f"({args.artifacts} is unchanged)", file=sys.stderr)
+        return EXIT_ENGINE_FAILED
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.artifacts is not None:
+        return _rebuild(p, args)
     from .errors import MvtError
     from .pipeline import build
 
     opts = BuildOptions(
         model=args.model, out=args.out, precision=args.precision, rope=args.rope,
         image_size=tuple(args.image_size) if args.image_size else None,
-        dynamic_resolution=args.dynamic_resolution, max_batch=args.max_batch, hidden_layer=args.hidden_layer,
-        calib_images=args.calib_images, calib_count=args.calib_count, calib_method=args.calib_method,
+        dynamic_resolution=args.dynamic_resolution, native_budget=_native_budget(args),
+        max_batch=BuildOptions.max_batch if args.max_batch is None else args.max_batch, hidden_layer=args.hidden_layer,
+        num_heads=args.num_heads, calib_images=args.calib_images, calib_count=args.calib_count,
+        calib_method=args.calib_method,
         quant_target=args.quant_target, force=args.force, random_weights=args.random_weights,
         parity=not args.skip_parity, runtime=args.runtime, optimization_level=args.opt_level,
         timing_cache=args.timing_cache, compute_capabilities=_capabilities(args.compute_capabilities),

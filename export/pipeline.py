@@ -34,6 +34,9 @@ class BuildOptions:
     rope: str = "auto"
     image_size: tuple[int, int] | None = None  # None: the checkpoint's
     dynamic_resolution: bool = False
+    # --dynamic-resolution engines also hold every shape of the native mode at this budget (engine.native_budget:
+    # keys factor, min_pixels, max_pixels; missing ones take its defaults). None: the defaults.
+    native_budget: dict | None = None
     max_batch: int = 32
     hidden_layer: int | None = None
     num_heads: int | None = None  # released weights files (UNICOM .pt): attention heads; None = hidden / 64
@@ -88,6 +91,10 @@ def validate_options(opts: BuildOptions) -> None:
         raise OptionError(f"--calib-count {opts.calib_count} must be at least 1")
     if opts.max_batch < 1:
         raise OptionError(f"--max-batch {opts.max_batch} must be at least 1")
+    if opts.native_budget and not opts.dynamic_resolution:
+        flags = " ".join(f"--{k.replace('_', '-')}".replace("--factor", "--resize-factor") for k in opts.native_budget)
+        raise OptionError(f"{flags}: the native-resolution budget shapes --dynamic-resolution engines; add "
+                          "--dynamic-resolution or drop them")
     if opts.calib_images is not None and not Path(opts.calib_images).is_dir():
         raise OptionError(f"--calib-images {opts.calib_images} is not a folder")
 
@@ -208,7 +215,7 @@ def _build_engine(opts: BuildOptions, target, ckpt, shape: ExportShape, stage: P
         graph = _engine_graph(stage / ONNX_NAME, stage / engines.ENGINE_ONNX_NAME, engine_rope)
         files.append(graph.name)
     shapes = engines.profiles(INPUT_NAME, (shape.height, shape.width), shape.dynamic_resolution,
-                              ckpt.patch_size, opts.max_batch)
+                              ckpt.patch_size, opts.max_batch, _native_budget(opts, ckpt, shape))
     common = {"runtime": target.runtime, "version": target.version, "onnx": graph.name,
               "rope_lowering": engine_rope, "gpu": target.gpu}
     plan = stage / engines.PLAN_NAME
@@ -226,6 +233,13 @@ def _build_engine(opts: BuildOptions, target, ckpt, shape: ExportShape, stage: P
         return {"built": False, "failed": True, **common, "reason": reason, "files": files + [ENGINE_ERROR_NAME]}
     return {"built": True, **common, **facts, "files": files + [plan.name],
             "parity": "not measured here: running an engine needs a GPU (scripts/gpu_check.sh)"}
+
+
+def _native_budget(opts: BuildOptions, ckpt, shape: ExportShape) -> dict | None:
+    """The native mode's budget the engine and the manifest carry (dynamic-resolution exports only)."""
+    if not shape.dynamic_resolution:
+        return None
+    return engines.native_budget(ckpt.patch_size, **(opts.native_budget or {}))
 
 
 ENGINE_ERROR_NAME = "engine_error.txt"
@@ -300,6 +314,8 @@ def _manifest(opts, ckpt, shape, rope, files, parity, engine, steps: Steps, reci
             "pooled_output": ckpt.family.pooled_output,  # the one-vector-per-image output (served embedding)
             "hidden_layer": shape.hidden_layer,
             "dynamic_resolution": shape.dynamic_resolution,
+            # what --preprocess native may send to an engine built from this folder (engine.native_budget)
+            "native_budget": _native_budget(opts, ckpt, shape),
             "max_batch": opts.max_batch,
         },
         "precision": opts.precision,

@@ -58,6 +58,11 @@ class LedgerOptions:
     invariant_max_batch: int | None = None  # None: min(manifest max_batch, INVARIANT_MAX_BATCH)
     plots: bool = True
     keep_stages: bool = True  # keep <out>/stages (the graphs the ledger made)
+    # native mode (a --dynamic-resolution export): every photo at smart_resize(h, w, factor, min, max) instead of
+    # the export's crop, so each is encoded at its own grid (triton_repo.preprocessing.native_pixel_values)
+    native_max_pixels: int | None = None  # None: crop mode
+    native_min_pixels: int | None = None  # None: preprocessing.NATIVE_MIN_PIXELS
+    resize_factor: int | None = None  # None: twice the patch size
 
 
 @dataclass
@@ -95,10 +100,36 @@ def run_on_photos(runner: Runner, pixels: np.ndarray, images: list, chunk: int) 
     return {name: np.concatenate(v) for name, v in parts.items()}
 
 
+def native_inputs(ckpt, images: list, opts: LedgerOptions) -> list[np.ndarray]:
+    """Each image at its own native size: [(1, 3, h', w')], as the served --preprocess native computes it."""
+    from triton_repo.modes import native_pixels
+
+    return [native_pixels(ckpt.processor, image, ckpt.patch_size, opts.native_max_pixels, opts.native_min_pixels,
+                          opts.resize_factor) for image in images]
+
+
+def run_native(runner: Runner, inputs: list[np.ndarray], token_outputs: set[str]) -> dict[str, np.ndarray]:
+    """Every photo alone (the sizes differ): token outputs as all tokens of every photo [sum L, C], the others
+    one row per photo [N, ...]."""
+    parts: dict[str, list] = {}
+    for x in inputs:  # (1, 3, h', w')
+        for name, value in runner.infer(image_feed(runner, x)).items():
+            value = np.asarray(value, dtype=np.float32)
+            parts.setdefault(name, []).append(value[0] if name in token_outputs else value)
+    return {name: np.concatenate(v) for name, v in parts.items()}
+
+
+def native_invariant_batch(inputs: list[np.ndarray]) -> np.ndarray:
+    """Distinct inputs of one native size for the batch invariants: the first photo and its flips (4, 3, h', w')."""
+    x = inputs[0][0]  # (3, h', w')
+    return np.ascontiguousarray(np.stack([x, x[:, :, ::-1], x[:, ::-1, :], x[:, ::-1, ::-1]]))
+
+
 def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledger:
     from tqdm.auto import tqdm
 
     from export.images import held_out_photos, pixel_values
+    from triton_repo.preprocessing import NATIVE_MIN_PIXELS
 
     from .invariants import check_invariants
 
@@ -126,10 +157,25 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
     if len(photos) < 3:
         raise LedgerInputError(f"--photos {opts.photos}: nearest-neighbour agreement needs at least 3 images")
     images = [p.image for p in photos]
-    pixels = pixel_values(ckpt.processor, images, (shape.height, shape.width)).numpy()  # (N, 3, H, W)
-    with TorchRunner(ckpt, shape) as torch_runner:
-        reference = run_on_photos(torch_runner, pixels, images, REFERENCE_CHUNK)
-    log(f"      {len(photos)} held-out photographs at {shape.height}x{shape.width}")
+    native = opts.native_max_pixels is not None
+    token_outputs = {n for n in names if n != pooled}
+    if native:
+        if not shape.dynamic_resolution:
+            raise LedgerInputError(f"--native-max-pixels needs a --dynamic-resolution export; {artifacts} takes "
+                                   f"only {shape.height}x{shape.width}")
+        inputs = native_inputs(ckpt, images, opts)  # [(1, 3, h', w')]
+        pixels = native_invariant_batch(inputs)  # (4, 3, h', w'): invariants and layers
+        images = [images[0]] * len(pixels)
+        with TorchRunner(ckpt, shape) as torch_runner:
+            reference = run_native(torch_runner, inputs, token_outputs)
+        sizes = sorted({tuple(x.shape[2:]) for x in inputs})
+        log(f"      {len(photos)} held-out photographs at their native sizes ({len(sizes)} distinct, "
+            f"{sizes[0][0]}x{sizes[0][1]} .. {sizes[-1][0]}x{sizes[-1][1]})")
+    else:
+        pixels = pixel_values(ckpt.processor, images, (shape.height, shape.width)).numpy()  # (N, 3, H, W)
+        with TorchRunner(ckpt, shape) as torch_runner:
+            reference = run_on_photos(torch_runner, pixels, images, REFERENCE_CHUNK)
+        log(f"      {len(photos)} held-out photographs at {shape.height}x{shape.width}")
 
     log(f"[2/5] Making the stages ({', '.join(groups)}) in {work} ...")
     stages, facts = plan_stages(ckpt, shape, manifest, artifacts, work, groups, opts.url, log)
@@ -141,12 +187,16 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
     invariants: dict[str, list] = {}
     log(f"[3/5] Running {sum(s.skip_reason is None for s in stages)} stages on the photographs ...")
     for stage in tqdm(stages, desc="      stages", leave=False):
+        if native and stage.kind == "triton" and not stage.skip_reason:
+            # the served crop ensemble preprocesses to its own size (tests/test_triton_anyres.py covers native)
+            stage.skip_reason = "native mode compares pixel-fed stages; the served ensemble crops"
         if stage.skip_reason:
             continue
         with contextlib.ExitStack() as active:  # the runner is deactivated whatever happens
             try:
                 runner = active.enter_context(make_runner(stage, names, artifacts, opts.url, opts.triton_model))
-                actual = run_on_photos(runner, pixels, images, min(REFERENCE_CHUNK, max_batch))
+                actual = (run_native(runner, inputs, token_outputs) if native
+                          else run_on_photos(runner, pixels, images, min(REFERENCE_CHUNK, max_batch)))
             except Exception as exc:  # a stage that cannot run is a failure, said in one line
                 first = str(exc).splitlines()[0][:300] if str(exc) else ""
                 stage.notes.append(f"could not run: {type(exc).__name__}: {first}")
@@ -179,6 +229,10 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
         "model": manifest["model"],
         "deployed_precision": manifest.get("precision"),
         "image_size": [shape.height, shape.width],
+        "native": None if not native else {
+            "factor": opts.resize_factor or 2 * ckpt.patch_size,
+            "min_pixels": NATIVE_MIN_PIXELS if opts.native_min_pixels is None else opts.native_min_pixels,
+            "max_pixels": opts.native_max_pixels, "sizes": [list(x.shape[2:]) for x in inputs]},
         "photos": [p.name for p in photos],
         "reference": type(ckpt.model).__module__.split(".")[0] + " " + type(ckpt.model).__name__
                      + " (fp32, eval) on the same pixel_values",
@@ -247,7 +301,9 @@ def markdown(ledger: Ledger) -> str:
              f"Export folder `{d['artifacts']}`, deployed precision **{d['deployed_precision']}**, "
              f"{len(d['photos'])} held-out photographs "
              f"(views of {', '.join(sorted({p.split('/')[0] for p in d['photos']}))}) "
-             f"at {d['image_size'][0]}x{d['image_size'][1]}. Reference: {d['reference']}.", "",
+             + (f"at {d['image_size'][0]}x{d['image_size'][1]}" if not d.get("native") else
+                f"each at its native size (smart_resize, max_pixels {d['native']['max_pixels']})")
+             + f". Reference: {d['reference']}.", "",
              "## Stages", "", "| stage | precision | what | status |", "|---|---|---|---|"]
     for s in d["stages"]:
         status = (f"skipped: {s['skip_reason']}" if s["skip_reason"]
@@ -327,6 +383,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--photos", type=int, help="how many held-out photo views to use (default: all 28)")
     p.add_argument("--invariant-max-batch", type=int,
                    help=f"largest batch for the invariants (default: min(max_batch, {INVARIANT_MAX_BATCH}))")
+    p.add_argument("--native-max-pixels", type=int, metavar="N",
+                   help="native mode (a --dynamic-resolution export): each photo resized by smart_resize within "
+                        "this pixel budget and encoded at its own grid, as --preprocess native serves it")
+    p.add_argument("--native-min-pixels", type=int, metavar="N", help="native mode: the budget's floor "
+                   "(default: LLaVA-OneVision-1.5's)")
+    p.add_argument("--resize-factor", type=int, metavar="N", help="native mode: sides are multiples of N "
+                   "(default: twice the patch size)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     p.add_argument("--discard-stages", action="store_true", help="delete OUT/stages (the graphs made) at the end")
     return p
@@ -337,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     opts = LedgerOptions(args.artifacts, args.out, args.stages, args.url, args.triton_model, args.photos,
-                         args.invariant_max_batch, not args.no_plots, not args.discard_stages)
+                         args.invariant_max_batch, not args.no_plots, not args.discard_stages,
+                         args.native_max_pixels, args.native_min_pixels, args.resize_factor)
     try:
         ledger = run_ledger(opts)
     except (LedgerInputError, MvtError) as exc:

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/visualize_features.py --artifacts artifacts/demo
     .venv/bin/python scripts/visualize_features.py --artifacts DIR --image cat.jpg --size 448 448  # dynamic export
+    .venv/bin/python scripts/visualize_features.py --artifacts DIR --image cat.jpg --native-max-pixels 4194304
     .venv/bin/python scripts/visualize_features.py --artifacts DIR --backend triton --url 127.0.0.1:8000
     .venv/bin/python scripts/visualize_features.py --artifacts DIR --backend tensorrt               # GPU
 
@@ -32,6 +33,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, help="an image file (default: scikit-image's astronaut)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="resolution (default: the export's; others need a --dynamic-resolution export)")
+    p.add_argument("--native-max-pixels", type=int, metavar="N",
+                   help="native mode (a --dynamic-resolution export): resize as --preprocess native serves, "
+                        "smart_resize within N pixels, so the image is encoded at its own grid (instead of --size)")
+    p.add_argument("--native-min-pixels", type=int, metavar="N",
+                   help="native mode: the budget's floor (default: LLaVA-OneVision-1.5's)")
+    p.add_argument("--resize-factor", type=int, metavar="N",
+                   help="native mode: sides are multiples of N (default: twice the patch size)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--onnx", type=Path, help="another ONNX file to run instead of ARTIFACTS/model.onnx")
     p.add_argument("--url", help="Triton HTTP address (with --backend triton)")
@@ -57,7 +65,22 @@ def run(args, log=print) -> dict:
     log(f"loading the PyTorch reference ({manifest['options'].get('model') or 'demo'}) ...")
     ckpt = reference_checkpoint(manifest)
     shape = export_shape(manifest, ckpt)
-    h, w = args.size or (shape.height, shape.width)
+    image = Image.open(args.image).convert("RGB") if args.image else sample_photos(1)[0]
+    native = getattr(args, "native_max_pixels", None) is not None
+    if native:
+        from triton_repo.modes import native_pixels
+
+        if args.size:
+            raise OptionError("--native-max-pixels chooses the size from the image; drop --size")
+        if not shape.dynamic_resolution:
+            raise OptionError(f"--native-max-pixels: {args.artifacts} takes only {shape.height}x{shape.width}; "
+                              "export with --dynamic-resolution to encode images at their native grid")
+        if args.backend == "triton":
+            raise OptionError("--backend triton serves the crop ensemble here; native mode compares pixel-fed "
+                              "backends (onnxruntime, tensorrt)")
+        pixels = native_pixels(ckpt.processor, image, ckpt.patch_size, args.native_max_pixels,
+                               args.native_min_pixels, args.resize_factor)  # (1, 3, h', w')
+    h, w = (pixels.shape[2], pixels.shape[3]) if native else (args.size or (shape.height, shape.width))
     validate_image_size(h, w, ckpt.patch_size)
     if (h, w) != (shape.height, shape.width):
         if not shape.dynamic_resolution:
@@ -70,8 +93,8 @@ def run(args, log=print) -> dict:
         raise OptionError(f"--output {args.output}: this export's token outputs are {', '.join(token_outputs)}")
     if args.backend == "triton" and not args.url:
         raise OptionError("--backend triton needs --url HOST:PORT")
-    image = Image.open(args.image).convert("RGB") if args.image else sample_photos(1)[0]
-    pixels = pixel_values(ckpt.processor, [image], (h, w)).numpy()  # (1, 3, H, W)
+    if not native:
+        pixels = pixel_values(ckpt.processor, [image], (h, w)).numpy()  # (1, 3, H, W)
 
     size = ExportShape(h, w, shape.dynamic_resolution, shape.hidden_layer)
     with TorchRunner(ckpt, size, [args.output]) as reference_runner:
@@ -86,11 +109,11 @@ def run(args, log=print) -> dict:
     label = f"{runner.name}, {manifest.get('precision')}"
     with runner:
         deployed = runner.infer(image_feed(runner, pixels, [image]))[args.output]  # (1, S, C)
-    out = args.out or args.artifacts / f"features-{args.backend}-{h}x{w}.png"
+    out = args.out or args.artifacts / f"features-{args.backend}-{'native-' if native else ''}{h}x{w}.png"
     title = f"{manifest['model'].get('source')}: {args.output}"
     facts = feature_figure(reference[0], deployed[0], pixels[0], ckpt.patch_size, ckpt.processor, out, label, title,
                            prefix_tokens=ckpt.family.prefix_tokens)
-    facts.update(png=str(out), backend=args.backend)
+    facts.update(png=str(out), backend=args.backend, native=native, size=[h, w])
     log(json.dumps(facts))
     log(f"wrote {out}")
     return facts

@@ -28,7 +28,9 @@ def test_profiles_cover_batch_and_resolution():
     assert engines.batch_profile(1) == (1, 1, 1)
     fixed = engines.profiles("pixel_values", (560, 560), False, 14, 8)
     assert fixed == {"pixel_values": {"min": [1, 3, 560, 560], "opt": [4, 3, 560, 560], "max": [8, 3, 560, 560]}}
-    dyn = engines.profiles("pixel_values", (448, 336), True, 14, 4)["pixel_values"]
+    one = engines.profiles("pixel_values", (448, 336), True, 14, 4)
+    assert isinstance(one, dict)  # without a native budget: the batched profile alone
+    dyn = one["pixel_values"]
     assert dyn["min"][2:] == [224, 168] and dyn["opt"][2:] == [448, 336] and dyn["max"][2:] == [672, 504]
     assert all(v % 14 == 0 for k in ("min", "max") for v in dyn[k][2:])
 

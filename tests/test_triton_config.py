@@ -93,6 +93,8 @@ def test_python_backend_repository(artifacts, tmp_path):
     assert ens.platform == "ensemble" and [i.name for i in ens.input] == ["image"]
     assert [o.name for o in ens.output] == ["last_hidden_state", "pooler_output", "hidden_state"]
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocess", "encoder"]
+    # every version folder holds a file: object stores (KServe's storageUri) drop empty folders
+    assert all(any((model / "1").iterdir()) for model in repo.iterdir() if (model / "config.pbtxt").is_file())
     readme = (repo / "README.md").read_text()
     assert "tritonserver --model-repository" in readme and "python -m triton_repo.serve" in readme
     assert 'client.infer("embed"' in readme and FORMS["python"].readme in readme

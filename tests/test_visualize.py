@@ -71,3 +71,34 @@ def test_one_pca_basis_shows_a_different_model():
     other = basis.rgb(rng.normal(size=(16, 32)), (4, 4))
     assert np.abs(same - basis.rgb(ref, (4, 4))).max() < 1e-4
     assert np.abs(other - basis.rgb(ref, (4, 4))).mean() > 0.1
+
+
+def test_feature_png_at_the_native_grid(any_resolution_folder, tmp_path):
+    """--native-max-pixels: the image at smart_resize(h, w, 28, min, max), as --preprocess native serves it."""
+    from PIL import Image
+
+    from triton_repo.preprocessing import smart_resize
+
+    photo = tmp_path / "wide.png"
+    Image.new("RGB", (300, 120), (200, 30, 60)).save(photo)
+    args = _script().parser().parse_args(["--artifacts", str(any_resolution_folder), "--image", str(photo),
+                                          "--native-max-pixels", str(112 * 112), "--native-min-pixels", "784",
+                                          "--out", str(tmp_path / "native.png")])
+    facts = _script().run(args, log=lambda _: None)
+    h, w = smart_resize(120, 300, 28, 784, 112 * 112)
+    assert facts["native"] and facts["size"] == [h, w] and h != w
+    assert facts["grid"] == [h // 14, w // 14] and facts["tokens_min_cosine"] > 0.99999
+    assert (tmp_path / "native.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_native_mode_needs_a_dynamic_export_and_no_size(any_resolution_folder, tmp_path, capsys):
+    base = ["--artifacts", str(any_resolution_folder), "--native-max-pixels", "12544"]
+    assert _script().main(base + ["--size", "56", "56"]) == 2
+    assert "drop --size" in capsys.readouterr().err
+    fixed = tmp_path / "fixed"
+    shutil.copytree(any_resolution_folder, fixed)
+    manifest = json.loads((fixed / "manifest.json").read_text())
+    manifest["interface"]["dynamic_resolution"] = False
+    (fixed / "manifest.json").write_text(json.dumps(manifest))
+    assert _script().main(["--artifacts", str(fixed), "--native-max-pixels", "12544"]) == 2
+    assert "--dynamic-resolution" in capsys.readouterr().err

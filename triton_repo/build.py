@@ -27,11 +27,19 @@ from export.manifest import MANIFEST_NAME, pooled_output, prefix_tokens
 
 from .config import EncoderInterface, TensorSpec, Warmup, validate_model_name
 from .forms import BACKENDS, FORMS, EncoderForm, cli_help, form
+from .kserve import (
+    KServeOptions,
+    add_arguments as add_kserve_arguments,
+    options_from_args as kserve_options,
+    write_kserve,
+)
+from .modes import PREPROCESS_MODES
 from .preprocessing import CONFIG_NAME as PREPROCESSOR_CONFIG, DEFAULT_MAX_PIXELS, ClipPreprocessing
 
 HERE = Path(__file__).resolve().parent
 ENCODER, PREPROCESS, NORMALIZE = "encoder", "preprocess", "normalize"
 REPO_INFO = "mvt_repository.json"
+ENSEMBLE_NOTE = "README.txt"  # in the ensemble's otherwise empty version folder
 
 
 @dataclass
@@ -43,10 +51,19 @@ class RepoOptions:
     instances: int = 1  # instances of the encoder and of preprocess
     max_batch: int | None = None  # None: the manifest's (tensorrt: the engine profile's max)
     force: bool = False
-    intra_op_threads: int = 0  # python backend: onnxruntime threads per instance (0: its default)
+    # python backend: onnxruntime threads per encoder instance (0: batch-parallel, backend_models/encoder.py)
+    intra_op_threads: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS  # preprocess refuses larger images
     # answer the pooled output (UNICOM: embedding) L2-normalized, through a `normalize` step
     normalize: bool = False
+    # crop (the ensemble above) | anyres | native: triton_repo/modes.py (issue 12)
+    preprocess: str = "crop"
+    grid_pinpoints: list[tuple[int, int]] | None = None  # anyres (height, width) candidates; None: the default
+    resize_factor: int | None = None  # native: h', w' multiples of this; None: twice the patch size
+    native_min_pixels: int | None = None  # native pixel budget; None: preprocessing.NATIVE_MIN/MAX_PIXELS
+    native_max_pixels: int | None = None
+    # also write kserve/ beside the repository: a KServe InferenceService (triton_repo/kserve.py); None: no
+    kserve: KServeOptions | None = None
 
 
 @dataclass
@@ -71,9 +88,7 @@ class Artifacts:
 
     @property
     def engine_max_batch(self) -> int | None:
-        profiles = self.engine.get("profiles") or {}
-        maxima = [p["max"][0] for p in profiles.values() if isinstance(p, dict) and p.get("max")]
-        return min(maxima) if maxima else None
+        return profile_max_batch(self.engine.get("profiles") or {})
 
     def nodes_without_body(self) -> list[str]:
         """`domain.op_type` of each custom node in model.onnx that plain onnxruntime cannot run.
@@ -86,6 +101,14 @@ class Artifacts:
 
         model = onnx.load(str(self.onnx), load_external_data=False)  # the graph only, not the weights
         return sorted({f"{n.domain}.{n.op_type}" for n in nodes_without_body(model)})
+
+
+def profile_max_batch(profiles: dict | list[dict]) -> int | None:
+    """The largest batch every optimization profile takes (what Triton's max_batch_size may be): one profile
+    {input: {min, opt, max}}, or a list of them (export.engine.native_profiles); None without one."""
+    inputs = [p for one in (profiles if isinstance(profiles, list) else [profiles]) for p in one.values()]
+    maxima = [p["max"][0] for p in inputs if isinstance(p, dict) and p.get("max")]
+    return min(maxima) if maxima else None
 
 
 def read_artifacts(folder: Path) -> Artifacts:
@@ -102,9 +125,14 @@ def read_artifacts(folder: Path) -> Artifacts:
                      ClipPreprocessing.from_file(folder / PREPROCESSOR_CONFIG))
 
 
-def refusal(spec: EncoderForm, art: Artifacts) -> str | None:
-    """Why the `spec` form cannot serve these artifacts (the error message), or None when it can."""
+def refusal(spec: EncoderForm, art: Artifacts, *, built_in_pod: bool = False) -> str | None:
+    """Why the `spec` form cannot serve these artifacts (the error message), or None when it can.
+
+    built_in_pod (--kserve): an engine form's plan is built by the pod's start-up step from model.onnx and
+    the manifest (export/rebuild.py), so the export needs no plan, only what that step reads."""
     others = "|".join(n for n in BACKENDS if n != spec.name)
+    if spec.needs_engine and built_in_pod:
+        return _pod_build_refusal(art, others)
     if spec.needs_engine:
         # Manifests older than TensorRT-RTX support name no runtime: theirs was datacenter TensorRT.
         runtime = art.engine.get("runtime") or spec.engine_runtimes[0]
@@ -131,11 +159,30 @@ def refusal(spec: EncoderForm, art: Artifacts) -> str | None:
     return None
 
 
-def resolve_form(backend: str | None, art: Artifacts) -> EncoderForm:
-    """The requested form if it can serve the artifacts; None: the first form (registry order) that can."""
+def _pod_build_refusal(art: Artifacts, others: str) -> str | None:
+    """Why the KServe start-up step (export.rebuild.rebuild_engine) would refuse to build a plan from `art`."""
+    from export.precision.recipe import QUANTIZED
+
+    if not art.manifest.get("artifacts"):
+        return (f"--kserve builds the plan in the pod from the files {art.folder}/{MANIFEST_NAME} records, and "
+                "it records none; re-export the folder with this version of `python -m export.build_engine`")
+    precision = art.manifest.get("precision")
+    # rebuild_engine refuses this graph too (export/rebuild.py): it is shaped for onnxruntime on CPUs
+    if (art.manifest.get("options") or {}).get("quant_target") == "cpu" and precision in QUANTIZED:
+        return (f"{art.folder} holds a --quant-target cpu {precision} graph for onnxruntime on CPUs, which the pod's "
+                f"start-up step cannot build into a TensorRT plan; re-export with --quant-target tensorrt, or use "
+                f"--backend {others}")
+    return None
+
+
+def resolve_form(backend: str | None, art: Artifacts, *, built_in_pod: bool = False) -> EncoderForm:
+    """The requested form if it can serve the artifacts; None: the first form (registry order) that can.
+
+    built_in_pod (--kserve) applies to a requested form only: the default stays the first form that can
+    serve the export as it is."""
     if backend is not None:
         spec = form(backend)
-        problem = refusal(spec, art)
+        problem = refusal(spec, art, built_in_pod=built_in_pod)
         if problem:
             raise OptionError(problem)
         return spec
@@ -149,12 +196,26 @@ def resolve_form(backend: str | None, art: Artifacts) -> EncoderForm:
                       + "\n".join(f"  {'|'.join(names)}: {p}" for p, names in problems.items()))
 
 
-def resolve_max_batch(requested: int | None, spec: EncoderForm, art: Artifacts) -> int:
+def resolve_max_batch(requested: int | None, spec: EncoderForm, art: Artifacts, *, built_in_pod: bool = False) -> int:
+    """built_in_pod (--kserve): for an engine form, the max batch of the plan the start-up step builds with
+    `--max-batch <this>` (kserve.start_script), so a larger --max-batch than the export's is passed through."""
     manifest_max = int(art.manifest.get("interface", {}).get("max_batch") or 8)
     if requested is not None and requested < 1:
         raise OptionError(f"--max-batch {requested} must be at least 1")
     if not spec.needs_engine:
         return requested or manifest_max
+    if built_in_pod:
+        from export.rebuild import engine_shapes
+
+        # default: a recorded plan Triton loads (the pod keeps it on the GPU that built it), else the export's
+        wanted = requested or (art.engine_max_batch if refusal(spec, art) is None else None) or manifest_max
+        served = profile_max_batch(engine_shapes(art.manifest, wanted))  # the profile export/rebuild.py builds
+        assert served is not None  # engine_shapes always bounds the batch
+        if requested is not None and served != requested:
+            raise OptionError(f"--max-batch {requested}: the plan the pod builds from {art.folder} takes at most "
+                              f"{served} images per batch in one of its optimization profiles; use --max-batch "
+                              f"{served}")
+        return served
     engine_max = art.engine_max_batch
     assert engine_max is not None  # refusal() turns away an engine form without a profile
     if requested is not None and requested > engine_max:
@@ -163,6 +224,23 @@ def resolve_max_batch(requested: int | None, spec: EncoderForm, art: Artifacts) 
             f"use --max-batch {engine_max} or rebuild with `python -m export.build_engine --max-batch {requested}`"
         )
     return requested or engine_max
+
+
+def unserved_plan(spec: EncoderForm, art: Artifacts, max_batch: int) -> str | None:
+    """--kserve: why the export holds no plan the engine form's start-up step would keep (then every pod
+    builds one and <encoder>/1/ starts empty), or None when it holds one (it goes into <encoder>/1/)."""
+    from export.rebuild import engine_shapes
+
+    if not spec.needs_engine:
+        return None
+    if art.plan is None:
+        return f"{art.folder} has no {PLAN_NAME}: {art.engine.get('reason') or 'no engine was built'}"
+    runtime = art.engine.get("runtime") or spec.engine_runtimes[0]  # as in refusal()
+    if runtime not in spec.engine_runtimes:
+        return f"{art.folder}/{PLAN_NAME} was built with {runtime}, which {spec.serves_with} cannot load"
+    if art.engine.get("profiles") != engine_shapes(art.manifest, max_batch):  # rebuild's own test (_same_target)
+        return f"the optimization profile of {art.folder}/{PLAN_NAME} is not the one for max batch {max_batch}"
+    return None
 
 
 def encoder_interface(art: Artifacts, spec: EncoderForm) -> EncoderInterface:
@@ -204,16 +282,31 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
     from . import config as tc
     from .preprocessing import pixel_values_from_bytes
 
+    if opts.kserve and opts.preprocess != "crop":
+        raise OptionError(f"--kserve writes an InferenceService for the crop ensemble; drop --preprocess "
+                          f"{opts.preprocess}")
+    if opts.preprocess != "crop":  # anyres | native: ragged answers, not an ensemble
+        from .modes import build_ragged
+
+        return build_ragged(opts, log)
     name = validate_model_name(opts.name)
     if name in (ENCODER, PREPROCESS, NORMALIZE):
         raise OptionError(f"--name {name} is taken by the {name} step; choose another ensemble name (e.g. embed)")
     if opts.instances < 1:
         raise OptionError(f"--instances {opts.instances} must be at least 1")
+    if opts.intra_op_threads < 0:
+        raise OptionError(f"--intra-op-threads {opts.intra_op_threads} must be 0 (onnxruntime's default) or more")
     art = read_artifacts(opts.artifacts)
-    spec = resolve_form(opts.backend, art)
-    max_batch = resolve_max_batch(opts.max_batch, spec, art)
-    iface = encoder_interface(art, spec)
+    # --kserve: an engine form's pod builds its plan at start-up, so the export need not hold one
+    in_pod = opts.kserve is not None
+    spec = resolve_form(opts.backend, art, built_in_pod=in_pod)
+    max_batch = resolve_max_batch(opts.max_batch, spec, art, built_in_pod=in_pod)
+    no_plan = unserved_plan(spec, art, max_batch) if in_pod else None
+    iface = encoder_interface(art, spec)  # from the manifest: the same with or without a plan
     tc.model_config_pb2()  # fail before any work when the serve extra is missing
+    if no_plan:
+        log(f"{ENCODER} [{spec.name}]: {no_plan}; the KServe start-up step builds {PLAN_NAME} on each serving "
+            f"node (--max-batch {max_batch}) and puts it in {ENCODER}/1/, which stays empty until then")
 
     jpeg = sample_jpeg()
     pixels = pixel_values_from_bytes(jpeg, art.preprocessor)  # (3, H, W)
@@ -233,7 +326,9 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
         result.models[PREPROCESS] = tc.write_config(pre_cfg, pre)
 
         enc = stage / ENCODER
-        for i, filename in enumerate(spec.model_files):  # the first is required (checked by refusal())
+        if no_plan:  # the start-up step copies the plan in before Triton starts (kserve.start_script)
+            (enc / "1").mkdir(parents=True)
+        for i, filename in enumerate(() if no_plan else spec.model_files):  # the first is required (refusal())
             if i == 0 or (art.folder / filename).is_file():
                 _link_or_copy(art.folder / filename, enc / "1" / filename)
         if spec.model_py:
@@ -254,7 +349,11 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
             result.models[NORMALIZE] = tc.write_config(norm_cfg, stage / NORMALIZE)
             normalize = (NORMALIZE, pooled.name)
 
-        (stage / name / "1").mkdir(parents=True)  # an ensemble still needs a version folder
+        # An ensemble still needs a version folder, and object stores (S3, GCS: KServe's storageUri) keep no
+        # empty folders, so it holds a note (Triton reads nothing in an ensemble's version folder).
+        (stage / name / "1").mkdir(parents=True)
+        _write(stage / name / "1" / ENSEMBLE_NOTE, b"Version folder of a Triton ensemble; this note keeps it when the "
+                                                   b"repository is copied to object storage.\n")
         ens_cfg = tc.ensemble_config(name=name, max_batch=max_batch, preprocess=PREPROCESS, encoder=ENCODER,
                                      interface=iface, normalize=normalize)
         result.models[name] = tc.write_config(ens_cfg, stage / name)
@@ -262,8 +361,11 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
         for model, path in result.models.items():  # read back every config the way Triton will
             tc.parse_config(path)
             result.models[model] = Path(opts.out) / model / tc.CONFIG_NAME
+        if opts.kserve:  # kserve/ beside the repository (engine forms: + encoder/artifacts/ in it)
+            write_kserve(opts.kserve, stage=stage, out=Path(opts.out), ensemble=name, encoder=ENCODER, spec=spec,
+                         art=art, max_batch=max_batch, force=opts.force, log=log, plan_in_pod=no_plan)
         (stage / "README.md").write_text(repository_readme(name, spec, iface, max_batch, art, Path(opts.out),
-                                                           opts.normalize))
+                                                           opts.normalize, plan_in_pod=no_plan))
         info = {"ensemble": name, "encoder": ENCODER, "preprocess": PREPROCESS, "backend": spec.name,
                 "max_batch": max_batch, "image_size": list(iface.image_size),
                 "outputs": list(iface.output_names), "pooled_output": pooled_output(art.manifest),
@@ -286,7 +388,7 @@ def _pooled_spec(art: Artifacts, iface: EncoderInterface) -> TensorSpec:
 
 
 def repository_readme(name: str, spec: EncoderForm, iface: EncoderInterface, max_batch: int, art: Artifacts,
-                      repo: Path, normalized: bool = False) -> str:
+                      repo: Path, normalized: bool = False, plan_in_pod: str | None = None) -> str:
     outputs = ", ".join(f"`{o.name}` {list(o.dims)}" for o in iface.outputs)
     pooled = pooled_output(art.manifest)
     width = next((o.dims[-1] for o in iface.outputs if o.name == pooled), "?")
@@ -294,6 +396,10 @@ def repository_readme(name: str, spec: EncoderForm, iface: EncoderInterface, max
                      if normalized else "")
     h, w = iface.image_size
     production = spec.readme.format(engine_version=art.engine.get("version") or "?")
+    if plan_in_pod:  # --kserve without a plan Triton can load (unserved_plan)
+        production = (f"The encoder is a TensorRT engine that the KServe start-up step builds on each serving node "
+                      f"({plan_in_pod}): `{ENCODER}/1/` holds no `{PLAN_NAME}` until then, so serve this repository "
+                      f"through `../kserve/` (its README), not with a plain `tritonserver`.")
     backend = spec.name
     return f"""# Triton model repository: `{name}`
 
@@ -372,20 +478,44 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, help=cli_help())
     p.add_argument("--name", default="embed", help="name of the ensemble clients call (default: embed)")
     p.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: 1)")
+    p.add_argument("--intra-op-threads", type=int, default=0, metavar="N",
+                   help="--backend python: onnxruntime threads per encoder instance (default: 0 = batch-parallel: "
+                        "slices of each batch run concurrently on one thread each, one slice per usable core)")
     p.add_argument("--max-batch", type=int, metavar="N",
                    help="max batch (default: the manifest's; never above the engine's optimization profile)")
     p.add_argument("--normalize", action="store_true",
                    help="answer the pooled output (UNICOM: embedding) L2-normalized, for retrieval by inner "
                         "product (default: as the model computes it)")
+    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="crop",
+                   help="crop: one center crop per image, an ensemble (default); anyres: LLaVA-NeXT tiles; native: "
+                        "smart_resize within a pixel budget (needs --dynamic-resolution artifacts). See README")
+    p.add_argument("--grid-pinpoints", nargs="+", metavar="HxW",
+                   help="anyres candidate resolutions, height x width (default for native size s: "
+                        "sx2s 2sxs 2sx2s 3sxs sx3s)")
+    p.add_argument("--resize-factor", type=int, metavar="N",
+                   help="native: h' and w' are multiples of N (default: twice the patch size)")
+    p.add_argument("--min-pixels", type=int, metavar="N",
+                   help="native: smallest pixel budget (default: LLaVA-OneVision-1.5's, see README)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="native: largest pixel budget (default: LLaVA-OneVision-1.5's, see README)")
     p.add_argument("--force", action="store_true", help="replace an existing repository")
+    add_kserve_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     opts = RepoOptions(artifacts=args.artifacts, out=args.out, backend=args.backend, name=args.name,
-                       instances=args.instances, max_batch=args.max_batch, force=args.force, normalize=args.normalize)
+                       instances=args.instances, max_batch=args.max_batch, force=args.force, normalize=args.normalize,
+                       intra_op_threads=args.intra_op_threads, preprocess=args.preprocess,
+                       resize_factor=args.resize_factor,
+                       native_min_pixels=args.min_pixels, native_max_pixels=args.max_pixels,
+                       kserve=kserve_options(args))
     try:
+        if args.grid_pinpoints:
+            from .modes import parse_pinpoints
+
+            opts.grid_pinpoints = parse_pinpoints(args.grid_pinpoints)
         build_repository(opts)
     except MvtError as exc:
         print(f"error: {exc}", file=sys.stderr)

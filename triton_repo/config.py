@@ -156,6 +156,25 @@ def normalize_config(*, name: str = "normalize", max_batch: int, instances: int,
     return cfg
 
 
+def ragged_config(*, name: str, instances: int, outputs: tuple[TensorSpec, ...],
+                  parameters: dict[str, object] | None = None):
+    """The model clients call in --preprocess anyres|native (backend_models/ragged.py, python backend):
+    `image` [N] encoded bytes -> per-image ragged rows concatenated (triton_repo/modes.py has the layout).
+
+    max_batch_size 0: the first axis is the request's images, not a batch Triton may merge; the encoder
+    behind it (called through BLS) is the one that batches."""
+    pb2 = model_config_pb2()
+    cfg = pb2.ModelConfig()
+    cfg.backend = "python"
+    _common(cfg, name, 0, instances, "KIND_CPU", None, pb2, dynamic_batching=False)
+    _io(cfg.input.add(), TensorSpec(IMAGE_INPUT, (-1,), "TYPE_STRING"), pb2)
+    for out in outputs:
+        _io(cfg.output.add(), out, pb2)
+    for key, value in (parameters or {}).items():
+        cfg.parameters[key].string_value = str(value)
+    return cfg
+
+
 def ensemble_config(*, name: str, max_batch: int, preprocess: str, encoder: str, interface: EncoderInterface,
                     normalize: tuple[str, str] | None = None):
     """image (TYPE_STRING) -> preprocess -> encoder -> every encoder output, under the same names.

@@ -1,0 +1,222 @@
+"""Rebuild model.plan from an existing export folder, for the GPU and TensorRT at hand.
+
+    from export.rebuild import RebuildOptions, rebuild_engine
+    result = rebuild_engine(RebuildOptions(Path("artifacts/rice"), runtime="tensorrt"))
+
+A TensorRT plan runs only on the GPU architecture and TensorRT release that built it, so a plan made on
+a workstation rarely fits a cluster node: this builds it again where it will run (the KServe start-up
+step in triton_repo/kserve.py runs it inside the serving image). The checkpoint is never needed: every
+fact comes from manifest.json, and every file the manifest records is checked against its sha256 and
+size first; a folder that does not match is refused and left as it is. The new plan is written beside
+the old one and renamed over it only when complete; the manifest (rewritten atomically) records it.
+
+`python -m export.build_engine --artifacts DIR` is the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import engine as engines
+from .artifacts import ONNX_NAME, sha256, write_json
+from .errors import EngineUnavailableError, OptionError
+from .manifest import MANIFEST_NAME, read_manifest
+from .precision.recipe import QUANTIZED
+
+
+@dataclass
+class RebuildOptions:
+    artifacts: Path  # a folder export.build_engine wrote
+    # "tensorrt" or "tensorrt-rtx"; None: the runtime of the manifest's engine, else datacenter TensorRT
+    runtime: str | None = None
+    compute_capabilities: list[tuple[int, int]] | None = None  # TensorRT-RTX targets; None: GPU or all
+    optimization_level: int | None = None
+    timing_cache: Path | None = None  # None: ~/.cache/mvt-deploy, per runtime and version
+    max_batch: int | None = None  # None: the export's (manifest interface.max_batch)
+    force: bool = False  # rebuild even when the plan was built for this very target
+
+
+@dataclass
+class RebuildResult:
+    folder: Path
+    engine: dict  # the manifest's engine entry after the call
+    rebuilt: bool  # False: the existing plan already fits this target and --force was not given
+
+
+class ArtifactsChangedError(OptionError):
+    """A recorded file is missing or differs from its manifest entry: the folder is not what was exported."""
+
+
+def verify_artifacts(folder: Path, manifest: dict) -> int:
+    """Check every file the manifest records (size, then sha256); return how many; raise on the first mismatch."""
+    records = manifest.get("artifacts") or {}
+    if not records:
+        raise ArtifactsChangedError(f"{folder}/{MANIFEST_NAME} records no artifacts; re-export the folder with "
+                                    "this version of python -m export.build_engine")
+    advice = "re-export the folder (python -m export.build_engine) or restore the original files; nothing was rebuilt"
+    for name, meta in sorted(records.items()):
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactsChangedError(f"{path} is missing but {MANIFEST_NAME} records it; {advice}")
+        size = path.stat().st_size
+        if size != meta.get("bytes"):
+            raise ArtifactsChangedError(f"{path} is {size} bytes but {MANIFEST_NAME} records {meta.get('bytes')}: "
+                                        f"the file changed after export; {advice}")
+        digest = sha256(path)
+        if digest != meta.get("sha256"):
+            raise ArtifactsChangedError(f"{path} has sha256 {digest[:16]}... but {MANIFEST_NAME} records "
+                                        f"{str(meta.get('sha256'))[:16]}...: the file changed after export; {advice}")
+    return len(records)
+
+
+def engine_shapes(manifest: dict, max_batch: int) -> dict | list[dict]:
+    """The optimization profile the export would build, from the manifest alone (no checkpoint)."""
+    iface, model = manifest["interface"], manifest["model"]
+    (input_name, info), = iface["inputs"].items()
+    h, w = info["shape"][2:]
+    dynamic = bool(iface.get("dynamic_resolution"))
+    if dynamic:  # the profile is centred on the size it was traced at (as pipeline.build does)
+        h, w = manifest["options"].get("image_size") or model["native_image_size"]
+    return engines.profiles(input_name, (int(h), int(w)), dynamic, int(model["patch_size"]), max_batch,
+                            iface.get("native_budget"))
+
+
+def _same_target(engine: dict, target: engines.EngineTarget, shapes: dict | list[dict],
+                 opts: RebuildOptions) -> bool:
+    """The recorded plan was built by this runtime and version, for this GPU (or RTX targets) and profile."""
+    if not engine.get("built") or engine.get("runtime") != target.runtime or engine.get("version") != target.version:
+        return False
+    if engine.get("profiles") != shapes:
+        return False
+    if opts.optimization_level is not None and engine.get("builder_optimization_level") != opts.optimization_level:
+        return False
+    if target.runtime == "tensorrt-rtx":  # the targets build_engine would choose (engine.py), as recorded there
+        ccs = opts.compute_capabilities or (None if target.gpu else list(engines.RTX_DEFAULT_CCS))
+        wanted = ["current GPU"] if ccs is None else [f"{a}.{b}" for a, b in ccs]
+        if engine.get("compute_capabilities") != wanted:
+            return False
+    recorded = engine.get("gpu") or {}
+    return (recorded.get("name"), recorded.get("compute_capability")) == \
+        (target.gpu.get("name"), target.gpu.get("compute_capability"))
+
+
+def _wanted_lowering(manifest: dict, target: engines.EngineTarget) -> str:
+    """The RoPE lowering the export would give this runtime's engine (its --rope, resolved as build does)."""
+    from .lowering import resolve_rope
+
+    if manifest.get("rope_lowering") == "none":  # no RoPE in the model (CLIP-style, UNICOM)
+        return "none"
+    return resolve_rope(manifest["options"].get("rope") or "auto", target.rope_runtime)
+
+
+def _recorded_graph(manifest: dict, lowering: str) -> str | None:
+    """The recorded graph already in `lowering`: engine.onnx when the export wrote one in it, model.onnx
+    when it is in it itself; None: model.onnx must be lowered for this runtime first."""
+    engine = manifest.get("engine") or {}
+    engine_graph = engine.get("onnx")
+    if engine_graph and engine_graph in manifest["artifacts"] and engine.get("rope_lowering") == lowering:
+        return engine_graph
+    if manifest.get("rope_lowering") == lowering or lowering == "none":
+        return ONNX_NAME
+    return None
+
+
+def _temporary(folder: Path, prefix: str, suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)  # same folder: rename is atomic
+    os.close(fd)
+    return Path(name)
+
+
+def _lower_into(folder: Path, lowering: str, path: Path) -> None:
+    """model.onnx with its RoPE in `lowering`, saved as `path` beside it (the weights stay shared in
+    model.onnx.data, whose location is relative)."""
+    import onnx
+
+    from .lowering import lower_rope
+
+    model = onnx.load(str(folder / ONNX_NAME), load_external_data=False)
+    onnx.save(lower_rope(model, lowering), str(path))
+
+
+def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> RebuildResult:
+    folder = Path(opts.artifacts)
+    manifest = read_manifest(folder)
+    if opts.max_batch is not None and opts.max_batch < 1:
+        raise OptionError(f"--max-batch {opts.max_batch} must be at least 1")
+    old = manifest.get("engine") or {}
+    runtime = opts.runtime or (old.get("runtime") if old.get("runtime") in engines.RUNTIMES else "tensorrt")
+    if runtime not in engines.RUNTIMES:
+        raise OptionError(f"--artifacts rebuilds an engine: --runtime {runtime} is not one; choose one of "
+                          f"{', '.join(engines.RUNTIMES)}")
+    if opts.compute_capabilities and runtime != "tensorrt-rtx":
+        raise OptionError("--compute-capability chooses TensorRT-RTX targets; datacenter TensorRT builds for the "
+                          "GPU it runs on: drop it, or use --runtime tensorrt-rtx")
+    if manifest["options"].get("quant_target") == "cpu" and manifest.get("precision") in QUANTIZED:
+        raise OptionError(f"{folder} holds a --quant-target cpu {manifest.get('precision')} graph for onnxruntime "
+                          "on CPUs, which TensorRT does not build; re-export with --quant-target tensorrt")
+
+    log(f"[1/3] Checking {folder} against its {MANIFEST_NAME} ...")
+    count = verify_artifacts(folder, manifest)
+    log(f"      {count} files match their recorded sha256 and size")
+
+    target = engines.probe(runtime)
+    if target.skip_reason is not None:
+        raise EngineUnavailableError(f"cannot build {folder}/{engines.PLAN_NAME} here: {target.skip_reason}; "
+                                     "the folder is unchanged")
+    max_batch = opts.max_batch or int(manifest["interface"].get("max_batch") or 32)
+    shapes = engine_shapes(manifest, max_batch)
+    plan = folder / engines.PLAN_NAME
+    if plan.is_file() and _same_target(old, target, shapes, opts) and not opts.force:
+        where = target.gpu.get("name") or ", ".join(old.get("compute_capabilities") or []) or "this target"
+        log(f"[2/3] {plan} was built by {target.runtime} {target.version} for {where} with this profile: kept "
+            "(pass --force to rebuild it anyway)")
+        return RebuildResult(folder, old, rebuilt=False)
+
+    lowering = _wanted_lowering(manifest, target)
+    recorded = _recorded_graph(manifest, lowering)
+    temporaries: list[Path] = []  # removed whatever happens: the recorded artifacts stay as they are
+    try:
+        if recorded is None:
+            log(f"      lowering {ONNX_NAME}'s RoPE to {lowering} for this runtime (a temporary graph)")
+            graph = _temporary(folder, ".rebuild-", ".onnx")
+            temporaries.append(graph)
+            _lower_into(folder, lowering, graph)
+            graph_name = f"{ONNX_NAME} (RoPE lowered to {lowering} at build time)"
+        else:
+            graph, graph_name = folder / recorded, recorded
+        tmp_plan = _temporary(folder, f".{engines.PLAN_NAME}.", ".tmp")
+        temporaries.append(tmp_plan)
+        log(f"[2/3] Building the {target.runtime} {target.version} engine from {graph_name} ...")
+        start = time.perf_counter()
+        facts = engines.build_engine(
+            target, graph, tmp_plan, shapes,
+            timing_cache=opts.timing_cache or engines.default_timing_cache(target),
+            optimization_level=opts.optimization_level, compute_capabilities=opts.compute_capabilities)
+        seconds = time.perf_counter() - start
+        log(f"      done in {seconds:.1f} s")
+        digest = sha256(tmp_plan)
+        engine = {"built": True, **facts, "onnx": graph_name, "rope_lowering": lowering, "gpu": target.gpu,
+                  "sha256": digest, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "rebuilt": True, "build_seconds": round(seconds, 2),
+                  "parity": "not measured here: running an engine needs a GPU (scripts/gpu_check.sh)"}
+        log(f"[3/3] Publishing {plan.name} and recording it in {MANIFEST_NAME} ...")
+        updated = dict(manifest)
+        updated["engine"] = engine
+        history = list(manifest.get("engine_history") or [])
+        if old:  # what was there before, in short: the manifest stays the one record of this folder
+            history.append({k: old.get(k) for k in ("built", "runtime", "version", "gpu", "compute_capabilities",
+                                                    "profiles", "sha256", "built_at", "reason") if k in old})
+        updated["engine_history"] = history
+        updated["artifacts"] = {**manifest["artifacts"], plan.name: {"sha256": digest, "bytes": facts["bytes"]}}
+        os.replace(tmp_plan, plan)  # the old plan stays until the new one is complete
+        write_json(folder / MANIFEST_NAME, updated)  # temp + rename
+    finally:
+        for path in temporaries:
+            path.unlink(missing_ok=True)
+    log(f"wrote {plan} ({facts['bytes']} bytes, sha256 {digest[:16]}...)")
+    return RebuildResult(folder, engine, rebuilt=True)
