@@ -2,6 +2,7 @@
 # Create the server-side Python environment for `python -m triton_repo.serve` and the triton_server tests:
 #   .server-venv/  numpy<2, onnxruntime, pillow (what the python-backend models import)
 #                  + nvidia-pytriton (no dependencies): the tritonserver 2.51 binary, python backend and stubs.
+#   .server-venv/perf_analyzer/  Triton's perf_analyzer 2.51 (scripts/setup_perf_analyzer.sh)
 # Why a separate environment: the python-backend stub imports from the first python3 on PATH and, with
 # numpy 2, silently corrupts tensors; the project's .venv keeps numpy 2 and is never touched here.
 # Idempotent: rerunning only checks and fills gaps.
@@ -46,4 +47,6 @@ if ldd "$stub" | grep -q "not found"; then
 fi
 
 "$env_dir/bin/python3" -c 'import numpy, onnxruntime, PIL; assert int(numpy.__version__.split(".")[0]) < 2, numpy.__version__'
+# Triton's load generator (perf_analyzer, from the tritonclient wheel) for scripts/load_test.py --perf-analyzer.
+SERVER_ENV=$env_dir bash scripts/setup_perf_analyzer.sh
 echo "setup: $env_dir ready ($("$env_dir/bin/python3" -c 'import numpy, onnxruntime, PIL; print(f"numpy {numpy.__version__}, onnxruntime {onnxruntime.__version__}, pillow {PIL.__version__}")'), tritonserver from nvidia-pytriton 0.7.0: $root/tritonserver/bin/tritonserver)"

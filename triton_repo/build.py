@@ -111,6 +111,11 @@ def profile_max_batch(profiles: dict | list[dict]) -> int | None:
     return min(maxima) if maxima else None
 
 
+def profile_count(profiles: dict | list[dict] | None) -> int:
+    """How many optimization profiles an engine entry's `profiles` holds (a dict is one; none recorded: 1)."""
+    return len(profiles) if isinstance(profiles, list) else 1
+
+
 def read_artifacts(folder: Path) -> Artifacts:
     folder = Path(folder)
     hint = f"run `python -m export.build_engine --out {folder}` first"
@@ -335,9 +340,17 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
             _copy(HERE / "backend_models" / spec.model_py, enc / "1" / "model.py")
         params = spec.parameters(opts) if spec.parameters else None
         _write(enc / "warmup" / iface.input.name, pixels.astype("<f4").tobytes())
+        # the plan Triton loads: the recorded one, or (no_plan) the one the pod's start-up step builds
+        if no_plan:
+            from export.rebuild import engine_shapes
+
+            plan_profiles = profile_count(engine_shapes(art.manifest, max_batch))
+        else:
+            plan_profiles = profile_count(art.engine.get("profiles"))
         enc_cfg = tc.encoder_config(
             spec, iface, name=ENCODER, max_batch=max_batch, instances=opts.instances, parameters=params,
-            warmup=Warmup("sample_photo", 1, {iface.input.name: ("TYPE_FP32", tuple(pixels.shape), iface.input.name)}))
+            warmup=Warmup("sample_photo", 1, {iface.input.name: ("TYPE_FP32", tuple(pixels.shape), iface.input.name)}),
+            profiles=plan_profiles)
         result.models[ENCODER] = tc.write_config(enc_cfg, enc)
 
         normalize = None
