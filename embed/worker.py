@@ -49,6 +49,17 @@ def resolve_runtime(artifacts: Path, runtime: str, manifest: dict) -> tuple[str,
     return "tensorrt", None
 
 
+def engine_max_batch(manifest: dict) -> int:
+    """The largest batch the folder's plan runs through TensorRTRunner: Polygraphy's TrtRunner keeps the
+    engine's profile 0 (runner.py: "will default to the 0th profile"), the first the manifest records. Not
+    interface.max_batch: `export.build_engine --artifacts --max-batch N` rebuilds the plan for N and
+    leaves the export's interface as it was."""
+    profiles = (manifest.get("engine") or {}).get("profiles")
+    first = profiles[0] if isinstance(profiles, list) and profiles else profiles
+    maxima = [p["max"][0] for p in first.values()] if isinstance(first, dict) and first else []
+    return int(min(maxima)) if maxima else int(manifest["interface"].get("max_batch") or 0)
+
+
 def preprocessor_config(artifacts: Path) -> Path:
     """DIR/preprocessor_config.json: the served preprocessing's recipe (the checkpoint's processor)."""
     from triton_repo.preprocessing import CONFIG_NAME
@@ -83,8 +94,8 @@ class Embedder:
         self.normalize = normalize
         self.runtime, self.fallback_reason = resolve_runtime(self.artifacts, runtime, self.manifest)
         self.preprocessing = ClipPreprocessing.from_file(preprocessor_config(self.artifacts))
-        # Engines hold a profile up to the manifest's max_batch; onnxruntime's batch axis is unbounded.
-        self.max_batch = int(self.manifest["interface"].get("max_batch") or 0) if self.runtime == "tensorrt" else 0
+        # Engines take batches up to their profile's max; onnxruntime's batch axis is unbounded.
+        self.max_batch = engine_max_batch(self.manifest) if self.runtime == "tensorrt" else 0
         self.threads = threads
         self._runner: Any = None
 

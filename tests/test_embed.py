@@ -267,6 +267,41 @@ def test_output_folder_with_other_files_is_refused(artifacts, photos, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["incomplete", "mine.csv"]  # nothing written
 
 
+def test_tensorrt_batches_follow_the_plan_profile_not_the_export(artifacts, photos, tmp_path, monkeypatch):
+    """A plan rebuilt with `--artifacts --max-batch 2` takes batches of 2 at most, though the export's interface
+    still says 8: the embedder splits by the plan's profile 0 (the one Polygraphy's TrtRunner runs)."""
+    import json
+
+    import embed.worker as worker
+    import export.backend
+
+    folder = Path(shutil.copytree(artifacts, tmp_path / "artifacts"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["interface"]["max_batch"] = 8
+    profile = {"pixel_values": {"min": [1, 3, 56, 56], "opt": [1, 3, 56, 56], "max": [2, 3, 56, 56]}}
+    manifest["engine"] = {"built": True, "runtime": "tensorrt", "version": "fake", "profiles": profile}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    batches: list[int] = []
+
+    class FakeEngineRunner:  # TensorRT refuses a batch outside the profile, as this does
+        def activate(self):
+            return self
+
+        def infer(self, feed):
+            (x,) = feed.values()  # (B, 3, H, W)
+            assert x.shape[0] <= 2, f"batch {x.shape[0]} is outside the plan's profile (max 2)"
+            batches.append(x.shape[0])
+            return {model.output: np.zeros((x.shape[0], 64), np.float32)}
+
+    monkeypatch.setattr(worker, "resolve_runtime", lambda *a: ("tensorrt", None))
+    monkeypatch.setattr(export.backend, "engine_runner_from_manifest", lambda *a, **k: FakeEngineRunner())
+    paths = sorted(str(p) for p in photos.glob("p*-full.*"))[:5]
+    model = worker.Embedder(folder, "tensorrt")
+    rows = model.rows(paths)
+    assert model.max_batch == 2 and batches == [2, 2, 1]
+    assert all(r.error is None and r.embedding is not None for r in rows)
+
+
 def test_normalization_is_the_served_one():
     import torch
 

@@ -107,7 +107,8 @@ def test_tensorrt_form_inference_service(plan_artifacts, tmp_path, validator):
     assert (tmp_path / "kserve").is_dir() and not (repo / "kserve").exists()
     assert {p.name for p in (tmp_path / "kserve").iterdir()} == {"inferenceservice.yaml", "README.md", "Dockerfile"}
     dockerfile = (tmp_path / "kserve" / "Dockerfile").read_text()
-    assert "--no-deps /opt/mvt-deploy" in dockerfile and "${TENSORRT_PACKAGE}==${TENSORRT_VERSION}" in dockerfile
+    assert "--no-deps /opt/mvt-deploy" in dockerfile and "${TENSORRT_PKG}==${TENSORRT_VERSION}" in dockerfile
+    assert kserve.TRT_PACKAGE_SELECT in dockerfile
     readme = (tmp_path / "kserve" / "README.md").read_text()
     assert "kubectl apply -f" in readme and "aws s3 sync" in readme and "rebuilt for the node's GPU" in readme
     # the export folder travels in the repository, intact, for the start-up step
@@ -194,6 +195,21 @@ def test_cli(artifacts, tmp_path, capsys):
     native = ["--artifacts", str(artifacts), "--out", str(tmp_path / "r2"), "--kserve", "--preprocess", "native"]
     assert repo_build.main(native) == 2
     assert "--kserve writes an InferenceService for the crop ensemble" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda,override,expected", [
+    ("12.6.2.004", "", "tensorrt-cu12"), ("13.0.2.006", "", "tensorrt-cu13"),  # 24.10 (CUDA 12), 25.10 (CUDA 13)
+    ("13.0.2.006", "tensorrt-cu12", "tensorrt-cu12"), ("", "", None)])
+def test_dockerfile_picks_the_bindings_of_the_image_cuda(cuda, override, expected):
+    """The Dockerfile's TensorRT package follows the image's CUDA major (NGC 25.08+ is CUDA 13); no
+    CUDA_VERSION and no TENSORRT_PACKAGE stops the build with what to pass."""
+    env = {"PATH": "/usr/bin:/bin", "CUDA_VERSION": cuda, "TENSORRT_PACKAGE": override}
+    proc = subprocess.run(["/bin/sh", "-c", kserve.TRT_PACKAGE_SELECT + ' && echo "${TENSORRT_PKG}"'],
+                          capture_output=True, text=True, env=env, timeout=30)
+    if expected is None:
+        assert proc.returncode == 1 and "--build-arg TENSORRT_PACKAGE=tensorrt-cu12" in proc.stdout
+    else:
+        assert proc.returncode == 0 and proc.stdout.strip() == expected
 
 
 def _run_start_step(repo: Path, isvc: dict, runtime: str, *extra: str) -> subprocess.CompletedProcess:

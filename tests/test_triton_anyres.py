@@ -232,7 +232,11 @@ def test_engine_form_checks_the_recorded_profiles(tiny, tmp_path):
     manifest["engine"]["profiles"] = engines.profiles("pixel_values", (56, 56), True, 14, 4, budget)
     (art / "manifest.json").write_text(json.dumps(manifest))
     result = _build_engine_form(art, tmp_path / "repo")
-    assert tc.parse_config(result.models["encoder"]).platform == "tensorrt_plan"
+    encoder = tc.parse_config(result.models["encoder"])
+    assert encoder.platform == "tensorrt_plan"
+    # every profile named: Triton's TensorRT backend would otherwise use profile 0 (the batched one) only
+    assert list(encoder.instance_group[0].profile) == [str(i) for i in range(len(manifest["engine"]["profiles"]))]
+    assert len(encoder.instance_group[0].profile) > 2
 
 
 def _build_engine_form(art: Path, out: Path):
@@ -241,6 +245,113 @@ def _build_engine_form(art: Path, out: Path):
     return build_repository(RepoOptions(art, out, backend="tensorrt", preprocess=NATIVE,
                                         native_min_pixels=NATIVE_BUDGET[0], native_max_pixels=NATIVE_BUDGET[1]),
                             log=lambda _: None)
+
+
+# ------------------------------------------------------------------ ragged.py's BLS calls, against a fake pb_utils
+
+def _fake_pb_utils(requests: list):
+    """triton_python_backend_utils as the 24.10 python backend defines what ragged.py calls (src/pb_stub.cc,
+    src/pb_tensor.cc), with an encoder that answers on the GPU, as a TensorRT encoder does: its outputs
+    stay there unless the BLS request prefers CPU memory, and as_numpy() of a GPU tensor raises."""
+    import types
+    from typing import Any
+
+    pb: Any = types.ModuleType("triton_python_backend_utils")
+    pb.TRITONSERVER_MEMORY_GPU, pb.TRITONSERVER_MEMORY_CPU = "TRITONSERVER_MEMORY_GPU", "TRITONSERVER_MEMORY_CPU"
+
+    class PreferredMemory:
+        def __init__(self, preferred_memory_type, preferred_device_id=0):
+            self.type, self.device = preferred_memory_type, preferred_device_id
+
+    class Tensor:
+        def __init__(self, name, array, on_gpu=False):
+            self._name, self._array, self._gpu = name, array, on_gpu
+
+        def name(self):
+            return self._name
+
+        def is_cpu(self):
+            return not self._gpu
+
+        def as_numpy(self):
+            if self._gpu:
+                raise RuntimeError("Tensor is stored in GPU and cannot be converted to NumPy.")
+            return self._array
+
+    class TritonError:
+        def __init__(self, message):
+            self._message = message
+
+        def message(self):
+            return self._message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self._tensors, self._error = output_tensors, error
+
+        def output_tensors(self):
+            return self._tensors
+
+        def has_error(self):
+            return self._error is not None
+
+        def error(self):
+            return self._error
+
+    class InferenceRequest:
+        def __init__(self, *, inputs, requested_output_names, model_name, request_id="", correlation_id=0,
+                     model_version=-1, flags=0, timeout=0, preferred_memory=None, trace=None, parameters=None):
+            self.inputs, self.outputs, self.model_name = inputs, requested_output_names, model_name
+            self.preferred_memory = preferred_memory
+            requests.append(self)
+
+        async def async_exec(self):
+            (pixels,) = [t.as_numpy() for t in self.inputs]  # (B, 3, H, W)
+            gpu = self.preferred_memory is None or self.preferred_memory.type != pb.TRITONSERVER_MEMORY_CPU
+            shapes = {"last_hidden_state": (17, 64), "pooler_output": (64,)}
+            return InferenceResponse([Tensor(n, np.ones((pixels.shape[0], *shapes[n]), np.float32), on_gpu=gpu)
+                                      for n in self.outputs])
+
+    def get_output_tensor_by_name(response, name):
+        return next((t for t in response.output_tensors() if t.name() == name), None)
+
+    pb.PreferredMemory, pb.Tensor, pb.TritonError = PreferredMemory, Tensor, TritonError
+    pb.InferenceResponse, pb.InferenceRequest = InferenceResponse, InferenceRequest
+    pb.get_output_tensor_by_name = get_output_tensor_by_name
+    pb.get_input_tensor_by_name = get_output_tensor_by_name  # requests here are responses' duck type
+    return pb
+
+
+def test_ragged_bls_asks_for_its_outputs_in_cpu_memory(tiny, tmp_path, monkeypatch):
+    """A GPU encoder's BLS outputs come back in CPU memory, where as_numpy() can read them."""
+    import asyncio
+    import importlib.util
+
+    from google.protobuf import json_format
+
+    from triton_repo import config as tc
+
+    repo = _build(tiny["static"], tmp_path / "repo", preprocess=ANYRES).out
+    requests: list = []
+    pb = _fake_pb_utils(requests)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the model puts its folder first
+    monkeypatch.delitem(sys.modules, "preprocessing", raising=False)
+    spec = importlib.util.spec_from_file_location("ragged_under_test", repo / "embed" / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules.pop("preprocessing", None)
+    config = json_format.MessageToDict(tc.parse_config(repo / "embed" / "config.pbtxt"),
+                                       preserving_proto_field_name=True)
+    model = module.TritonPythonModel()
+    model.initialize({"model_repository": str(repo / "embed"), "model_version": "1",
+                      "model_config": json.dumps(config)})
+    request = pb.InferenceResponse([pb.Tensor("image", np.array([_photos()["astronaut.jpg"]], dtype=np.object_))])
+    (response,) = asyncio.run(model.execute([request]))
+    assert not response.has_error(), response.error().message()
+    assert requests and all(r.preferred_memory.type == pb.TRITONSERVER_MEMORY_CPU for r in requests)
+    outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
+    assert outputs["count"].tolist() == [outputs["last_hidden_state"].shape[0]]
 
 
 # ------------------------------------------------------------------ served by the real tritonserver

@@ -118,6 +118,7 @@ def test_tensorrt_plan_repository_from_fake_plan(plan_artifacts, tmp_path):
     assert (repo / "encoder/1/model.plan").is_file() and not (repo / "encoder/1/model.onnx").exists()
     assert enc.max_batch_size == 4  # derived from the engine profile
     assert enc.instance_group[0].kind == enc.instance_group[0].KIND_GPU
+    assert list(enc.instance_group[0].profile) == []  # one profile: Triton's default (profile 0) is it
     assert [list(o.dims) for o in enc.output] == [[17, 64], [64], [17, 64]]  # 1 + (56/14)^2 tokens
     assert FORMS["tensorrt"].readme.format(engine_version="fake") in (repo / "README.md").read_text()
     with pytest.raises(OptionError, match="optimization profile allows \\(4\\)"):
@@ -235,6 +236,10 @@ def test_registry_covers_every_backend_choice():
         assert cfg.default_model_filename == (spec.default_model_filename or "")
         assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value(spec.kind)
     assert FORMS["tensorrt"].engine_runtimes == ("tensorrt",)  # a TensorRT-RTX plan is not for Triton's backend
+    # several optimization profiles: the TensorRT instance group names them all (only that form takes the field)
+    for name, spec in FORMS.items():
+        cfg = parse_config(config_text(encoder_config(name, iface, max_batch=4, profiles=3)))
+        assert list(cfg.instance_group[0].profile) == (["0", "1", "2"] if spec.needs_engine else [])
     with pytest.raises(OptionError, match="choose one of tensorrt, onnxruntime, python"):
         encoder_config("tensorrt-rtx", iface, max_batch=4)
 

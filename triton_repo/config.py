@@ -106,8 +106,15 @@ def _common(cfg, name: str, max_batch: int, instances: int, kind: str, warmup: W
 
 def encoder_config(backend: str | EncoderForm, interface: EncoderInterface, *, name: str = "encoder",
                    max_batch: int, instances: int = 1, warmup: Warmup | None = None,
-                   parameters: dict[str, object] | None = None):
-    """The encoder in one of the forms of triton_repo/forms.py (a name or the spec itself)."""
+                   parameters: dict[str, object] | None = None, profiles: int = 1):
+    """The encoder in one of the forms of triton_repo/forms.py (a name or the spec itself).
+
+    profiles: how many optimization profiles the engine holds (engine forms). With more than one, the
+    instance group names them all: Triton's TensorRT backend otherwise creates a context for profile 0
+    only (model_config.proto, ModelInstanceGroup.profile: "If not specified, the server will select the
+    first optimization profile by default"; tensorrt_backend src/instance_state.cc
+    InitOptimizationProfiles), and a shape outside it fails. Named, it picks per request the profile
+    nearest the request's shape among those that hold it (GetMostOptimizedProfile)."""
     spec = backend if isinstance(backend, EncoderForm) else form(backend)
     pb2 = model_config_pb2()
     cfg = pb2.ModelConfig()
@@ -118,6 +125,8 @@ def encoder_config(backend: str | EncoderForm, interface: EncoderInterface, *, n
     if spec.default_model_filename:
         cfg.default_model_filename = spec.default_model_filename
     _common(cfg, name, max_batch, instances, spec.kind, warmup, pb2)
+    if spec.needs_engine and profiles > 1:  # the field is for the TensorRT backend only (an error elsewhere)
+        cfg.instance_group[0].profile.extend(str(i) for i in range(profiles))
     _io(cfg.input.add(), interface.input, pb2)
     for out in interface.outputs:
         _io(cfg.output.add(), out, pb2)

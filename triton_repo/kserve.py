@@ -214,6 +214,15 @@ def to_yaml(yaml, data: dict) -> str:
     return yaml.dump(data, Dumper=Dumper, sort_keys=False, width=120)
 
 
+# The Dockerfile's choice of TensorRT bindings (POSIX sh, so it runs under the image's /bin/sh): the package for
+# the image's CUDA major unless TENSORRT_PACKAGE names one. NGC images set CUDA_VERSION; those from 25.08 on are
+# CUDA 13 (Triton release notes), where the CUDA 12 bindings would build plans for another CUDA than the server's.
+TRT_PACKAGE_SELECT = ('TENSORRT_PKG="${TENSORRT_PACKAGE:-tensorrt-cu${CUDA_VERSION%%.*}}" && '
+                      '{ [ "${TENSORRT_PKG}" != "tensorrt-cu" ] || { echo "the image sets no CUDA_VERSION: pass '
+                      '--build-arg TENSORRT_PACKAGE=tensorrt-cu12 (CUDA 12 images) or tensorrt-cu13 (CUDA 13: 25.08 '
+                      'and later)"; exit 1; }; }')
+
+
 def dockerfile(spec: EncoderForm, folder: Path) -> str:
     """The serving image: KServe's Triton runtime image plus what this repository's models need."""
     engine = spec.needs_engine
@@ -229,6 +238,8 @@ def dockerfile(spec: EncoderForm, folder: Path) -> str:
 # start-up step builds with these Python bindings is loaded by Triton's TensorRT backend, and a plan runs
 # only on the TensorRT release that built it. TensorRT >= 10.15 takes the native RotaryEmbedding lowering
 # (10.9-10.14 need the AOT plugin, which also needs the Triton compiler: use a newer image).
+# The bindings' CUDA major follows the image's CUDA_VERSION (tensorrt-cu12 up to 25.07, tensorrt-cu13 from
+# 25.08, which is CUDA 13); --build-arg TENSORRT_PACKAGE=tensorrt-cu<N> overrides it.
 """
     else:
         header += "#       -t <registry>/mvt-deploy-tritonserver:<yy.mm> .\n"
@@ -243,7 +254,8 @@ RUN python3 -m pip install --no-cache-dir pillow "numpy<2"
     if engine:
         body += """\
 ARG TENSORRT_VERSION
-ARG TENSORRT_PACKAGE=tensorrt-cu12
+# empty: tensorrt-cu<the CUDA major of the image> (NGC images set CUDA_VERSION)
+ARG TENSORRT_PACKAGE=
 RUN test -n "${TENSORRT_VERSION}" || (echo "pass --build-arg TENSORRT_VERSION=<the image's TensorRT>" && exit 1)
 COPY export /opt/mvt-deploy/export
 COPY kernels /opt/mvt-deploy/kernels
@@ -252,7 +264,8 @@ COPY parity_tests /opt/mvt-deploy/parity_tests
 COPY pyproject.toml README.md /opt/mvt-deploy/
 # --no-deps: the start-up step needs neither torch nor transformers (it reads the manifest, not the checkpoint)
 RUN python3 -m pip install --no-cache-dir --no-deps /opt/mvt-deploy \\
- && python3 -m pip install --no-cache-dir onnx "polygraphy>=0.53" "${TENSORRT_PACKAGE}==${TENSORRT_VERSION}"
+ && """ + TRT_PACKAGE_SELECT + """ \\
+ && python3 -m pip install --no-cache-dir onnx "polygraphy>=0.53" "${TENSORRT_PKG}==${TENSORRT_VERSION}"
 """
     return header + body
 

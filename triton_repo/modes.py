@@ -272,7 +272,8 @@ def build_ragged(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
         b._write(enc / "warmup" / iface.input.name, pixels.astype("<f4").tobytes())
         enc_cfg = tc.encoder_config(
             spec, iface, name=b.ENCODER, max_batch=max_batch, instances=opts.instances, parameters=params,
-            warmup=Warmup("sample_photo", 1, {iface.input.name: ("TYPE_FP32", tuple(pixels.shape), iface.input.name)}))
+            warmup=Warmup("sample_photo", 1, {iface.input.name: ("TYPE_FP32", tuple(pixels.shape), iface.input.name)}),
+            profiles=b.profile_count(art.engine.get("profiles")))
         result.models[b.ENCODER] = tc.write_config(enc_cfg, enc)
 
         model = stage / name

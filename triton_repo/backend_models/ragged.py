@@ -58,8 +58,13 @@ class TritonPythonModel:
         calls = []
         for start in range(0, pixels.shape[0], self.chunk):
             part = np.ascontiguousarray(pixels[start:start + self.chunk])  # (<=chunk, 3, H, W)
-            request = pb_utils.InferenceRequest(model_name=self.encoder, requested_output_names=self.outputs,
-                                                inputs=[pb_utils.Tensor(self.encoder_input, part)])
+            # Outputs in CPU memory: without preferred_memory a BLS response keeps the device the encoder
+            # answered on (a TensorRT encoder: the GPU), where as_numpy() raises "Tensor is stored in GPU and
+            # cannot be converted to NumPy" (python_backend README "Using BLS with Decoupled Models"; 23.04+).
+            request = pb_utils.InferenceRequest(
+                model_name=self.encoder, requested_output_names=self.outputs,
+                inputs=[pb_utils.Tensor(self.encoder_input, part)],
+                preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0))
             calls.append(request.async_exec())
         parts: dict = {n: [] for n in self.outputs}
         for response in await asyncio.gather(*calls):
