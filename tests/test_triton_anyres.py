@@ -216,6 +216,7 @@ def test_engine_form_checks_the_recorded_profiles(tiny, tmp_path):
     manifest records native_profiles(...) can (the plan is a placeholder: Triton's TensorRT backend is absent)."""
     from export import engine as engines
     from triton_repo import config as tc
+    from triton_repo.build import RepoOptions, build_repository
 
     art = tmp_path / "artifacts"
     shutil.copytree(tiny["dynamic"], art)
@@ -237,6 +238,13 @@ def test_engine_form_checks_the_recorded_profiles(tiny, tmp_path):
     # every profile named: Triton's TensorRT backend would otherwise use profile 0 (the batched one) only
     assert list(encoder.instance_group[0].profile) == [str(i) for i in range(len(manifest["engine"]["profiles"]))]
     assert len(encoder.instance_group[0].profile) > 2
+    # max_batch_size: the batched profile's (4), not the native profiles' one image; native requests are not
+    # merged (two same-sized images in a batch of 2 would fit no native profile)
+    assert encoder.max_batch_size == 4 and not encoder.HasField("dynamic_batching")
+    anyres = build_repository(RepoOptions(art, tmp_path / "repo-anyres", backend="tensorrt", preprocess="anyres"),
+                              log=lambda _: None)
+    tiles = tc.parse_config(anyres.models["encoder"])  # s x s tiles batch in profile 0, as crop does
+    assert tiles.max_batch_size == 4 and tiles.HasField("dynamic_batching")
 
 
 def _build_engine_form(art: Path, out: Path):

@@ -104,10 +104,12 @@ class Artifacts:
 
 
 def profile_max_batch(profiles: dict | list[dict]) -> int | None:
-    """The largest batch every optimization profile takes (what Triton's max_batch_size may be): one profile
-    {input: {min, opt, max}}, or a list of them (export.engine.native_profiles); None without one."""
-    inputs = [p for one in (profiles if isinstance(profiles, list) else [profiles]) for p in one.values()]
-    maxima = [p["max"][0] for p in inputs if isinstance(p, dict) and p.get("max")]
+    """The largest batch of the batched profile (Triton's max_batch_size): one profile {input: {min, opt, max}},
+    or a list whose first is the batched one and the rest take one image each (export.engine.profiles with a
+    native budget: --preprocess native sends one image at a time, and its encoder does not batch); None
+    without one."""
+    first = (profiles[0] if profiles else {}) if isinstance(profiles, list) else profiles
+    maxima = [p["max"][0] for p in first.values() if isinstance(p, dict) and p.get("max")]
     return min(maxima) if maxima else None
 
 

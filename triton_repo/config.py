@@ -106,7 +106,7 @@ def _common(cfg, name: str, max_batch: int, instances: int, kind: str, warmup: W
 
 def encoder_config(backend: str | EncoderForm, interface: EncoderInterface, *, name: str = "encoder",
                    max_batch: int, instances: int = 1, warmup: Warmup | None = None,
-                   parameters: dict[str, object] | None = None, profiles: int = 1):
+                   parameters: dict[str, object] | None = None, profiles: int = 1, dynamic_batching: bool = True):
     """The encoder in one of the forms of triton_repo/forms.py (a name or the spec itself).
 
     profiles: how many optimization profiles the engine holds (engine forms). With more than one, the
@@ -114,7 +114,9 @@ def encoder_config(backend: str | EncoderForm, interface: EncoderInterface, *, n
     only (model_config.proto, ModelInstanceGroup.profile: "If not specified, the server will select the
     first optimization profile by default"; tensorrt_backend src/instance_state.cc
     InitOptimizationProfiles), and a shape outside it fails. Named, it picks per request the profile
-    nearest the request's shape among those that hold it (GetMostOptimizedProfile)."""
+    nearest the request's shape among those that hold it (GetMostOptimizedProfile).
+    dynamic_batching: off where merged requests could fall outside every profile (native mode on an engine:
+    its native-resolution profiles take one image)."""
     spec = backend if isinstance(backend, EncoderForm) else form(backend)
     pb2 = model_config_pb2()
     cfg = pb2.ModelConfig()
@@ -124,7 +126,7 @@ def encoder_config(backend: str | EncoderForm, interface: EncoderInterface, *, n
         cfg.backend = spec.backend
     if spec.default_model_filename:
         cfg.default_model_filename = spec.default_model_filename
-    _common(cfg, name, max_batch, instances, spec.kind, warmup, pb2)
+    _common(cfg, name, max_batch, instances, spec.kind, warmup, pb2, dynamic_batching=dynamic_batching)
     if spec.needs_engine and profiles > 1:  # the field is for the TensorRT backend only (an error elsewhere)
         cfg.instance_group[0].profile.extend(str(i) for i in range(profiles))
     _io(cfg.input.add(), interface.input, pb2)

@@ -273,7 +273,9 @@ def build_ragged(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
         enc_cfg = tc.encoder_config(
             spec, iface, name=b.ENCODER, max_batch=max_batch, instances=opts.instances, parameters=params,
             warmup=Warmup("sample_photo", 1, {iface.input.name: ("TYPE_FP32", tuple(pixels.shape), iface.input.name)}),
-            profiles=b.profile_count(art.engine.get("profiles")))
+            profiles=b.profile_count(art.engine.get("profiles")),
+            # two same-sized native images merged into a batch of 2 fit no native profile (one image each)
+            dynamic_batching=not (spec.needs_engine and rp.mode == NATIVE))
         result.models[b.ENCODER] = tc.write_config(enc_cfg, enc)
 
         model = stage / name
