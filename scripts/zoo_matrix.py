@@ -198,9 +198,20 @@ def write_report(args, old: dict | None, weights: dict, cells: list[dict]) -> li
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.with_suffix(".json").write_text(json.dumps({"meta": meta, "weights": weights, "cells": cells},
                                                            indent=2) + "\n")
-    args.report.with_suffix(".md").write_text(markdown(cells, weights, meta))
+    md = args.report.with_suffix(".md")
+    md.write_text(markdown(cells, weights, meta) + _notes(md))
     print(f"wrote {args.report.with_suffix('.md')} and .json")
     return cells
+
+
+NOTES_HEADING = "## Notes"  # from this heading on, the Markdown report is hand-written and kept
+
+
+def _notes(md: Path) -> str:
+    """The hand-written notes of the existing report (its NOTES_HEADING section), to carry over."""
+    text = md.read_text() if md.exists() else ""
+    at = text.find("\n" + NOTES_HEADING)
+    return "" if at < 0 else "\n" + text[at + 1:]
 
 
 def _cores() -> int:

@@ -42,7 +42,10 @@ def test_report_after_every_cell_and_append(monkeypatch, tmp_path):
     cells = json.loads(report.with_suffix(".json").read_text())["cells"]
     assert [(c["precision"], c["within_bounds"]) for c in cells] == [("fp32", True), ("fp16", True)]
 
+    md = report.with_suffix(".md")
+    md.write_text(md.read_text() + "\n## Notes\n\n- measured beside the test suite\n")  # written by hand
     assert zm.main(["--models", "unicom-b-32", "mlcd-b-32", "--precisions", "int8", "--append", *common]) == 1
+    assert md.read_text().endswith("\n## Notes\n\n- measured beside the test suite\n")  # kept
     cells = json.loads(report.with_suffix(".json").read_text())["cells"]
     assert [(c["model"], c["precision"]) for c in cells] == [
         ("mlcd-b-32", "fp32"), ("mlcd-b-32", "fp16"), ("mlcd-b-32", "int8"), ("unicom-b-32", "int8")]
