@@ -63,10 +63,16 @@ def test_tensorrt_rtx_builds_an_engine_on_cpu(tiny_folders, tmp_path, precision)
 def test_tensorrt_rtx_dynamic_resolution_engine(tiny_folders, tmp_path):
     out = tmp_path / "dyn"
     proc = _cli("--model", tiny_folders["clip-vision"], "--out", out, "--dynamic-resolution", "--skip-parity",
-                "--runtime", "tensorrt-rtx", "--compute-capability", "8.6", "--max-batch", "2")
+                "--runtime", "tensorrt-rtx", "--compute-capability", "8.6", "--max-batch", "2",
+                "--max-pixels", str(112 * 112))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    profile = json.loads((out / "manifest.json").read_text())["engine"]["profiles"]["pixel_values"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    batched, *native = manifest["engine"]["profiles"]  # the batched profile, then the native mode's
+    profile = batched["pixel_values"]
     assert profile["min"] == [1, 3, 28, 28] and profile["max"] == [2, 3, 84, 84]
+    budget = manifest["interface"]["native_budget"]
+    assert budget == {"factor": 28, "min_pixels": 3136, "max_pixels": 112 * 112}
+    assert native == engines.native_profiles("pixel_values", 28, 3136, 112 * 112) and len(native) > 2
 
 
 @needs_rtx
