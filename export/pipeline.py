@@ -173,9 +173,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
 
 def _cpu_quantized(opts: BuildOptions) -> bool:
-    from .precision.recipe import QUANTIZED
+    from .precision.recipe import cpu_quantized
 
-    return opts.precision in QUANTIZED and opts.quant_target == "cpu"
+    return cpu_quantized(opts.precision, opts.quant_target)
 
 
 def _engine_target(opts: BuildOptions) -> engines.EngineTarget:

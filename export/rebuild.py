@@ -26,7 +26,7 @@ from . import engine as engines
 from .artifacts import ONNX_NAME, sha256, write_json
 from .errors import EngineUnavailableError, OptionError
 from .manifest import MANIFEST_NAME, read_manifest
-from .precision.recipe import QUANTIZED
+from .precision.recipe import cpu_quantized
 
 
 @dataclass
@@ -156,7 +156,7 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
     if opts.compute_capabilities and runtime != "tensorrt-rtx":
         raise OptionError("--compute-capability chooses TensorRT-RTX targets; datacenter TensorRT builds for the "
                           "GPU it runs on: drop it, or use --runtime tensorrt-rtx")
-    if manifest["options"].get("quant_target") == "cpu" and manifest.get("precision") in QUANTIZED:
+    if cpu_quantized(manifest.get("precision"), manifest["options"].get("quant_target")):
         raise OptionError(f"{folder} holds a --quant-target cpu {manifest.get('precision')} graph for onnxruntime "
                           "on CPUs, which TensorRT does not build; re-export with --quant-target tensorrt")
 

@@ -7,6 +7,7 @@ run (timm's tiny-model idea); tests/test_families.py checks every family has one
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 from .families import ModelFamily
 from .loading import load_processor
@@ -39,3 +40,18 @@ def save_tiny_checkpoint(family: ModelFamily, folder: Path, *, seed: int = 0, fu
     model.save_pretrained(folder, safe_serialization=True)
     load_processor(None, config).save_pretrained(folder)
     return folder
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py of this source checkout as a module (scripts/ is not a package), registered in
+    sys.modules under `name` so that its dataclasses and pickles resolve."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

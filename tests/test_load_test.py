@@ -10,14 +10,12 @@ without the server environment or perf_analyzer, and fail instead under MVT_REQU
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 
+from export.testing import load_script
 from triton_repo.perf_analyzer import (
     PerfAnalyzerError,
     PerfAnalyzerInstall,
@@ -31,7 +29,6 @@ from triton_repo.perf_analyzer import (
     write_input_data,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 # Written by perf_analyzer 2.51 (-f) against the tiny served model on this machine.
 CSV_251 = (
     "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,"
@@ -41,12 +38,7 @@ CSV_251 = (
 
 
 def _load_test():
-    spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["load_test"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("load_test")
 
 
 def _decode_elements(raw: bytes) -> list[bytes]:

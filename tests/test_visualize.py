@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from export.testing import load_script
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("visualize_features", ROOT / "scripts" / "visualize_features.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("visualize_features")
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,15 @@ the report is written after every cell and --append merges into the last one."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from export.testing import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("zoo_matrix", ROOT / "scripts" / "zoo_matrix.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("zoo_matrix")
 
 
 def _cell(model: str, precision: str, rss: float) -> dict:

@@ -168,14 +168,14 @@ def refusal(spec: EncoderForm, art: Artifacts, *, built_in_pod: bool = False) ->
 
 def _pod_build_refusal(art: Artifacts, others: str) -> str | None:
     """Why the KServe start-up step (export.rebuild.rebuild_engine) would refuse to build a plan from `art`."""
-    from export.precision.recipe import QUANTIZED
+    from export.precision.recipe import cpu_quantized
 
     if not art.manifest.get("artifacts"):
         return (f"--kserve builds the plan in the pod from the files {art.folder}/{MANIFEST_NAME} records, and "
                 "it records none; re-export the folder with this version of `python -m export.build_engine`")
     precision = art.manifest.get("precision")
     # rebuild_engine refuses this graph too (export/rebuild.py): it is shaped for onnxruntime on CPUs
-    if (art.manifest.get("options") or {}).get("quant_target") == "cpu" and precision in QUANTIZED:
+    if cpu_quantized(precision, (art.manifest.get("options") or {}).get("quant_target")):
         return (f"{art.folder} holds a --quant-target cpu {precision} graph for onnxruntime on CPUs, which the pod's "
                 f"start-up step cannot build into a TensorRT plan; re-export with --quant-target tensorrt, or use "
                 f"--backend {others}")

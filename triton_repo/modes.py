@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from export import engine as engines
 from export.errors import OptionError
 from export.manifest import pooled_output, prefix_tokens
 
@@ -147,16 +148,8 @@ def plan(opts: RepoOptions, art: Artifacts) -> RaggedPlan:
         raise OptionError(f"--preprocess native encodes every image at its own size, but {art.folder} was exported "
                           "at one resolution; re-export it with `python -m export.build_engine --dynamic-resolution` "
                           "(RoPE families: MLCD, RICE), or use --preprocess crop|anyres")
-    factor = opts.resize_factor if opts.resize_factor is not None else 2 * patch
-    if factor < patch or factor % patch:
-        raise OptionError(f"--resize-factor {factor} must be a positive multiple of the patch size {patch} "
-                          f"(e.g. {2 * patch})")
-    lo = pre.NATIVE_MIN_PIXELS if opts.native_min_pixels is None else opts.native_min_pixels
-    hi = pre.NATIVE_MAX_PIXELS if opts.native_max_pixels is None else opts.native_max_pixels
-    if lo < 1 or hi < factor * factor or lo > hi:
-        raise OptionError(f"--min-pixels {lo} / --max-pixels {hi}: need 1 <= min <= max and max >= factor^2 "
-                          f"({factor * factor})")
-    return RaggedPlan(mode, s, patch, prefix, factor=factor, min_pixels=lo, max_pixels=hi)
+    budget = engines.native_budget(patch, opts.resize_factor, opts.native_min_pixels, opts.native_max_pixels)
+    return RaggedPlan(mode, s, patch, prefix, **budget)
 
 
 def native_pixels(processor, image, patch: int, max_pixels: int | None = None, min_pixels: int | None = None,
@@ -167,13 +160,10 @@ def native_pixels(processor, image, patch: int, max_pixels: int | None = None, m
     from . import preprocessing as pre
 
     cfg = pre.ClipPreprocessing.from_dict(processor.to_dict())
-    factor = factor or 2 * patch
-    if factor % patch:
-        raise OptionError(f"--resize-factor {factor} must be a multiple of the patch size {patch} (e.g. {2 * patch})")
-    lo = pre.NATIVE_MIN_PIXELS if min_pixels is None else min_pixels
-    hi = pre.NATIVE_MAX_PIXELS if max_pixels is None else max_pixels
+    budget = engines.native_budget(patch, factor, min_pixels, max_pixels)
     try:
-        return pre.native_pixel_values(image, cfg, factor, lo, hi)[None]  # (1, 3, h', w')
+        return pre.native_pixel_values(image, cfg, budget["factor"], budget["min_pixels"],
+                                       budget["max_pixels"])[None]  # (1, 3, h', w')
     except ValueError as exc:
         raise OptionError(f"native preprocessing: {exc}") from None
 
@@ -200,8 +190,6 @@ def engine_profiles(rp: RaggedPlan, input_name: str, max_batch: int) -> list[dic
     """The optimization profiles an engine needs to serve this mode: native, one per aspect band over the pixel
     budget (one image per BLS call); anyres, s x s tiles in batches up to max_batch (an image's tiles are sent in
     chunks of the encoder's max batch)."""
-    from export import engine as engines
-
     if rp.mode == NATIVE:
         return engines.native_profiles(input_name, rp.factor, rp.min_pixels, rp.max_pixels)
     lo, opt, hi = engines.batch_profile(max_batch)
@@ -212,8 +200,6 @@ def engine_profiles(rp: RaggedPlan, input_name: str, max_batch: int) -> list[dic
 
 def check_engine_profile(art: Artifacts, spec: EncoderForm, rp: RaggedPlan, input_name: str) -> None:
     """An engine form serves the mode only if its optimization profiles hold every shape the mode sends."""
-    from export import engine as engines
-
     if not spec.needs_engine:
         return
     profiles = art.engine.get("profiles") or {}

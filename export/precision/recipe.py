@@ -17,6 +17,11 @@ QUANTIZED = ("int8", "fp8")
 QUANT_TARGETS = ("tensorrt", "cpu")
 
 
+def cpu_quantized(precision: str | None, quant_target: str | None) -> bool:
+    """An int8/fp8 graph shaped for onnxruntime on CPUs (uint8 activations, fp32 rest): TensorRT builds none."""
+    return precision in QUANTIZED and quant_target == "cpu"
+
+
 @dataclass
 class PrecisionResult:
     precision: str
@@ -57,7 +62,7 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
     result = PrecisionResult(precision)
     if precision == "fp32":
         return result
-    rest = "fp32" if precision in QUANTIZED and quant_target == "cpu" else "fp16"
+    rest = "fp32" if cpu_quantized(precision, quant_target) else "fp16"
 
     import onnx
 
