@@ -54,10 +54,10 @@ def engine_max_batch(manifest: dict) -> int:
     engine's profile 0 (runner.py: "will default to the 0th profile"), the first the manifest records. Not
     interface.max_batch: `export.build_engine --artifacts --max-batch N` rebuilds the plan for N and
     leaves the export's interface as it was."""
-    profiles = (manifest.get("engine") or {}).get("profiles")
-    first = profiles[0] if isinstance(profiles, list) and profiles else profiles
-    maxima = [p["max"][0] for p in first.values()] if isinstance(first, dict) and first else []
-    return int(min(maxima)) if maxima else int(manifest["interface"].get("max_batch") or 0)
+    from export.engine import profile_max_batch
+
+    served = profile_max_batch((manifest.get("engine") or {}).get("profiles") or {})
+    return int(served) if served else int(manifest["interface"].get("max_batch") or 0)
 
 
 def preprocessor_config(artifacts: Path) -> Path:

@@ -139,6 +139,16 @@ def profiles(input_name: str, image_size: tuple[int, int], dynamic: bool, patch:
     return [batched, *native_profiles(input_name, native["factor"], native["min_pixels"], native["max_pixels"])]
 
 
+def profile_max_batch(profiles: dict | list[dict]) -> int | None:
+    """The largest batch of the batched profile (Triton's max_batch_size): one profile {input: {min, opt, max}},
+    or a list whose first is the batched one and the rest take one image each (export.engine.profiles with a
+    native budget: --preprocess native sends one image at a time, and its encoder does not batch); None
+    without one."""
+    first = (profiles[0] if profiles else {}) if isinstance(profiles, list) else profiles
+    maxima = [p["max"][0] for p in first.values() if isinstance(p, dict) and p.get("max")]
+    return min(maxima) if maxima else None
+
+
 def native_budget(patch: int, factor: int | None = None, min_pixels: int | None = None,
                   max_pixels: int | None = None) -> dict:
     """The native mode's resize budget (triton_repo.build --preprocess native): h', w' multiples of `factor`

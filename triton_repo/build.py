@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from export.artifacts import ONNX_NAME
-from export.engine import PLAN_NAME
+from export.engine import PLAN_NAME, profile_max_batch
 from export.errors import MvtError, OptionError, require
 from export.families import IMAGE_INPUT
 from export.manifest import MANIFEST_NAME, pooled_output, prefix_tokens
@@ -101,16 +101,6 @@ class Artifacts:
 
         model = onnx.load(str(self.onnx), load_external_data=False)  # the graph only, not the weights
         return sorted({f"{n.domain}.{n.op_type}" for n in nodes_without_body(model)})
-
-
-def profile_max_batch(profiles: dict | list[dict]) -> int | None:
-    """The largest batch of the batched profile (Triton's max_batch_size): one profile {input: {min, opt, max}},
-    or a list whose first is the batched one and the rest take one image each (export.engine.profiles with a
-    native budget: --preprocess native sends one image at a time, and its encoder does not batch); None
-    without one."""
-    first = (profiles[0] if profiles else {}) if isinstance(profiles, list) else profiles
-    maxima = [p["max"][0] for p in first.values() if isinstance(p, dict) and p.get("max")]
-    return min(maxima) if maxima else None
 
 
 def profile_count(profiles: dict | list[dict] | None) -> int:
