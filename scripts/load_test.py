@@ -14,7 +14,8 @@ model.onnx in onnxruntime in this process (no server, no preprocessing) at batch
 installs it), 3 windows of --window-s seconds per level of --concurrencies, four photographs as JPEG
 bytes as --input-data; per level: throughput, p50/p99 (client side), the batch the encoder's dynamic batcher
 formed, the CPU it cost. "Direct" is the same model.onnx through the project's onnxruntime runner in
-this process, at the batch the server formed at the highest concurrency: once on preprocessed pixels
+this process, with every image the clients keep in flight at the highest concurrency in one run (batch =
+that concurrency, capped by the max batch): once on preprocessed pixels
 (the model alone: the issue's reference) and once with decoding + preprocessing of each image included
 (the same work the server does, on one thread). Direct and served runs at the highest concurrency
 alternate (D S D S D ...) for --rounds; each served images/s over the mean of the direct figures
@@ -312,7 +313,8 @@ def markdown(report: dict) -> str:
     if "ratio" in report:
         r = report["ratio"]
         lines += ["", f"Served vs direct onnxruntime (the same model.onnx through the project's runner, batch "
-                      f"{r['batch']} = the batch the server formed; threads: {r['direct_threads']}), alternated "
+                      f"{r['batch']} = the concurrency: every image in flight in one run; threads: "
+                      f"{r['direct_threads']}), alternated "
                       f"direct, served, direct, ... over {r['rounds']} rounds at concurrency {r['concurrency']}; "
                       "each served figure over the mean of the direct ones around it, median of the rounds:", "",
                   "| direct | direct images/s | served images/s | served / direct (rounds) | median |",
@@ -430,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 if has_onnx and info is not None:
                     assert onnx_path is not None and pixels is not None
                     top = levels[-1]
-                    batch = int(min(max(round(top.get("encoder_mean_batch", 1)), 1), info["max_batch"]))
+                    batch = int(min(top["concurrency"], info["max_batch"]))  # all the images in flight, one run
                     directs: list[tuple[dict, dict]] = []
                     direct_threads = args.threads if args.direct_threads is None else args.direct_threads
                     served_cpu: list[dict] = []

@@ -168,7 +168,7 @@ def served_tiny(tmp_path_factory):
     except PerfAnalyzerUnavailable as exc:
         skip_unless_required(str(exc))
     root = tmp_path_factory.mktemp("perf-analyzer")
-    # intra_op_threads 0: the encoder's default batch-parallel mode (backend_models/encoder.py)
+    # intra_op_threads 0: the encoder's default, a run per image on every core (backend_models/encoder.py)
     repo = build_repository(RepoOptions(tiny_artifacts(root), root / "repo", backend="python", max_batch=8),
                             log=lambda _: None).out
     with TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
@@ -216,7 +216,7 @@ def test_fault_checks_pass_on_a_healthy_server(served_tiny):
 
 @pytest.mark.triton_server
 def test_batch_parallel_encoder_matches_onnxruntime(served_tiny):
-    """A batch of 5 through the served encoder (split into slices run concurrently, then concatenated) equals
+    """A batch of 5 through the served encoder (a run per image on concurrent workers, then concatenated) equals
     model.onnx run directly on the same pixels, row for row and in order."""
     import numpy as np
 

@@ -124,3 +124,21 @@ def test_config_variants_are_read():
     assert cfg.image_mean == (0.5, 0.5, 0.5)
     with pytest.raises(ValueError, match="unsupported preprocessor size"):
         ClipPreprocessing.from_dict({"size": {"shortest_edge": 224, "longest_edge": 448}})
+
+
+@pytest.mark.parametrize("cfg", [ClipPreprocessing(), ClipPreprocessing(do_rescale=False),
+                                 ClipPreprocessing(do_normalize=False),
+                                 ClipPreprocessing(do_rescale=False, do_normalize=False),
+                                 ClipPreprocessing(image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
+                                                   rescale_factor=1 / 127.5)],
+                         ids=["clip", "no-rescale", "no-normalize", "neither", "siglip-like"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_value_table_equals_computing_every_pixel(cfg, channels):
+    """uint8 pixels are looked up in a per-channel table of the 256 values; the result is bit for bit the
+    arithmetic on the image, including one channel broadcast against three means (three channels out)."""
+    from triton_repo.preprocessing import _rescale_normalize, _rescale_normalize_values
+
+    pixels = np.random.default_rng(channels).integers(0, 256, (channels, 37, 53), dtype=np.uint8)  # (C, H, W)
+    ours, reference = _rescale_normalize(pixels, cfg), _rescale_normalize_values(pixels, cfg)
+    assert ours.dtype == np.float32 and ours.flags.c_contiguous
+    np.testing.assert_array_equal(ours, reference)

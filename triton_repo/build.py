@@ -51,7 +51,8 @@ class RepoOptions:
     instances: int = 1  # instances of the encoder and of preprocess
     max_batch: int | None = None  # None: the manifest's (tensorrt: the engine profile's max)
     force: bool = False
-    # python backend: onnxruntime threads per encoder instance (0: batch-parallel, backend_models/encoder.py)
+    # python backend: onnxruntime threads per encoder instance (0: one-thread runs per image on every core,
+    # backend_models/encoder.py)
     intra_op_threads: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS  # preprocess refuses larger images
     # answer the pooled output (UNICOM: embedding) L2-normalized, through a `normalize` step
@@ -422,7 +423,8 @@ Batched (max batch {max_batch}, dynamic batching); every model warms up on a rea
 ## Serve
 
 Production (NGC container, GPU; the python backend and, for engines, the TensorRT backend ship in it;
-the python steps need `pip install pillow onnxruntime "numpy<2"` in the container):
+the python steps need `pip install pillow onnxruntime "numpy<2"` in the container, and a `python`
+encoder needs 24.06 or later: it answers through response senders):
 
 ```bash
 docker run --gpus all --rm -p8000:8000 -p8001:8001 -p8002:8002 -v "$(realpath {repo})":/models \\
@@ -484,8 +486,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="embed", help="name of the ensemble clients call (default: embed)")
     p.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: 1)")
     p.add_argument("--intra-op-threads", type=int, default=0, metavar="N",
-                   help="--backend python: onnxruntime threads per encoder instance (default: 0 = batch-parallel: "
-                        "slices of each batch run concurrently on one thread each, one slice per usable core)")
+                   help="--backend python: onnxruntime threads per encoder instance (default: 0 = one worker per "
+                        "usable core, a one-thread run per image, batches overlapping)")
     p.add_argument("--max-batch", type=int, metavar="N",
                    help="max batch (default: the manifest's; never above the engine's optimization profile)")
     p.add_argument("--normalize", action="store_true",
