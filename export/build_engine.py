@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .engine import RUNTIME_CHOICES
+from .engine import RUNTIME_CHOICES, add_native_budget_arguments
 from .lowering import ROPE_CHOICES
 from .pipeline import BuildOptions
 from .precision.calibration import CALIBRATION_BUDGET_TFLOPS, DEFAULT_COUNT, MIN_COUNT
@@ -66,14 +66,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-resolution", action="store_true",
                    help="one graph for any H and W that are multiples of the patch size; its engine also holds "
                         "every size of triton_repo.build --preprocess native at the budget below")
-    p.add_argument("--resize-factor", type=int, metavar="N",
-                   help="with --dynamic-resolution: native-mode sides are multiples of N (default: twice the patch)")
-    p.add_argument("--min-pixels", type=int, metavar="N",
-                   help="with --dynamic-resolution: native-mode pixel budget, lower end (default: 3136, "
-                        "LLaVA-OneVision-1.5's)")
-    p.add_argument("--max-pixels", type=int, metavar="N",
-                   help="with --dynamic-resolution: native-mode pixel budget, upper end (default: 3240000, "
-                        "LLaVA-OneVision-1.5's)")
+    add_native_budget_arguments(p, "with --dynamic-resolution, native mode")
     p.add_argument("--max-batch", type=int, metavar="N",
                    help=f"largest batch for engines (default: {BuildOptions.max_batch}; --artifacts: the export's)")
     p.add_argument("--hidden-layer", type=int, metavar="N",

@@ -168,6 +168,20 @@ def native_budget(patch: int, factor: int | None = None, min_pixels: int | None 
     return {"factor": factor, "min_pixels": lo, "max_pixels": hi}
 
 
+def add_native_budget_arguments(p, scope: str, *, prefix: str = "", max_help: str | None = None) -> None:
+    """The CLI flags of native_budget: --resize-factor, --{prefix}min-pixels, --{prefix}max-pixels (dest
+    resize_factor, {prefix}min_pixels, ...). `scope` starts each help; max_help replaces the upper end's
+    where giving it also turns native mode on (the ledger, visualize_features)."""
+    from triton_repo.preprocessing import NATIVE_MAX_PIXELS, NATIVE_MIN_PIXELS
+
+    p.add_argument("--resize-factor", type=int, metavar="N",
+                   help=f"{scope}: sides are multiples of N (default: twice the patch size)")
+    p.add_argument(f"--{prefix}min-pixels", type=int, metavar="N",
+                   help=f"{scope}: pixel budget, lower end (default: {NATIVE_MIN_PIXELS}, LLaVA-OneVision-1.5's)")
+    p.add_argument(f"--{prefix}max-pixels", type=int, metavar="N", help=max_help or (
+        f"{scope}: pixel budget, upper end (default: {NATIVE_MAX_PIXELS}, LLaVA-OneVision-1.5's)"))
+
+
 # Each native-resolution profile spans aspect ratios within this factor: its max shape then holds at most
 # sqrt(band) x the pixel budget, where one profile for every aspect ratio would hold (longest side)^2.
 NATIVE_ASPECT_BAND = 4.0

@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from export.backend import Runner, TorchRunner, image_feed
+from export.engine import add_native_budget_arguments
 from export.manifest import export_shape, read_manifest, reference_checkpoint
 from export.metrics import nn_agreement
 
@@ -383,13 +384,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--photos", type=int, help="how many held-out photo views to use (default: all 28)")
     p.add_argument("--invariant-max-batch", type=int,
                    help=f"largest batch for the invariants (default: min(max_batch, {INVARIANT_MAX_BATCH}))")
-    p.add_argument("--native-max-pixels", type=int, metavar="N",
-                   help="native mode (a --dynamic-resolution export): each photo resized by smart_resize within "
-                        "this pixel budget and encoded at its own grid, as --preprocess native serves it")
-    p.add_argument("--native-min-pixels", type=int, metavar="N", help="native mode: the budget's floor "
-                   "(default: LLaVA-OneVision-1.5's)")
-    p.add_argument("--resize-factor", type=int, metavar="N", help="native mode: sides are multiples of N "
-                   "(default: twice the patch size)")
+    add_native_budget_arguments(p, "native mode", prefix="native-", max_help=(
+        "native mode (a --dynamic-resolution export): each photo resized by smart_resize within this pixel "
+        "budget and encoded at its own grid, as --preprocess native serves it"))
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     p.add_argument("--discard-stages", action="store_true", help="delete OUT/stages (the graphs made) at the end")
     return p

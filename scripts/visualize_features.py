@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.backend import RUNNER_KINDS  # noqa: E402  (numpy only: -h stays light)
+from export.engine import add_native_budget_arguments  # noqa: E402
 
 BACKENDS = tuple(k for k in RUNNER_KINDS if k != "torch")  # torch is the reference itself
 
@@ -33,13 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, help="an image file (default: scikit-image's astronaut)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="resolution (default: the export's; others need a --dynamic-resolution export)")
-    p.add_argument("--native-max-pixels", type=int, metavar="N",
-                   help="native mode (a --dynamic-resolution export): resize as --preprocess native serves, "
-                        "smart_resize within N pixels, so the image is encoded at its own grid (instead of --size)")
-    p.add_argument("--native-min-pixels", type=int, metavar="N",
-                   help="native mode: the budget's floor (default: LLaVA-OneVision-1.5's)")
-    p.add_argument("--resize-factor", type=int, metavar="N",
-                   help="native mode: sides are multiples of N (default: twice the patch size)")
+    add_native_budget_arguments(p, "native mode", prefix="native-", max_help=(
+        "native mode (a --dynamic-resolution export): resize as --preprocess native serves, smart_resize within "
+        "N pixels, so the image is encoded at its own grid (instead of --size)"))
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--onnx", type=Path, help="another ONNX file to run instead of ARTIFACTS/model.onnx")
     p.add_argument("--url", help="Triton HTTP address (with --backend triton)")

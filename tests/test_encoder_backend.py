@@ -18,66 +18,12 @@ import pytest
 WAIT_S = 60.0  # generous: the runs are milliseconds; only a lost response waits this long
 
 
-def _fake_pb_utils() -> Any:
-    """What encoder.py calls, as the python backend defines it (src/pb_stub.cc, src/response_sender.cc)."""
-    pb: Any = types.ModuleType("triton_python_backend_utils")
-    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-    pb.warnings = []
-
-    class Tensor:
-        def __init__(self, name, array):
-            self._name, self._array = name, array
-
-        def name(self):
-            return self._name
-
-        def as_numpy(self):
-            return self._array
-
-    class TritonError:
-        def __init__(self, message):
-            self._message = message
-
-        def message(self):
-            return self._message
-
-    class InferenceResponse:
-        def __init__(self, output_tensors, error=None):
-            self.tensors = {t.name(): t.as_numpy() for t in output_tensors}
-            self.error = error
-
-    class Logger:
-        @staticmethod
-        def log_warn(message):
-            pb.warnings.append(message)
-
-    def get_input_tensor_by_name(request, name):
-        return request.inputs.get(name)
-
-    pb.Tensor, pb.TritonError, pb.InferenceResponse, pb.Logger = Tensor, TritonError, InferenceResponse, Logger
-    pb.get_input_tensor_by_name = get_input_tensor_by_name
-    return pb
+def _request(pb, **inputs: np.ndarray):
+    return pb.Request([pb.Tensor(name, array) for name, array in inputs.items()])
 
 
-class _Sender:
-    """A request's response sender: records what was sent; the python backend allows one response + final."""
-
-    def __init__(self):
-        self.sent: list = []
-        self.answered = threading.Event()
-
-    def send(self, response=None, flags=0):
-        self.sent.append((response, flags))
-        self.answered.set()
-
-
-class _Request:
-    def __init__(self, pb, inputs: dict[str, np.ndarray]):
-        self.inputs = {name: pb.Tensor(name, array) for name, array in inputs.items()}
-        self.sender = _Sender()
-
-    def get_response_sender(self):
-        return self.sender
+def _tensors(response) -> dict[str, np.ndarray]:
+    return {t.name(): t.as_numpy() for t in response.output_tensors()}
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +42,9 @@ def load(repo, monkeypatch):
     from google.protobuf import json_format
 
     from triton_repo import config as tc
+    from triton_repo.testing import fake_pb_utils
 
-    pb = _fake_pb_utils()
+    pb = fake_pb_utils()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     models: list = []
 
@@ -125,7 +72,7 @@ def _pixels(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, 3, 56, 56)).astype(np.float32)  # (n, 3, H, W)
 
 
-def _answers(requests: list[_Request]) -> list:
+def _answers(requests: list) -> list:
     """Each request's single response, after its final flag."""
     for r in requests:
         assert r.sender.answered.wait(WAIT_S), "a request was never answered"
@@ -151,15 +98,15 @@ def test_every_request_gets_its_own_rows(load, repo, parameters):
     sizes = [1, 3, 2, 1]
     pixels = _pixels(sum(sizes), seed=0)  # (7, 3, H, W)
     bounds = np.cumsum([0, *sizes])
-    requests = [_Request(pb, {"pixel_values": pixels[a:b]}) for a, b in zip(bounds[:-1], bounds[1:])]
+    requests = [_request(pb, pixel_values=pixels[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     assert model.execute(requests[:3]) is None  # answered through the senders
     assert model.execute(requests[3:]) is None  # the next batch while the first may still run
     direct = _direct(repo, pixels)
     for (a, b), response in zip(zip(bounds[:-1], bounds[1:]), _answers(requests)):
-        assert response.error is None
-        assert set(response.tensors) == set(model.output_names)
+        assert not response.has_error()
+        assert set(_tensors(response)) == set(model.output_names)
         for name in model.output_names:
-            np.testing.assert_allclose(response.tensors[name], direct[name][a:b], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(_tensors(response)[name], direct[name][a:b], rtol=1e-4, atol=1e-5)
     assert not np.allclose(direct["pooler_output"][0], direct["pooler_output"][1])  # a mix-up would show
 
 
@@ -167,11 +114,11 @@ def test_request_tensors_are_copied_before_execute_returns(load, repo):
     """The backend frees request tensors when execute returns; the queued runs must not read them."""
     model, pb = load()
     pixels = _pixels(2, seed=1)
-    request = _Request(pb, {"pixel_values": pixels.copy()})
+    request = _request(pb, pixel_values=pixels.copy())
     model.execute([request])
-    request.inputs["pixel_values"].as_numpy()[:] = 0.0  # what freed and reused memory would hold
+    pb.get_input_tensor_by_name(request, "pixel_values").as_numpy()[:] = 0.0  # what freed, reused memory holds
     (response,) = _answers([request])
-    np.testing.assert_allclose(response.tensors["pooler_output"], _direct(repo, pixels)["pooler_output"],
+    np.testing.assert_allclose(_tensors(response)["pooler_output"], _direct(repo, pixels)["pooler_output"],
                                rtol=1e-4, atol=1e-5)
 
 
@@ -187,17 +134,17 @@ def test_a_failed_run_fails_its_batch_only(load, repo):
     model.session = types.SimpleNamespace(run=failing)
     bad = _pixels(2, seed=2)
     bad[1] = 7.0
-    batch = [_Request(pb, {"pixel_values": bad}), _Request(pb, {"pixel_values": _pixels(1, seed=3)})]
-    missing = _Request(pb, {"other": _pixels(1, seed=4)})
+    batch = [_request(pb, pixel_values=bad), _request(pb, pixel_values=_pixels(1, seed=3))]
+    missing = _request(pb, other=_pixels(1, seed=4))
     model.execute([*batch, missing])
-    later = _Request(pb, {"pixel_values": _pixels(1, seed=5)})
+    later_pixels = _pixels(1, seed=5)
+    later = _request(pb, pixel_values=later_pixels)
     model.execute([later])
     answers = _answers([*batch, missing, later])
-    assert all(a.error is not None and "injected run failure" in a.error.message() for a in answers[:2])
-    assert answers[2].error is not None and "missing input pixel_values" in answers[2].error.message()
-    assert answers[3].error is None  # the instance goes on
-    np.testing.assert_allclose(answers[3].tensors["pooler_output"],
-                               _direct(repo, later.inputs["pixel_values"].as_numpy())["pooler_output"],
+    assert all(a.has_error() and "injected run failure" in a.error().message() for a in answers[:2])
+    assert answers[2].has_error() and "missing input pixel_values" in answers[2].error().message()
+    assert not answers[3].has_error()  # the instance goes on
+    np.testing.assert_allclose(_tensors(answers[3])["pooler_output"], _direct(repo, later_pixels)["pooler_output"],
                                rtol=1e-4, atol=1e-5)
 
 
@@ -215,7 +162,7 @@ def test_execute_waits_when_the_workers_are_full(load):
         return run(names, feed)
 
     model.session = types.SimpleNamespace(run=held)
-    requests = [_Request(pb, {"pixel_values": _pixels(1, seed=10 + i)}) for i in range(6)]
+    requests = [_request(pb, pixel_values=_pixels(1, seed=10 + i)) for i in range(6)]
     caller = threading.Thread(target=model.execute, args=(requests,))
     caller.start()
     try:
@@ -227,4 +174,4 @@ def test_execute_waits_when_the_workers_are_full(load):
         release.set()
         caller.join(WAIT_S)
     assert not caller.is_alive()
-    assert all(a.error is None for a in _answers(requests))
+    assert all(not a.has_error() for a in _answers(requests))

@@ -258,53 +258,11 @@ def _build_engine_form(art: Path, out: Path):
 # ------------------------------------------------------------------ ragged.py's BLS calls, against a fake pb_utils
 
 def _fake_pb_utils(requests: list):
-    """triton_python_backend_utils as the 24.10 python backend defines what ragged.py calls (src/pb_stub.cc,
-    src/pb_tensor.cc), with an encoder that answers on the GPU, as a TensorRT encoder does: its outputs
-    stay there unless the BLS request prefers CPU memory, and as_numpy() of a GPU tensor raises."""
-    import types
-    from typing import Any
+    """triton_repo.testing.fake_pb_utils with an encoder behind BLS that answers on the GPU, as a TensorRT
+    encoder does: its outputs stay there unless the BLS request prefers CPU memory."""
+    from triton_repo.testing import fake_pb_utils
 
-    pb: Any = types.ModuleType("triton_python_backend_utils")
-    pb.TRITONSERVER_MEMORY_GPU, pb.TRITONSERVER_MEMORY_CPU = "TRITONSERVER_MEMORY_GPU", "TRITONSERVER_MEMORY_CPU"
-
-    class PreferredMemory:
-        def __init__(self, preferred_memory_type, preferred_device_id=0):
-            self.type, self.device = preferred_memory_type, preferred_device_id
-
-    class Tensor:
-        def __init__(self, name, array, on_gpu=False):
-            self._name, self._array, self._gpu = name, array, on_gpu
-
-        def name(self):
-            return self._name
-
-        def is_cpu(self):
-            return not self._gpu
-
-        def as_numpy(self):
-            if self._gpu:
-                raise RuntimeError("Tensor is stored in GPU and cannot be converted to NumPy.")
-            return self._array
-
-    class TritonError:
-        def __init__(self, message):
-            self._message = message
-
-        def message(self):
-            return self._message
-
-    class InferenceResponse:
-        def __init__(self, output_tensors, error=None):
-            self._tensors, self._error = output_tensors, error
-
-        def output_tensors(self):
-            return self._tensors
-
-        def has_error(self):
-            return self._error is not None
-
-        def error(self):
-            return self._error
+    pb = fake_pb_utils()
 
     class InferenceRequest:
         def __init__(self, *, inputs, requested_output_names, model_name, request_id="", correlation_id=0,
@@ -317,16 +275,10 @@ def _fake_pb_utils(requests: list):
             (pixels,) = [t.as_numpy() for t in self.inputs]  # (B, 3, H, W)
             gpu = self.preferred_memory is None or self.preferred_memory.type != pb.TRITONSERVER_MEMORY_CPU
             shapes = {"last_hidden_state": (17, 64), "pooler_output": (64,)}
-            return InferenceResponse([Tensor(n, np.ones((pixels.shape[0], *shapes[n]), np.float32), on_gpu=gpu)
-                                      for n in self.outputs])
+            return pb.InferenceResponse([pb.Tensor(n, np.ones((pixels.shape[0], *shapes[n]), np.float32), on_gpu=gpu)
+                                         for n in self.outputs])
 
-    def get_output_tensor_by_name(response, name):
-        return next((t for t in response.output_tensors() if t.name() == name), None)
-
-    pb.PreferredMemory, pb.Tensor, pb.TritonError = PreferredMemory, Tensor, TritonError
-    pb.InferenceResponse, pb.InferenceRequest = InferenceResponse, InferenceRequest
-    pb.get_output_tensor_by_name = get_output_tensor_by_name
-    pb.get_input_tensor_by_name = get_output_tensor_by_name  # requests here are responses' duck type
+    pb.InferenceRequest = InferenceRequest
     return pb
 
 
@@ -354,7 +306,7 @@ def test_ragged_bls_asks_for_its_outputs_in_cpu_memory(tiny, tmp_path, monkeypat
     model = module.TritonPythonModel()
     model.initialize({"model_repository": str(repo / "embed"), "model_version": "1",
                       "model_config": json.dumps(config)})
-    request = pb.InferenceResponse([pb.Tensor("image", np.array([_photos()["astronaut.jpg"]], dtype=np.object_))])
+    request = pb.Request([pb.Tensor("image", np.array([_photos()["astronaut.jpg"]], dtype=np.object_))])
     (response,) = asyncio.run(model.execute([request]))
     assert not response.has_error(), response.error().message()
     assert requests and all(r.preferred_memory.type == pb.TRITONSERVER_MEMORY_CPU for r in requests)

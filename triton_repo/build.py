@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from export.artifacts import ONNX_NAME
-from export.engine import PLAN_NAME, profile_max_batch
+from export.engine import PLAN_NAME, add_native_budget_arguments, profile_max_batch
 from export.errors import MvtError, OptionError, require
 from export.families import IMAGE_INPUT
 from export.manifest import MANIFEST_NAME, pooled_output, prefix_tokens
@@ -499,12 +499,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-pinpoints", nargs="+", metavar="HxW",
                    help="anyres candidate resolutions, height x width (default for native size s: "
                         "sx2s 2sxs 2sx2s 3sxs sx3s)")
-    p.add_argument("--resize-factor", type=int, metavar="N",
-                   help="native: h' and w' are multiples of N (default: twice the patch size)")
-    p.add_argument("--min-pixels", type=int, metavar="N",
-                   help="native: smallest pixel budget (default: LLaVA-OneVision-1.5's, see README)")
-    p.add_argument("--max-pixels", type=int, metavar="N",
-                   help="native: largest pixel budget (default: LLaVA-OneVision-1.5's, see README)")
+    add_native_budget_arguments(p, "native")
     p.add_argument("--force", action="store_true", help="replace an existing repository")
     add_kserve_arguments(p)
     return p

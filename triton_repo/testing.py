@@ -1,6 +1,7 @@
 """Helpers for tests and scripts: tiny artifacts, a served repository, encoded test images, references.
 
-Used by tests/test_triton_*.py and scripts/load_test.py; nothing here runs at import time.
+Used by the tests (the Triton ones, the backend models in-process) and scripts/load_test.py; nothing here runs
+at import time.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ import importlib
 import io
 import os
 import struct
+import threading
+import types
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -145,3 +148,90 @@ def tritonserver_or_skip(env: Path | str | None = None):
         return find_tritonserver(env)
     except ServerUnavailable as exc:
         skip_unless_required(f"no tritonserver: {exc}")
+
+
+def fake_pb_utils() -> Any:
+    """A stand-in for Triton's `triton_python_backend_utils`, to run a backend model's model.py in this
+    process: what our models call, as the 24.10 python backend defines it (src/pb_stub.cc,
+    src/pb_tensor.cc, src/response_sender.cc). A Tensor may be "on the GPU" (as_numpy() then raises, as
+    for a TensorRT encoder's BLS outputs unless the request prefers CPU memory); a Request's response
+    sender records what was sent; Logger.log_warn appends to `pb.warnings`."""
+    pb: Any = types.ModuleType("triton_python_backend_utils")
+    pb.TRITONSERVER_MEMORY_GPU, pb.TRITONSERVER_MEMORY_CPU = "TRITONSERVER_MEMORY_GPU", "TRITONSERVER_MEMORY_CPU"
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    pb.warnings = []
+
+    class PreferredMemory:
+        def __init__(self, preferred_memory_type, preferred_device_id=0):
+            self.type, self.device = preferred_memory_type, preferred_device_id
+
+    class Tensor:
+        def __init__(self, name, array, on_gpu=False):
+            self._name, self._array, self._gpu = name, array, on_gpu
+
+        def name(self):
+            return self._name
+
+        def is_cpu(self):
+            return not self._gpu
+
+        def as_numpy(self):
+            if self._gpu:
+                raise RuntimeError("Tensor is stored in GPU and cannot be converted to NumPy.")
+            return self._array
+
+    class TritonError:
+        def __init__(self, message):
+            self._message = message
+
+        def message(self):
+            return self._message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self._tensors, self._error = output_tensors, error
+
+        def output_tensors(self):
+            return self._tensors
+
+        def has_error(self):
+            return self._error is not None
+
+        def error(self):
+            return self._error
+
+    class ResponseSender:
+        def __init__(self):
+            self.sent: list = []  # (response or None, flags)
+            self.answered = threading.Event()
+
+        def send(self, response=None, flags=0):
+            self.sent.append((response, flags))
+            self.answered.set()
+
+    class Request:
+        """A request to the model under test: its input tensors and a recording response sender."""
+
+        def __init__(self, tensors):
+            self._tensors, self.sender = tensors, ResponseSender()
+
+        def inputs(self):
+            return self._tensors
+
+        def get_response_sender(self):
+            return self.sender
+
+    class Logger:
+        @staticmethod
+        def log_warn(message):
+            pb.warnings.append(message)
+
+    def by_name(tensors, name):
+        return next((t for t in tensors if t.name() == name), None)
+
+    pb.PreferredMemory, pb.Tensor, pb.TritonError, pb.InferenceResponse = PreferredMemory, Tensor, TritonError, \
+        InferenceResponse
+    pb.Request, pb.Logger = Request, Logger
+    pb.get_input_tensor_by_name = lambda request, name: by_name(request.inputs(), name)
+    pb.get_output_tensor_by_name = lambda response, name: by_name(response.output_tensors(), name)
+    return pb
