@@ -275,7 +275,7 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
         if target.runtime == "tensorrt-rtx":
             raise OptionError("--rope plugin needs datacenter TensorRT (10.9+): TensorRT-RTX cannot load Python "
                               "plugins; use --rope onnx23, custom or decomposed")
-        from kernels.trt_plugin import register_trt_plugin
+        from mvt_kernels.trt_plugin import register_trt_plugin
 
         register_trt_plugin()  # the RoPE plugin with its ahead-of-time PTX, embedded in the engine
         facts["plugins"] = [f"{PLUGIN_ID} (AOT, Triton PTX)"]

@@ -44,7 +44,7 @@ def custom_translation_table() -> dict:
     """{torch op overload: onnxscript function} for torch.onnx.export(custom_translation_table=...)."""
     from onnxscript import values
 
-    from kernels.torch_op import op_overload  # defines torch.ops.mvt.rope2d
+    from mvt_kernels.torch_op import op_overload  # defines torch.ops.mvt.rope2d
 
     node = getattr(values.Opset(DOMAIN, VERSION), OP_TYPE)  # mvt.RoPE2D
 

@@ -1,12 +1,12 @@
 """Who the 2D-RoPE op is, in every runtime: the one place its names are spelled.
 
-    torch        torch.ops.mvt.rope2d          TORCH_NAMESPACE::TORCH_NAME  (kernels/torch_op.py)
+    torch        torch.ops.mvt.rope2d          TORCH_NAMESPACE::TORCH_NAME  (mvt_kernels/torch_op.py)
     ONNX         node domain "mvt", op_type "RoPE2D", version 1 (+ model-local function body)
     TensorRT     plugin "mvt::RoPE2D": the ONNX op type is the plugin name and the node carries
                  plugin_namespace="mvt" (TensorRT's parser looks the plugin up by both)
 
 The exporter (export/onnx_rope.py), the lowerings (export/lowering.py), the torch op and the
-TensorRT plugin (kernels/) import these names. Plain strings only: kernels/ and the CLIs import
+TensorRT plugin (mvt_kernels/) import these names. Plain strings only: mvt_kernels/ and the CLIs import
 this module without torch, onnx or TensorRT.
 """
 

@@ -1,4 +1,4 @@
-"""Route MLCD's q/k rotation through the torch custom op `mvt::rope2d` (defined in kernels/torch_op.py).
+"""Route MLCD's q/k rotation through the torch custom op `mvt::rope2d` (defined in mvt_kernels/torch_op.py).
 
 During export the op is opaque to the tracer and becomes one ONNX node `mvt.RoPE2D`
 (see onnx_rope.py and ROPE2D.md). Importing this module defines the op, with its fake and its
@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from kernels.torch_op import rope2d
+from mvt_kernels.torch_op import rope2d
 
 __all__ = ["rope2d", "half_tables", "mlcd_rope_through_custom_op"]
 

@@ -2,7 +2,7 @@
 
 Needs a CUDA GPU with torch, triton and cupy; transformers for the model baseline. No internet.
 
-  1. correctness   the Triton kernel (JIT) on CUDA: every kernels/selftest.py case
+  1. correctness   the Triton kernel (JIT) on CUDA: every mvt_kernels/selftest.py case
   2. aot           the ahead-of-time PTX the TensorRT plugin embeds, loaded with cupy and launched
                    with exactly the arguments and launch parameters the plugin computes
   3. bench         Triton vs the eager torch rotation at RICE-L-560 (S=1601, H=16, D=64) and
@@ -72,7 +72,7 @@ def check_environment(torch):
 
 
 def check_correctness():
-    from kernels.selftest import run_all
+    from mvt_kernels.selftest import run_all
 
     results = run_all("cuda")
     for r in results:
@@ -82,7 +82,7 @@ def check_correctness():
 
 class _IntTrtp:
     """tensorrt.plugin's KernelLaunchParams and cdiv on ints: the plugin's own computation
-    (kernels.trt_plugin.plugin_launch_params) evaluated for concrete sizes."""
+    (mvt_kernels.trt_plugin.plugin_launch_params) evaluated for concrete sizes."""
 
     class KernelLaunchParams:
         grid_x = grid_y = grid_z = block_x = block_y = block_z = 1
@@ -90,7 +90,7 @@ class _IntTrtp:
 
     @staticmethod
     def cdiv(a, b):
-        from kernels.launch import cdiv
+        from mvt_kernels.launch import cdiv
 
         return cdiv(a, b)
 
@@ -100,9 +100,9 @@ def _aot_launcher(torch, cc: int, dtype: str, dim: int):
     import cupy
     import numpy as np
 
-    from kernels.aot import compile_rope2d_ptx
-    from kernels.launch import KERNEL_ARGS, scalar_args
-    from kernels.trt_plugin import plugin_launch_params
+    from mvt_kernels.aot import compile_rope2d_ptx
+    from mvt_kernels.launch import KERNEL_ARGS, scalar_args
+    from mvt_kernels.trt_plugin import plugin_launch_params
 
     kernel = compile_rope2d_ptx(dtype, dim, cc)
     tmp = tempfile.mkdtemp(prefix="mvt-rope-ptx-")
@@ -132,8 +132,8 @@ def check_aot(torch, cc: int):
     except Exception as exc:
         report("FAIL", "aot ptx through cupy", f"cupy is not importable ({type(exc).__name__}: {exc})")
         return
-    from kernels.reference import rope2d_reference
-    from kernels.selftest import ATOL, RTOL
+    from mvt_kernels.reference import rope2d_reference
+    from mvt_kernels.selftest import ATOL, RTOL
 
     torch_names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
     cases = [("fp16", (2, 1601, 16, 64)), ("fp16", (2, 1025, 16, 104)), ("bf16", (3, 1025, 16, 104)),
@@ -188,15 +188,15 @@ def _bench(fn, ms_budget: int = 100) -> float:
 
 
 def check_bench(torch, cc: int, peak_tbs: float, sweep: bool):
-    from kernels import rope2d_qk
-    from kernels.launch import block_config
-    from kernels.reference import rope2d_reference
-    from kernels.rope_triton import rope2d_triton
+    from mvt_kernels import rope2d_qk
+    from mvt_kernels.launch import block_config
+    from mvt_kernels.reference import rope2d_reference
+    from mvt_kernels.rope_triton import rope2d_triton
 
     batch = 32
     try:
         import export.rope_op  # noqa: F401  defines mvt::rope2d
-        from kernels import register_cuda_impl
+        from mvt_kernels import register_cuda_impl
 
         register_cuda_impl()
         have_op = True
@@ -290,7 +290,7 @@ def check_models(torch, iters: int):
         return
     from export.rope_op import mlcd_rope_through_custom_op
     from export.zoo import zoo_entry
-    from kernels import register_cuda_impl
+    from mvt_kernels import register_cuda_impl
 
     register_cuda_impl()
     batch = 32

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the 2D-RoPE kernels (kernels/) and the PyTorch model baseline; see scripts/gpu_check.py.
+# GPU check of the 2D-RoPE kernels (mvt_kernels/) and the PyTorch model baseline; see scripts/gpu_check.py.
 #
 # Runs as is on an H100/H200 machine without internet where torch, triton and cupy are installed
 # (onnxruntime optional). transformers (model baseline) may be carried as wheels:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Static checks, configured in pyproject.toml ([tool.ruff], [tool.mypy]); exits non-zero on any finding.
 #   ruff  pyflakes (F), pycodestyle (E, W; 120 columns), import order (I)
-#   mypy  every function body, annotated or not (check_untyped_defs), in export/, kernels/, triton_repo/,
+#   mypy  every function body, annotated or not (check_untyped_defs), in export/, mvt_kernels/, triton_repo/,
 #         parity_tests/, scripts/, tests/ and conftest.py: a call to one of our functions or dataclasses
 #         with a wrong keyword or a missing argument fails here, in GPU-only tests and scripts too, with
 #         no GPU and no TensorRT installed.
@@ -15,7 +15,7 @@ if [ ! -x "$py" ]; then
     echo "lint: $py not found; run scripts/setup.sh first" >&2
     exit 2
 fi
-paths=(export kernels triton_repo parity_tests embed scripts tests conftest.py)  # the same files as [tool.mypy] files
+paths=(export mvt_kernels triton_repo parity_tests embed scripts tests conftest.py)  # the same files as [tool.mypy] files
 
 status=0
 echo "lint: ruff check ${paths[*]}"

@@ -1,22 +1,42 @@
 #!/usr/bin/env bash
-# Create .venv with everything a CPU machine can run: export, onnxruntime parity, tests.
-# Datacenter TensorRT is not on PyPI in installable form; see README "TensorRT".
-#   TORCH_SPEC   torch requirement to install first (default: torch==2.13.0, the tested release)
-#   EXTRAS       project extras (default: onnx,dev,tensorrt-rtx,serve,embed,kserve: TensorRT-RTX builds engines on a CPU)
+# Create .venv with everything a CPU machine can run (export, onnxruntime parity, TensorRT-RTX, tests) from
+# the lock CI last passed with (locks/dev.txt, every package pinned with its hashes), then .server-venv.
+# Datacenter TensorRT is not on PyPI in installable form; see docs/export.md "TensorRT".
+# The locks are for Linux x86-64, CPython 3.11 (torch 2.13.0+cpu); elsewhere install from the ranges:
+# `pip install -e '.[onnx,dev]'`. scripts/update_lock.sh moves the locks to the newest releases.
+#   MVT_LOCK      the lock to install (default: locks/dev.txt; scripts/update_lock.sh tries candidates)
+#   PYTHON        interpreter to base .venv on (default: python3; must be 3.11 for the lock)
+#   TORCH_SPEC    a torch to install over the locked one (for example a CUDA build on a GPU machine)
 #   WITH_SERVER=0 skip the Triton server environment (.server-venv, scripts/setup_server_env.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$python" -m venv .venv
-pip() { .venv/bin/python -m pip "$@"; }
+lock=${MVT_LOCK:-locks/dev.txt}
+pyver=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+[ "$pyver" = 3.11 ] || { echo "setup: $lock is for Python 3.11, $python is $pyver; set PYTHON=python3.11" >&2; exit 1; }
 
-pip install --quiet --upgrade pip
-# torch before the project, so that the project's `torch>=2.6` is already met by the tested release.
-pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-# Triton: kernel tests run in its interpreter and PTX compiles without a GPU (torch 2.13's CUDA build pins 3.7.1).
-pip install --quiet "${TRITON_SPEC:-triton==3.7.1}"
-pip install --quiet -e ".[${EXTRAS:-onnx,dev,tensorrt-rtx,serve,embed,kserve}]"
-echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers, onnxruntime as o; print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime {o.__version__}")'))"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+# uv installs the lock (hash-checked, ~10x faster than pip); it is pinned in the lock itself, so sync keeps it.
+uv_version=$(sed -n 's/^uv==\([^ ]*\).*/\1/p' "$lock")
+[ -x .venv/bin/uv ] && [ "$(.venv/bin/uv --version | cut -d' ' -f2)" = "$uv_version" ] \
+    || .venv/bin/python -m pip install --quiet --disable-pip-version-check "uv==$uv_version"
+uv() { .venv/bin/uv "$@"; }
+
+# torch 2.13.0+cpu is not on PyPI (its Linux wheel there is the CUDA build): take it from the wheel folders pip
+# is configured with (this machine: /opt/wheels), or from UV_FIND_LINKS / UV_EXTRA_INDEX_URL (PyTorch's CPU index).
+find_links=()
+for dir in ${PIP_FIND_LINKS:-} $(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true); do
+    [ -d "$dir" ] && find_links+=(--find-links "$dir")
+done
+uv pip sync --quiet --python .venv/bin/python --require-hashes "${find_links[@]}" "$lock" || {
+    echo "setup: installing $lock failed; if torch 2.13.0+cpu was not found, set UV_EXTRA_INDEX_URL to PyTorch's CPU" \
+         "wheel index (or UV_FIND_LINKS to a folder holding the wheel)" >&2
+    exit 1
+}
+[ -z "${TORCH_SPEC:-}" ] || uv pip install --quiet --python .venv/bin/python "$TORCH_SPEC"
+# No build isolation: setuptools comes from the lock too.
+uv pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
+echo "setup: .venv ready from $lock ($(.venv/bin/python -c 'import torch, transformers, onnxruntime as o; print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime {o.__version__}")'))"
 # tritonserver's python backend needs its own environment (numpy < 2); see the script.
 [ "${WITH_SERVER:-1}" = 0 ] || bash scripts/setup_server_env.sh

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Create the server-side Python environment for `python -m triton_repo.serve` and the triton_server tests:
-#   .server-venv/  numpy<2, onnxruntime, pillow (what the python-backend models import)
-#                  + nvidia-pytriton (no dependencies): the tritonserver 2.51 binary, python backend and stubs.
+# Create the server-side Python environment for `python -m triton_repo.serve` and the triton_server tests,
+# from locks/server.txt (hash-checked; MVT_SERVER_LOCK names another, as scripts/update_lock.sh does):
+#   .server-venv/  numpy<2, onnxruntime (the version of locks/dev.txt, so the same opsets load), pillow:
+#                  what the python-backend models import
+#                  + nvidia-pytriton (its dependencies left out): the tritonserver 2.51 binary, python backend, stubs
 #   .server-venv/perf_analyzer/  Triton's perf_analyzer 2.51 (scripts/setup_perf_analyzer.sh)
 # Why a separate environment: the python-backend stub imports from the first python3 on PATH and, with
 # numpy 2, silently corrupts tensors; the project's .venv keeps numpy 2 and is never touched here.
-# Idempotent: rerunning only checks and fills gaps.
+# Idempotent: rerunning only checks and fills gaps. Needs .venv's uv (scripts/setup.sh installs it).
 #   SERVER_ENV    where to create it (default: .server-venv; triton_repo reads MVT_SERVER_ENV)
-#   PYTHON        interpreter to base it on (default: the one behind .venv, else python3); 3.10-3.12
-#   ORT_SPEC      onnxruntime requirement (default: the version in .venv, so the same opsets load)
+#   PYTHON        interpreter to base it on (default: the one behind .venv, else python3); 3.11 for the lock
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,17 +18,10 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=$(.venv/bin/python -c 'import sys; print(sys._base_executable)'); else PYTHON=python3; fi
 fi
 [ -x "$env_dir/bin/python3" ] || "$PYTHON" -m venv "$env_dir"
-pip() { "$env_dir/bin/python3" -m pip "$@"; }
-
-if [ -z "${ORT_SPEC:-}" ]; then
-    ort=$(.venv/bin/python -c 'import onnxruntime; print(onnxruntime.__version__)' 2>/dev/null || true)
-    ORT_SPEC=${ort:+onnxruntime==$ort}
-    ORT_SPEC=${ORT_SPEC:-onnxruntime>=1.23}
-fi
-pip install --quiet --upgrade pip
-pip install --quiet "numpy==1.26.4" "$ORT_SPEC" "pillow>=10"
-# The wheel's own dependencies (pyzmq, tritonclient, ...) are for PyTriton's Python API, which we do not use.
-pip install --quiet --no-deps "nvidia-pytriton==0.7.0"
+[ -x .venv/bin/uv ] || { echo "setup_server_env: no .venv/bin/uv; run scripts/setup.sh first" >&2; exit 1; }
+# The lock is complete (nvidia-pytriton's own dependencies, pyzmq, tritonclient, ..., are for PyTriton's Python
+# API, which we do not use, and are left out on purpose): sync installs exactly what it lists.
+.venv/bin/uv pip sync --quiet --python "$env_dir/bin/python3" --require-hashes "${MVT_SERVER_LOCK:-locks/server.txt}"
 
 # The python-backend stub links libpython<X.Y>.so.1.0 (Debian: libpython<X.Y>).
 pyver=$("$env_dir/bin/python3" -c 'import sys; print("%d.%d" % sys.version_info[:2])')

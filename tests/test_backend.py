@@ -241,7 +241,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_nothing_outside_parity_tests_imports_parity_tests():
-    """The product (export, kernels, triton_repo), the scripts and the unit tests depend on the
+    """The product (export, mvt_kernels, triton_repo), the scripts and the unit tests depend on the
     product only; parity_tests is a test suite."""
     offenders = []
     for folder, dirs, files in os.walk(ROOT):

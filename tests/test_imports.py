@@ -14,7 +14,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_import_export_needs_no_heavy_dependency():
-    proc = _run("import export, kernels, triton_repo, parity_tests; print(export.__version__)")
+    proc = _run("import export, mvt_kernels, triton_repo, parity_tests; print(export.__version__)")
     assert proc.returncode == 0, proc.stderr
 
 

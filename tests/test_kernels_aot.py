@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from kernels.launch import KERNEL_ARGS, block_config, cdiv, launch_grid, scalar_args
+from mvt_kernels.launch import KERNEL_ARGS, block_config, cdiv, launch_grid, scalar_args
 
 needs_compiler = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
@@ -58,7 +58,7 @@ def test_bad_head_dim_is_explained():
 def test_plugin_launch_params_follow_the_shared_grid():
     """The plugin's KernelLaunchParams, computed with int sizes through the same code path
     (a stand-in namespace supplies KernelLaunchParams and cdiv; TensorRT itself is not needed)."""
-    from kernels.trt_plugin import plugin_launch_params
+    from mvt_kernels.trt_plugin import plugin_launch_params
 
     class Params:
         grid_x = grid_y = grid_z = block_x = 1
@@ -79,7 +79,7 @@ def test_plugin_launch_params_follow_the_shared_grid():
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("dim", [64, 104])
 def test_ptx_compiles_with_exactly_the_launch_arguments(cc, dtype, dim):
-    from kernels.aot import compile_rope2d_ptx, entry_params
+    from mvt_kernels.aot import compile_rope2d_ptx, entry_params
 
     k = compile_rope2d_ptx(dtype, dim, cc)
     assert k.name == "rope2d_kernel"
@@ -96,7 +96,7 @@ def test_ptx_compiles_with_exactly_the_launch_arguments(cc, dtype, dim):
 @needs_compiler
 @pytest.mark.parametrize("cc", [80, 90])
 def test_edited_ptx_assembles(cc):
-    from kernels.aot import assemble_check, bundled_ptxas, compile_rope2d_ptx
+    from mvt_kernels.aot import assemble_check, bundled_ptxas, compile_rope2d_ptx
 
     if not os.path.exists(bundled_ptxas()):
         pytest.skip("triton's bundled ptxas is missing")
@@ -110,8 +110,8 @@ def test_triton_appends_scratch_parameters_that_we_remove():
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from kernels.aot import _divisibility_attrs, _signature, entry_params
-    from kernels.rope_triton import rope2d_kernel
+    from mvt_kernels.aot import _divisibility_attrs, _signature, entry_params
+    from mvt_kernels.rope_triton import rope2d_kernel
 
     src = triton.compiler.ASTSource(fn=rope2d_kernel, signature=_signature("fp16"),
                                     constexprs=block_config(64).constexprs(), attrs=_divisibility_attrs(rope2d_kernel))
@@ -124,7 +124,7 @@ def test_triton_appends_scratch_parameters_that_we_remove():
 
 
 def test_strip_refuses_a_used_parameter():
-    from kernels.aot import strip_unused_trailing_params
+    from mvt_kernels.aot import strip_unused_trailing_params
 
     ptx = (".visible .entry k(\n\t.param .u64 .ptr .global .align 1 k_param_0,\n"
            "\t.param .u64 .ptr .global .align 1 k_param_1\n)\n{\n\tld.param.b64 %rd1, [k_param_1];\n}\n")
@@ -140,7 +140,7 @@ def test_strip_refuses_a_used_parameter():
 
 @needs_compiler
 def test_unknown_dtype_is_explained():
-    from kernels.aot import compile_rope2d_ptx
+    from mvt_kernels.aot import compile_rope2d_ptx
 
     with pytest.raises(ValueError, match="fp32, fp16, bf16"):
         compile_rope2d_ptx("fp8", 64, 90)

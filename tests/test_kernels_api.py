@@ -1,4 +1,4 @@
-"""Public API of kernels/: implementation choice, the fused q/k form, the custom op's CUDA kernel."""
+"""Public API of mvt_kernels/: implementation choice, the fused q/k form, the custom op's CUDA kernel."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kernels import IMPLEMENTATIONS, rope2d, rope2d_qk  # noqa: E402
-from kernels.reference import rope2d_reference  # noqa: E402
+from mvt_kernels import IMPLEMENTATIONS, rope2d, rope2d_qk  # noqa: E402
+from mvt_kernels.reference import rope2d_reference  # noqa: E402
 
 
 def _inputs(shape=(2, 5, 3, 104), dtype=torch.float32):
@@ -49,8 +49,8 @@ def test_bad_table_shape_is_explained():
 def test_custom_op_gets_a_cuda_kernel_and_keeps_cpu_behaviour():
     pytest.importorskip("triton")
     from export.rope_identity import TORCH_OP
-    from kernels import register_cuda_impl
-    from kernels.torch_op import has_cuda_kernel, rope2d
+    from mvt_kernels import register_cuda_impl
+    from mvt_kernels.torch_op import has_cuda_kernel, rope2d
 
     assert register_cuda_impl() is True
     assert register_cuda_impl() is True  # idempotent
@@ -60,10 +60,10 @@ def test_custom_op_gets_a_cuda_kernel_and_keeps_cpu_behaviour():
 
 
 def test_the_op_is_defined_once_and_reachable_through_export():
-    """export.rope_op re-exports the op kernels/torch_op.py defines; torch.ops resolves its identity."""
+    """export.rope_op re-exports the op mvt_kernels/torch_op.py defines; torch.ops resolves its identity."""
     from export import rope_op
     from export.rope_identity import TORCH_NAME, TORCH_NAMESPACE
-    from kernels import torch_op
+    from mvt_kernels import torch_op
 
     assert rope_op.rope2d is torch_op.rope2d
     assert torch_op.op_overload() is getattr(getattr(torch.ops, TORCH_NAMESPACE), TORCH_NAME).default
@@ -74,7 +74,7 @@ def test_triton_matches_reference_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     pytest.importorskip("triton")
-    from kernels.selftest import CASES, run_case
+    from mvt_kernels.selftest import CASES, run_case
 
     failed = [r for r in (run_case(c, "cuda") for c in CASES) if not r["ok"]]
     assert not failed, failed

@@ -2,7 +2,7 @@
 
 Interpreter mode and ahead-of-time compilation do not mix in one process (triton.compile fails
 while TRITON_INTERPRET=1 is set), so every case runs in one child process
-(`python -m kernels.selftest --json`) and each test here asserts on its result.
+(`python -m mvt_kernels.selftest --json`) and each test here asserts on its result.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.selftest import CASES
+from mvt_kernels.selftest import CASES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 @pytest.fixture(scope="module")
 def interpreter_results():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "kernels.selftest", "--device", "cpu", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "mvt_kernels.selftest", "--device", "cpu", "--json"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"selftest printed no JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
@@ -52,7 +52,7 @@ def test_triton_on_cpu_without_interpreter_says_what_to_do():
     torch = pytest.importorskip("torch")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("this process runs under TRITON_INTERPRET=1")
-    from kernels import rope2d
+    from mvt_kernels import rope2d
 
     x = torch.randn(1, 3, 2, 8)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from export.rope_identity import DOMAIN, OP_TYPE, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, VERSION
-from kernels.trt_plugin import PLUGIN_ID, register_trt_plugin, tensorrt_skip_reason
+from mvt_kernels.trt_plugin import PLUGIN_ID, register_trt_plugin, tensorrt_skip_reason
 
 
 def _require_tensorrt_and_gpu():
@@ -72,8 +72,8 @@ def test_engine_with_the_plugin_matches_the_reference(dtype):
     import torch
     from onnx import TensorProto
 
-    from kernels.reference import rope2d_reference
-    from kernels.selftest import ATOL, RTOL
+    from mvt_kernels.reference import rope2d_reference
+    from mvt_kernels.selftest import ATOL, RTOL
 
     register_trt_plugin()
     seq, heads, dim = 37, 3, 104

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+import mvt_kernels
 from export import rope_op
 
 
@@ -33,7 +33,7 @@ def test_op_matches_transformers_rotation(dtype, head_dim):
 
 
 def test_op_passes_opcheck():
-    from kernels.torch_op import op_overload
+    from mvt_kernels.torch_op import op_overload
 
     x = torch.randn(2, 5, 4, 8)
     c, s = torch.randn(5, 4), torch.randn(5, 4)
@@ -43,9 +43,9 @@ def test_op_passes_opcheck():
 def test_public_rope2d_checks_shapes():
     x = torch.randn(1, 5, 2, 8)
     with pytest.raises(ValueError, match=r"cos must be \[S, D/2\] = \[5, 4\]"):
-        kernels.rope2d(x, torch.zeros(5, 8), torch.zeros(5, 4))
+        mvt_kernels.rope2d(x, torch.zeros(5, 8), torch.zeros(5, 4))
     with pytest.raises(ValueError, match="impl='cuda' is not available"):
-        kernels.rope2d(x, torch.zeros(5, 4), torch.zeros(5, 4), impl="cuda")
+        mvt_kernels.rope2d(x, torch.zeros(5, 4), torch.zeros(5, 4), impl="cuda")
 
 
 def test_patch_routes_mlcd_attention_and_restores(exported):

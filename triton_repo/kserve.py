@@ -258,7 +258,7 @@ ARG TENSORRT_VERSION
 ARG TENSORRT_PACKAGE=
 RUN test -n "${TENSORRT_VERSION}" || (echo "pass --build-arg TENSORRT_VERSION=<the image's TensorRT>" && exit 1)
 COPY export /opt/mvt-deploy/export
-COPY kernels /opt/mvt-deploy/kernels
+COPY mvt_kernels /opt/mvt-deploy/mvt_kernels
 COPY triton_repo /opt/mvt-deploy/triton_repo
 COPY parity_tests /opt/mvt-deploy/parity_tests
 COPY pyproject.toml README.md /opt/mvt-deploy/

@@ -1,18 +1,18 @@
 """Fused 2D-RoPE kernels behind the `mvt::rope2d` op, each beside the pure-torch reference.
 
-    from kernels import rope2d, rope2d_qk
+    from mvt_kernels import rope2d, rope2d_qk
     y = rope2d(x, cos, sin)                 # x [B, S, H, D]; cos, sin [S, D/2] fp32
     q, k = rope2d_qk(q, k, cos, sin)        # both rotated in one launch
 
 Implementations (`impl=`):
-    torch    the reference (kernels/reference.py), any device
-    triton   the Triton kernel (kernels/rope_triton.py) on the tensor's device; on a CPU only
+    torch    the reference (mvt_kernels/reference.py), any device
+    triton   the Triton kernel (mvt_kernels/rope_triton.py) on the tensor's device; on a CPU only
              under TRITON_INTERPRET=1
     auto     triton on CUDA when triton is importable, torch elsewhere
 
 Also here: the torch custom op `mvt::rope2d` with its fake and this kernel as its CUDA
-implementation (kernels/torch_op.py), the ahead-of-time PTX of the same kernel (kernels/aot.py)
-and the TensorRT plugin `mvt::RoPE2D` that carries it (kernels/trt_plugin.py); their names come
+implementation (mvt_kernels/torch_op.py), the ahead-of-time PTX of the same kernel (mvt_kernels/aot.py)
+and the TensorRT plugin `mvt::RoPE2D` that carries it (mvt_kernels/trt_plugin.py); their names come
 from export/rope_identity.py. torch and triton are imported on first use.
 """
 
@@ -66,7 +66,7 @@ def rope2d_qk(q, k, cos, sin, impl: str = "auto"):
 
 
 def register_cuda_impl() -> bool:
-    """Define the torch op `mvt::rope2d` (kernels/torch_op.py); True when its CUDA kernel is the Triton one.
+    """Define the torch op `mvt::rope2d` (mvt_kernels/torch_op.py); True when its CUDA kernel is the Triton one.
 
     Defining the op registers the kernel (without triton, CUDA runs the reference); idempotent.
     """

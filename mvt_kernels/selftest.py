@@ -1,7 +1,7 @@
 """Correctness cases of the Triton kernels against the torch reference, runnable on any device.
 
-    TRITON_INTERPRET=1 python -m kernels.selftest --device cpu --json   # CPU, the interpreter
-    python -m kernels.selftest --device cuda                           # a GPU
+    TRITON_INTERPRET=1 python -m mvt_kernels.selftest --device cpu --json   # CPU, the interpreter
+    python -m mvt_kernels.selftest --device cuda                           # a GPU
 
 tests/test_kernels_interpret.py runs the CPU form in a child process (interpreter mode and
 ahead-of-time compilation do not mix in one process) and asserts per case; scripts/gpu_check.py

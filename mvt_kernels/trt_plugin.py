@@ -1,8 +1,8 @@
 """TensorRT plugin `mvt::RoPE2D`: a quickly-deployable plugin whose ahead-of-time implementation is
-the PTX of the Triton kernel (kernels/aot.py), so a built engine carries the kernel and runs in
+the PTX of the Triton kernel (mvt_kernels/aot.py), so a built engine carries the kernel and runs in
 C++ runtimes (trtexec, Triton Inference Server's TensorRT backend) without Python.
 
-    from kernels.trt_plugin import register_trt_plugin
+    from mvt_kernels.trt_plugin import register_trt_plugin
     register_trt_plugin()        # before parsing an ONNX file from `--rope plugin`
 
 ONNX side (export/lowering.py `plugin`): node op_type "RoPE2D" (= the plugin name), attributes

@@ -1,6 +1,6 @@
 """Fused 2D-RoPE in OpenAI Triton: the rotation of q (and k) in one pass over memory.
 
-Numerics match kernels/reference.py: x is read in its dtype (fp32/fp16/bf16), rotated in fp32
+Numerics match mvt_kernels/reference.py: x is read in its dtype (fp32/fp16/bf16), rotated in fp32
 with the fp32 half tables, and written back in x's dtype.
 
 Layout (rotate-half, non-interleaved), per head vector of D elements, c/s = cos/sin[token]:
@@ -9,9 +9,9 @@ Layout (rotate-half, non-interleaved), per head vector of D elements, c/s = cos/
           lanes j    lanes HALF + j          interleaved pairs (x0, x1), (x2, x3) are NOT this
 
 `rope2d_kernel` is the single-tensor form the TensorRT plugin compiles ahead of time (its
-arguments are ordered inputs, scalars, outputs: kernels/launch.py KERNEL_ARGS).
+arguments are ordered inputs, scalars, outputs: mvt_kernels/launch.py KERNEL_ARGS).
 `rope2d_qk_kernel` rotates q and k in the same program, loading each cos/sin tile once.
-Tiles and grid: kernels/launch.py. A non-power-of-two D/2 (bigG: D=104, D/2=52) is masked.
+Tiles and grid: mvt_kernels/launch.py. A non-power-of-two D/2 (bigG: D=104, D/2=52) is masked.
 
 On a CPU the kernels run under TRITON_INTERPRET=1 (set before triton is first imported).
 """
