@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 def tiny_folders(tmp_path_factory):
     """{family name: what --model takes (a checkpoint folder; UNICOM: a released-format .pt file)}, plus
     "clip-full" (a whole CLIPModel checkpoint)."""
-    from export.families import CLIP_VISION, FAMILIES
-    from export.testing import save_tiny_checkpoint
+    from export.models.families import CLIP_VISION, FAMILIES
+    from export.models.testing import save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     folders = {f.name: save_tiny_checkpoint(f, root / f.name) for f in FAMILIES}
@@ -29,8 +29,8 @@ def exported(tiny_folders, tmp_path_factory):
 
     Returns a function family name -> (checkpoint, shape, path of the canonical model.onnx).
     """
-    from export.loading import load_checkpoint
-    from export.onnx_export import ExportShape, export_canonical
+    from export.graph.trace import ExportShape, export_canonical
+    from export.models.loading import load_checkpoint
 
     cache = {}
 

@@ -7,7 +7,7 @@ atomic parts), worker.py the model each process or actor holds. pyarrow and ray 
 are imported only when a job runs.
 """
 
-from .job import EmbedResult, embed_images
-from .store import read_embeddings
+from embed.job import EmbedResult, embed_images
+from embed.store import read_embeddings
 
 __all__ = ["EmbedResult", "embed_images", "read_embeddings"]

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .job import DEFAULT_BATCH_SIZE, DEFAULT_ROWS_PER_PART
-from .worker import RUNTIME_CHOICES
+from embed.job import DEFAULT_BATCH_SIZE, DEFAULT_ROWS_PER_PART
+from embed.worker import RUNTIME_CHOICES
 
 EPILOG = """\
 output: DST is a folder of Parquet parts (read it whole: pandas.read_parquet(DST) or
@@ -63,9 +63,8 @@ EXIT_BAD_INPUT = 2
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from export.errors import MvtError
-
-    from .job import embed_images
+    from embed.job import embed_images
+    from export.core.errors import MvtError
 
     try:
         embed_images(args.artifacts, args.images, args.out, ray=args.ray, normalize=args.normalize,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from export.errors import OptionError, require
+from export.core.errors import OptionError, require
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_ROWS_PER_PART = 1024  # an interrupted run redoes at most this many images per writer
@@ -59,11 +59,10 @@ def embed_images(artifacts: Path | str, images: str | os.PathLike, out: Path | s
     reserves: a local Ray's cores divided among the actors, 1 on a cluster).
     force: delete the rows `out` holds and start over (otherwise `out` must hold the same model's rows).
     """
-    from export.manifest import pooled_output, read_manifest
-
-    from .sources import image_paths
-    from .store import done_paths, output_identity, prepare_output
-    from .worker import preprocessor_config, resolve_runtime
+    from embed.sources import image_paths
+    from embed.store import done_paths, output_identity, prepare_output
+    from embed.worker import preprocessor_config, resolve_runtime
+    from export.core.manifest import pooled_output, read_manifest
 
     t0 = time.perf_counter()
     if batch_size < 1 or rows_per_part < 1:
@@ -98,7 +97,7 @@ def embed_images(artifacts: Path | str, images: str | os.PathLike, out: Path | s
     if pending:
         if use_ray:
             require("ray.data", "embed")
-            from .ray_job import run_on_ray
+            from embed.ray_job import run_on_ray
 
             run_on_ray(pending, out, artifacts=artifacts, runtime=chosen, normalize=normalize, identity=identity,
                        batch_size=batch_size, actors=actors, threads=threads, rows_per_part=rows_per_part,
@@ -121,8 +120,8 @@ def run_in_process(pending: list[str], out: Path, *, artifacts: Path, runtime: s
     import pyarrow as pa
     from tqdm import tqdm
 
-    from .store import write_part
-    from .worker import Embedder
+    from embed.store import write_part
+    from embed.worker import Embedder
 
     pending_rows: list = []  # tables not yet in a part
     parts, errors = 0, 0
@@ -152,7 +151,7 @@ def _count_run(out: Path, run_id: str) -> tuple[int, int, int]:
     """(rows with a vector, error rows, parts) that run `run_id` wrote."""
     import pyarrow.parquet as pq
 
-    from .store import PART_PREFIX, part_files
+    from embed.store import PART_PREFIX, part_files
 
     embedded = errors = parts = 0
     for part in part_files(out):

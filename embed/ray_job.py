@@ -23,7 +23,7 @@ import ray
 import ray.data
 from ray.data import Datasink
 
-from .worker import Embedder
+from embed.worker import Embedder
 
 # The Ray Data logger prints every scheduling step at INFO; the job's own lines and the progress bar say enough.
 _QUIET = logging.WARNING
@@ -65,7 +65,7 @@ class PartsDatasink(Datasink[int]):
     def write(self, blocks: Iterable, ctx) -> int:
         import pyarrow as pa
 
-        from .store import write_part
+        from embed.store import write_part
 
         tables = [b for b in blocks if b.num_rows]
         if not tables:

@@ -6,8 +6,8 @@ import glob
 import os
 from pathlib import Path
 
-from export.errors import OptionError
-from export.images import IMAGE_SUFFIXES
+from export.core.errors import OptionError
+from export.core.images import IMAGE_SUFFIXES
 
 _GLOB_CHARS = set("*?[")
 

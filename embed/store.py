@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from export.errors import OutputExistsError
+from export.core.errors import OutputExistsError
 
 SIDECAR_NAME = "_embed.json"
 PART_PREFIX, PART_SUFFIX, TMP_SUFFIX = "part-", ".parquet", ".tmp"

@@ -1,8 +1,8 @@
 """One model that turns a batch of image paths into rows: the unit both modes run (in-process: one;
 Ray: one per actor).
 
-Preprocessing is the served ensemble's own (triton_repo/preprocessing.py: the checkpoint's
-CLIPImageProcessor, step by step); the model runs through export.backend's runners (onnxruntime, or
+Preprocessing is the served ensemble's own (export/core/preprocessing.py: the checkpoint's
+CLIPImageProcessor, step by step); the model runs through export.runners's runners (onnxruntime, or
 the folder's TensorRT plan in the runtime that built it).
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from export.errors import EngineUnavailableError, OptionError
-from export.families import INPUT_NAME
+from export.core.errors import EngineUnavailableError, OptionError
+from export.core.interface import INPUT_NAME
 
 RUNTIME_CHOICES = ("auto", "onnxruntime", "tensorrt")
 # The served ensemble's `normalize` step (triton_repo/backend_models/normalize.py) divides by
@@ -33,8 +33,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 def resolve_runtime(artifacts: Path, runtime: str, manifest: dict) -> tuple[str, str | None]:
     """(the runtime to use, why the plan was passed over or None). "auto": the folder's plan when it can run
-    here (export.backend decides, from the manifest), else onnxruntime; "tensorrt" when it cannot: the error."""
-    from export.backend import engine_runner_from_manifest
+    here (export.runners decides, from the manifest), else onnxruntime; "tensorrt" when it cannot: the error."""
+    from export.runners.trt import engine_runner_from_manifest
 
     if runtime not in RUNTIME_CHOICES:
         raise OptionError(f"--runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIME_CHOICES)}")
@@ -54,7 +54,7 @@ def engine_max_batch(manifest: dict) -> int:
     engine's profile 0 (runner.py: "will default to the 0th profile"), the first the manifest records. Not
     interface.max_batch: `export.build_engine --artifacts --max-batch N` rebuilds the plan for N and
     leaves the export's interface as it was."""
-    from export.engine import profile_max_batch
+    from export.engine.profiles import profile_max_batch
 
     served = profile_max_batch((manifest.get("engine") or {}).get("profiles") or {})
     return int(served) if served else int(manifest["interface"].get("max_batch") or 0)
@@ -62,7 +62,7 @@ def engine_max_batch(manifest: dict) -> int:
 
 def preprocessor_config(artifacts: Path) -> Path:
     """DIR/preprocessor_config.json: the served preprocessing's recipe (the checkpoint's processor)."""
-    from triton_repo.preprocessing import CONFIG_NAME
+    from export.core.preprocessing import CONFIG_NAME
 
     path = Path(artifacts) / CONFIG_NAME
     if not path.is_file():
@@ -85,8 +85,8 @@ class Embedder:
     """
 
     def __init__(self, artifacts: Path | str, runtime: str = "auto", normalize: bool = False, threads: int = 0):
-        from export.manifest import pooled_output, read_manifest
-        from triton_repo.preprocessing import ClipPreprocessing
+        from export.core.manifest import pooled_output, read_manifest
+        from export.core.preprocessing import ClipPreprocessing
 
         self.artifacts = Path(artifacts)
         self.manifest = read_manifest(self.artifacts)
@@ -100,8 +100,10 @@ class Embedder:
         self._runner: Any = None
 
     def activate(self) -> Embedder:
-        from export.artifacts import ONNX_NAME
-        from export.backend import OnnxRuntimeRunner, engine_runner_from_manifest, ort_mode_for
+        from export.core.folder import ONNX_NAME
+        from export.runners.base import ort_mode_for
+        from export.runners.ort import OnnxRuntimeRunner
+        from export.runners.trt import engine_runner_from_manifest
 
         if self._runner is None:
             if self.runtime == "tensorrt":
@@ -125,7 +127,7 @@ class Embedder:
 
     def rows(self, paths: list[str]) -> list[Row]:
         """One row per path, in order: an embedding, or the reason the file could not be read or decoded."""
-        from triton_repo.preprocessing import pixel_values_from_bytes
+        from export.core.preprocessing import pixel_values_from_bytes
 
         self.activate()
         rows = [Row(p, None, None) for p in paths]
@@ -160,7 +162,7 @@ class Embedder:
 def rows_table(rows: list[Row], identity: dict):
     import pyarrow as pa
 
-    from .store import schema
+    from embed.store import schema
 
     sizes = [0 if r.embedding is None else r.embedding.size for r in rows]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)  # (N + 1,)

@@ -10,12 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .engine import RUNTIME_CHOICES, add_native_budget_arguments
-from .lowering import ROPE_CHOICES
-from .pipeline import BuildOptions
-from .precision.calibration import CALIBRATION_BUDGET_TFLOPS, DEFAULT_COUNT, MIN_COUNT
-from .precision.qdq import CALIBRATION_METHODS
-from .precision.recipe import PRECISIONS, QUANT_TARGETS
+from export.engine.profiles import add_native_budget_arguments
+from export.engine.target import RUNTIME_CHOICES
+from export.graph.lowering import ROPE_CHOICES
+from export.pipeline import BuildOptions
+from export.precision.calibration import CALIBRATION_BUDGET_TFLOPS, DEFAULT_COUNT, MIN_COUNT
+from export.precision.qdq import CALIBRATION_METHODS
+from export.precision.recipe import PRECISIONS, QUANT_TARGETS
 
 EPILOG = """\
 models: a checkpoint folder (config.json, *.safetensors, preprocessor_config.json), a hub id, a
@@ -129,8 +130,8 @@ ENGINE_OPTIONS = ("artifacts", "runtime", "compute_capabilities", "opt_level", "
 
 
 def _rebuild(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .errors import MvtError
-    from .rebuild import RebuildOptions, rebuild_engine
+    from export.core.errors import MvtError
+    from export.rebuild import RebuildOptions, rebuild_engine
 
     flags = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
     given = [flags[dest] for dest, value in vars(args).items()
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.artifacts is not None:
         return _rebuild(p, args)
-    from .errors import MvtError
-    from .pipeline import build
+    from export.core.errors import MvtError
+    from export.pipeline import build
 
     opts = BuildOptions(
         model=args.model, out=args.out, precision=args.precision, rope=args.rope,

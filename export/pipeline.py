@@ -14,16 +14,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, engine as engines, memory
-from .artifacts import EXTERNAL_DATA_THRESHOLD, ONNX_NAME, save_onnx, sha256, staged_output, write_json
-from .errors import OptionError
-from .families import INPUT_NAME
-from .lowering import lower_rope, resolve_rope
-from .manifest import MANIFEST_NAME
-from .onnx_export import ExportShape
-from .precision.recipe import check_options as check_precision_options
-from .steps import Steps
-from .torch_side import TorchRequest, run_torch_side
+from export import __version__, engine as engines
+from export.core import memory
+from export.core.errors import OptionError
+from export.core.folder import (
+    EXTERNAL_DATA_THRESHOLD,
+    MANIFEST_NAME,
+    ONNX_NAME,
+    save_onnx,
+    sha256,
+    staged_output,
+    write_json,
+)
+from export.core.interface import INPUT_NAME
+from export.core.steps import Steps
+from export.graph.lowering import lower_rope, resolve_rope
+from export.graph.trace import ExportShape
+from export.precision.recipe import check_options as check_precision_options
+from export.torch_side import TorchRequest, run_torch_side
 
 
 @dataclass
@@ -140,7 +148,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
         parity = None
         if opts.parity:
-            from .parity import onnx_parity
+            from export.check.parity import onnx_parity
 
             parity = steps.run("Checking parity against PyTorch on photos", onnx_parity, ckpt, shape, onnx_path,
                                precision=opts.precision, references=references)
@@ -173,7 +181,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
 
 def _cpu_quantized(opts: BuildOptions) -> bool:
-    from .precision.recipe import cpu_quantized
+    from export.precision.recipe import cpu_quantized
 
     return cpu_quantized(opts.precision, opts.quant_target)
 
@@ -188,8 +196,8 @@ def _engine_target(opts: BuildOptions) -> engines.EngineTarget:
 
 
 def _apply_precision(opts: BuildOptions, ckpt, shape: ExportShape, onnx_path: Path, log):
-    from .precision import apply_precision
-    from .precision.calibration import calibration_feeds, calibration_images, default_count
+    from export.precision import apply_precision
+    from export.precision.calibration import calibration_feeds, calibration_images, default_count
 
     count = opts.calib_count or default_count(ckpt.config, (shape.height, shape.width))
     images, described = calibration_images(opts.calib_images, count, log)
@@ -273,7 +281,7 @@ def check_graph(path: Path) -> str | None:
 
 def graph_check(error: str | None):
     """The checklist line for check_graph's verdict."""
-    from .metrics import Check
+    from export.core.metrics import Check
 
     return Check("graph", ONNX_NAME, "onnx_checker", 0.0 if error else 1.0, 1.0)
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import engine as engines
-from .artifacts import ONNX_NAME, sha256, write_json
-from .errors import EngineUnavailableError, OptionError
-from .manifest import MANIFEST_NAME, read_manifest
-from .precision.recipe import cpu_quantized
+from export import engine as engines
+from export.core.errors import EngineUnavailableError, OptionError
+from export.core.folder import MANIFEST_NAME, ONNX_NAME, sha256, write_json
+from export.core.manifest import read_manifest
+from export.precision.recipe import cpu_quantized
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _same_target(engine: dict, target: engines.EngineTarget, shapes: dict | list
 
 def _wanted_lowering(manifest: dict, target: engines.EngineTarget) -> str:
     """The RoPE lowering the export would give this runtime's engine (its --rope, resolved as build does)."""
-    from .lowering import resolve_rope
+    from export.graph.lowering import resolve_rope
 
     if manifest.get("rope_lowering") == "none":  # no RoPE in the model (CLIP-style, UNICOM)
         return "none"
@@ -137,7 +137,7 @@ def _lower_into(folder: Path, lowering: str, path: Path) -> None:
     model.onnx.data, whose location is relative)."""
     import onnx
 
-    from .lowering import lower_rope
+    from export.graph.lowering import lower_rope
 
     model = onnx.load(str(folder / ONNX_NAME), load_external_data=False)
     onnx.save(lower_rope(model, lowering), str(path))

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .loading import Checkpoint
-from .onnx_export import ExportShape
+from export.graph.trace import ExportShape
+from export.models.loading import Checkpoint
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _child(request_file: Path, result_file: Path) -> int:
     import pickle
 
     request = pickle.loads(Path(request_file).read_bytes())
-    from .memory import return_large_frees_to_the_os
+    from export.core.memory import return_large_frees_to_the_os
 
     return_large_frees_to_the_os()
     try:
@@ -117,9 +117,9 @@ def _picklable(exc: BaseException) -> BaseException:
 def torch_steps(request: TorchRequest, log: Callable[[str], None]) -> TorchResult:
     """Load the checkpoint, validate the shape options against it, trace model.onnx and (for parity)
     run the PyTorch reference on the parity photos. Runs anywhere; run_torch_side runs it in a child."""
-    from .loading import load_checkpoint
-    from .onnx_export import export_canonical, validate_hidden_layer, validate_image_size
-    from .steps import Steps
+    from export.core.steps import Steps
+    from export.graph.trace import export_canonical, validate_hidden_layer, validate_image_size
+    from export.models.loading import load_checkpoint
 
     steps = Steps(request.total_steps, log, start=request.first_step)
     ckpt = steps.run(f"Loading {request.model or 'the demo model'}", load_checkpoint, request.model,
@@ -135,7 +135,7 @@ def torch_steps(request: TorchRequest, log: Callable[[str], None]) -> TorchResul
               export_canonical, ckpt, shape, request.onnx_path)
     references: Any = None
     if request.parity:
-        from .parity import reference_outputs
+        from export.check.parity import reference_outputs
 
         references = steps.run("Running the PyTorch reference on the parity photos", reference_outputs, ckpt, shape)
     else:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .artifacts import DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD, save_onnx
-from .families import INPUT_NAME
+from export.core.folder import DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD, save_onnx
+from export.core.interface import INPUT_NAME
 
 
 def copy_onnx(src: Path, dst: Path) -> Path:
@@ -25,10 +25,10 @@ def copy_onnx(src: Path, dst: Path) -> Path:
 
 
 def lowered_graph(canonical: Path, lowering: str, dst: Path) -> Path:
-    """The canonical graph with its RoPE2D nodes lowered to `lowering` (export.lowering.LOWERINGS)."""
+    """The canonical graph with its RoPE2D nodes lowered to `lowering` (export.graph.lowering.LOWERINGS)."""
     import onnx
 
-    from .lowering import lower_rope
+    from export.graph.lowering import lower_rope
 
     model = onnx.load(str(canonical))  # with external data: save_onnx decides again where weights go
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
@@ -43,9 +43,9 @@ def precision_graph(ckpt, shape, canonical: Path, precision: str, dst: Path, *, 
     Returns the recipe (for a report)."""
     import onnx
 
-    from .lowering import lower_rope
-    from .precision import apply_precision
-    from .precision.calibration import calibration_feeds, calibration_images, default_count
+    from export.graph.lowering import lower_rope
+    from export.precision import apply_precision
+    from export.precision.calibration import calibration_feeds, calibration_images, default_count
 
     images, described = calibration_images(Path(calib_images) if calib_images else None,
                                            calib_count or default_count(ckpt.config, (shape.height, shape.width)),

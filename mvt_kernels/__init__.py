@@ -13,12 +13,12 @@ Implementations (`impl=`):
 Also here: the torch custom op `mvt::rope2d` with its fake and this kernel as its CUDA
 implementation (mvt_kernels/torch_op.py), the ahead-of-time PTX of the same kernel (mvt_kernels/aot.py)
 and the TensorRT plugin `mvt::RoPE2D` that carries it (mvt_kernels/trt_plugin.py); their names come
-from export/rope_identity.py. torch and triton are imported on first use.
+from mvt_kernels/names.py. torch and triton are imported on first use.
 """
 
 from __future__ import annotations
 
-import importlib.util
+from mvt_kernels.launch import triton_available
 
 IMPLEMENTATIONS = ("auto", "torch", "triton")
 
@@ -34,18 +34,14 @@ def _resolve(impl: str, x) -> str:
     return impl
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def rope2d(x, cos, sin, impl: str = "auto"):
     """Apply the non-interleaved 2D rotation to x [B, S, H, D] with half tables [S, D/2]."""
-    from .reference import check_rope2d_args, rope2d_reference
+    from mvt_kernels.reference import check_rope2d_args, rope2d_reference
 
     impl = _resolve(impl, x)
     check_rope2d_args(x, cos, sin)
     if impl == "triton":
-        from .rope_triton import rope2d_triton
+        from mvt_kernels.rope_triton import rope2d_triton
 
         return rope2d_triton(x, cos, sin)
     return rope2d_reference(x, cos, sin)
@@ -53,13 +49,13 @@ def rope2d(x, cos, sin, impl: str = "auto"):
 
 def rope2d_qk(q, k, cos, sin, impl: str = "auto"):
     """Rotate q and k [B, S, H, D] together (one launch with Triton); returns (q_rot, k_rot)."""
-    from .reference import check_rope2d_args, rope2d_reference
+    from mvt_kernels.reference import check_rope2d_args, rope2d_reference
 
     impl = _resolve(impl, q)
     check_rope2d_args(q, cos, sin)
     check_rope2d_args(k, cos, sin)
     if impl == "triton":
-        from .rope_triton import rope2d_qk_triton
+        from mvt_kernels.rope_triton import rope2d_qk_triton
 
         return rope2d_qk_triton(q, k, cos, sin)
     return rope2d_reference(q, cos, sin), rope2d_reference(k, cos, sin)
@@ -70,7 +66,7 @@ def register_cuda_impl() -> bool:
 
     Defining the op registers the kernel (without triton, CUDA runs the reference); idempotent.
     """
-    from .torch_op import CUDA_KERNEL
+    from mvt_kernels.torch_op import CUDA_KERNEL
 
     return CUDA_KERNEL
 

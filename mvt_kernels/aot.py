@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .launch import KERNEL_ARGS, POINTER_INPUTS, POINTER_OUTPUTS, BlockConfig, block_config
+from mvt_kernels.launch import KERNEL_ARGS, POINTER_INPUTS, POINTER_OUTPUTS, BlockConfig, block_config
 
 DTYPES = ("fp32", "fp16", "bf16")  # Triton's names; the plugin maps TensorRT types onto them
 
@@ -77,7 +77,7 @@ def compile_rope2d_ptx(dtype: str, head_dim: int, cc: int = 90, block_rows: int 
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from .rope_triton import rope2d_kernel
+    from mvt_kernels.rope_triton import rope2d_kernel
 
     cfg = block_config(head_dim, block_rows, num_warps)
     src = triton.compiler.ASTSource(fn=rope2d_kernel, signature=_signature(dtype), constexprs=cfg.constexprs(),

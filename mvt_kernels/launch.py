@@ -22,6 +22,7 @@ every batch size and the TensorRT plugin's PTX does not depend on the optimisati
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
@@ -102,3 +103,8 @@ def scalar_args(seq, heads, row_stride_b=None, row_stride_s=None):
 def threads_per_block(num_warps: int, warp_size: int = 32) -> int:
     """block_x of the launch: Triton kernels run num_warps warps (the PTX says `.reqntid`)."""
     return num_warps * warp_size
+
+
+def triton_available() -> bool:
+    """OpenAI Triton is installed (found, not imported: importing it is slow and needs a driver)."""
+    return importlib.util.find_spec("triton") is not None

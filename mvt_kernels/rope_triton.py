@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import block_config, launch_grid, scalar_args
+from mvt_kernels.launch import block_config, launch_grid, scalar_args
 
 
 @triton.jit

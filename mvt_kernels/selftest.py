@@ -54,8 +54,8 @@ def run_case(case: Case, device: str = "cpu", seed: int = 0) -> dict:
     """Run one case; return {name, ok, max_abs_err, worst_ratio} (worst_ratio <= 1 passes)."""
     import torch
 
-    from .reference import rope2d_reference
-    from .rope_triton import rope2d_qk_triton, rope2d_triton
+    from mvt_kernels.reference import rope2d_reference
+    from mvt_kernels.rope_triton import rope2d_qk_triton, rope2d_triton
 
     gen = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, case.dtype)

@@ -9,18 +9,17 @@ Op: ``mvt::rope2d(Tensor x, Tensor cos, Tensor sin) -> Tensor``
 One module, as torchao lays out its ops: the default implementation is the torch reference (every
 device, export tracing), the fake gives the output's metadata, and on CUDA the fused Triton kernel
 takes over when triton is installed. Triton itself is imported on the first CUDA call, so importing
-this module costs torch only. export/rope_op.py routes MLCD's rotation through the op and
-export/onnx_rope.py translates it to the ONNX node `mvt.RoPE2D` (names: export/rope_identity.py).
+this module costs torch only. export/models/rope_op.py routes MLCD's rotation through the op and
+export/graph/rope_node.py translates it to the ONNX node `mvt.RoPE2D` (names: mvt_kernels/names.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from export.rope_identity import TORCH_NAME, TORCH_NAMESPACE, TORCH_OP
-
-from . import triton_available
-from .reference import rope2d_reference
+from mvt_kernels.launch import triton_available
+from mvt_kernels.names import TORCH_NAME, TORCH_NAMESPACE, TORCH_OP
+from mvt_kernels.reference import rope2d_reference
 
 
 @torch.library.custom_op(TORCH_OP, mutates_args=())
@@ -34,7 +33,7 @@ def _rope2d_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def _rope2d_cuda(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    from .rope_triton import rope2d_triton  # imports triton: first CUDA call only
+    from mvt_kernels.rope_triton import rope2d_triton  # imports triton: first CUDA call only
 
     return rope2d_triton(x, cos, sin)
 

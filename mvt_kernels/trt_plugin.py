@@ -5,9 +5,9 @@ C++ runtimes (trtexec, Triton Inference Server's TensorRT backend) without Pytho
     from mvt_kernels.trt_plugin import register_trt_plugin
     register_trt_plugin()        # before parsing an ONNX file from `--rope plugin`
 
-ONNX side (export/lowering.py `plugin`): node op_type "RoPE2D" (= the plugin name), attributes
+ONNX side (export/graph/lowering.py `plugin`): node op_type "RoPE2D" (= the plugin name), attributes
 plugin_namespace="mvt" and aot=1 (consumed by TensorRT's parser; every name comes from
-export/rope_identity.py), inputs x [B, S, H, D] (float/float16/bfloat16),
+mvt_kernels/names.py), inputs x [B, S, H, D] (float/float16/bfloat16),
 cos/sin [S, D/2] float; output y like x. The plugin registers no attributes of its own, so the
 AOT function receives (x, cos, sin, outputs, tactic) (tensorrt/plugin/_validate.py
 `_validate_aot_impl`, TensorRT 10.9+).
@@ -25,9 +25,8 @@ registered functions as classes (`issubclass(param.annotation, TensorDesc)`).
 import os
 from typing import List, Tuple, Union
 
-from export.rope_identity import PLUGIN_ID
-
-from .launch import KERNEL_ARGS, launch_grid, scalar_args
+from mvt_kernels.launch import KERNEL_ARGS, launch_grid, scalar_args
+from mvt_kernels.names import PLUGIN_ID
 
 DEFAULT_CC = 80  # sm_80 PTX is forward compatible (the driver JIT-compiles it for sm_90 and later)
 
@@ -90,7 +89,7 @@ def register_trt_plugin(cc: Union[int, None] = None) -> None:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    from .aot import compile_rope2d_ptx
+    from mvt_kernels.aot import compile_rope2d_ptx
 
     cc = target_cc(cc)
 

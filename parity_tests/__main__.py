@@ -2,7 +2,7 @@
 
 import sys
 
-from .ledger import main
+from parity_tests.ledger import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
 """The ledger's own metrics and thresholds (as data, per precision), checked with the same ok/FAIL
-checklist lines as export.metrics.Check. The metrics themselves (relative L2, nearest-neighbour
-agreement) are export.metrics'.
+checklist lines as export.core.metrics.Check. The metrics themselves (relative L2, nearest-neighbour
+agreement) are export.core.metrics'.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from export.families import TOLERANCES
-from export.metrics import METRICS, compare, mark, passes, rel_l2
+from export.core.metrics import METRICS, compare, mark, passes, rel_l2
+from export.models.families import TOLERANCES
 
 # metric -> (direction, description); a check passes when `value <direction> threshold`.
 LEDGER_METRICS = {
@@ -21,7 +21,7 @@ LEDGER_METRICS = {
     "invariant_rel_l2": ("<=", "worst ||row - same row elsewhere|| / ||row|| (batch invariants)"),
 }
 
-# Added to export.families.TOLERANCES: relative L2 on every output, NN agreement on the pooled
+# Added to export.models.families.TOLERANCES: relative L2 on every output, NN agreement on the pooled
 # output (POOLED: the family's pooled output, pooler_output or UNICOM's embedding), and how exactly a
 # row must be reproduced whatever its batch (accumulation order in the GEMMs changes with the batch
 # size, so not bit-exact: a few ulps of the compute precision).
@@ -59,7 +59,7 @@ def thresholds(table: dict, precision: str, output: str) -> dict[str, float]:
 
 
 def measure(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
-    """export.metrics.compare plus the relative L2 error of the whole output."""
+    """export.core.metrics.compare plus the relative L2 error of the whole output."""
     return {**compare(reference, actual), "rel_l2": rel_l2(reference, actual)}
 
 

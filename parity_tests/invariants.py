@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.backend import Runner, image_feed
-from export.metrics import rel_l2
+from export.core.metrics import rel_l2
+from export.runners.base import Runner, image_feed
 
 
 @dataclass
@@ -41,7 +41,7 @@ def batch_sizes_to_try(max_batch: int) -> list[int]:
 
 
 def check_invariants(runner: Runner, pixels: np.ndarray, images: list, max_batch: int) -> list[InvariantResult]:
-    """Run the three invariants on an active export.backend runner.
+    """Run the three invariants on an active export.runners runner.
 
     `pixels` [N, 3, H, W] and `images` (N PIL images, for runners fed images) are distinct inputs;
     a batch of b rows takes rows 0..b-1 cyclically.

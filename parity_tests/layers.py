@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.families import INPUT_NAME
-from export.metrics import compare, rel_l2
+from export.core.interface import INPUT_NAME
+from export.core.metrics import compare, rel_l2
 
 CANDIDATE_OPS = ("Add", "LayerNormalization")
 MATCH_REL_L2 = 1e-4  # an fp32 graph reproduces PyTorch to ~1e-6
@@ -51,7 +51,7 @@ def _run_exposed(path: Path, names: list[str], pixels: np.ndarray, mode: str = "
     """Run `path` with `names` added as graph outputs; {name: value} for those the graph has."""
     import onnx
 
-    from export.backend import OnnxRuntimeRunner
+    from export.runners.ort import OnnxRuntimeRunner
 
     model = onnx.load(str(path), load_external_data=False)
     produced = {o for n in model.graph.node for o in n.output}

@@ -5,7 +5,7 @@
 
 From one export folder (export.build_engine's output) the ledger reloads the PyTorch reference named
 in manifest.json, makes every other stage it needs in `<out>/stages/` (stages.py), runs all of
-them (export.backend runners) on the same held-out photographs (export.images.held_out_photos) and
+them (export.runners runners) on the same held-out photographs (export.core.images.held_out_photos) and
 writes, into `<out>` (default DIR/ledger):
 
     parity.json   every measured value, every threshold, the invariants, the per-layer errors, skips
@@ -14,7 +14,7 @@ writes, into `<out>` (default DIR/ledger):
     layers.png    relative L2 error of each layer's hidden state against depth, per precision
 
 and prints a checklist ending in PASSED or FAILED (exit 0 / 1; 2 for bad input).
-Thresholds are data: export.families.TOLERANCES plus parity_tests.agreement.LEDGER_EXTRA.
+Thresholds are data: export.models.families.TOLERANCES plus parity_tests.agreement.LEDGER_EXTRA.
 """
 
 from __future__ import annotations
@@ -31,13 +31,15 @@ from typing import Callable
 
 import numpy as np
 
-from export.backend import Runner, TorchRunner, image_feed
-from export.engine import add_native_budget_arguments
-from export.manifest import export_shape, read_manifest, reference_checkpoint
-from export.metrics import nn_agreement
-
-from .agreement import LEDGER_METRICS, LedgerCheck, ledger_thresholds, measure, thresholds
-from .stages import Stage, make_runner, plan_stages, resolve_groups
+from export.core.manifest import read_manifest
+from export.core.metrics import nn_agreement
+from export.engine.profiles import add_native_budget_arguments
+from export.graph.trace import export_shape
+from export.models.loading import reference_checkpoint
+from export.runners.base import Runner, image_feed
+from export.runners.pyt import TorchRunner
+from parity_tests.agreement import LEDGER_METRICS, LedgerCheck, ledger_thresholds, measure, thresholds
+from parity_tests.stages import Stage, make_runner, plan_stages, resolve_groups
 
 REFERENCE_CHUNK = 8  # images per PyTorch / runtime call when running the photo set
 INVARIANT_MAX_BATCH = 8  # largest batch the invariants try by default (the manifest's max_batch caps it)
@@ -60,7 +62,7 @@ class LedgerOptions:
     plots: bool = True
     keep_stages: bool = True  # keep <out>/stages (the graphs the ledger made)
     # native mode (a --dynamic-resolution export): every photo at smart_resize(h, w, factor, min, max) instead of
-    # the export's crop, so each is encoded at its own grid (triton_repo.preprocessing.native_pixel_values)
+    # the export's crop, so each is encoded at its own grid (export.core.preprocessing.native_pixel_values)
     native_max_pixels: int | None = None  # None: crop mode
     native_min_pixels: int | None = None  # None: preprocessing.NATIVE_MIN_PIXELS
     resize_factor: int | None = None  # None: twice the patch size
@@ -129,10 +131,9 @@ def native_invariant_batch(inputs: list[np.ndarray]) -> np.ndarray:
 def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledger:
     from tqdm.auto import tqdm
 
-    from export.images import held_out_photos, pixel_values
-    from triton_repo.preprocessing import NATIVE_MIN_PIXELS
-
-    from .invariants import check_invariants
+    from export.core.images import held_out_photos, pixel_values
+    from export.core.preprocessing import NATIVE_MIN_PIXELS
+    from parity_tests.invariants import check_invariants
 
     start = time.perf_counter()
     artifacts = Path(opts.artifacts)
@@ -258,7 +259,7 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
 
 def _layers(ckpt, stages: list[Stage], pixels: np.ndarray) -> tuple[dict, list[str]]:
     """{"map": LayerMap json, "stages": {stage: rows}} over the fp32 (custom), fp16 and int8 graphs."""
-    from .layers import layer_divergence, locate_layers, reference_hidden_states
+    from parity_tests.layers import layer_divergence, locate_layers, reference_hidden_states
 
     notes: list[str] = []
     runnable = {s.name: s for s in stages if s.kind == "onnx" and s.skip_reason is None and s.enforced}
@@ -335,7 +336,7 @@ def markdown(ledger: Ledger) -> str:
             lines.append(f"| {i} | " + " | ".join(cells) + " |")
     for note in d.get("layer_notes", []):
         lines.append(f"\nNote: {note}")
-    lines += ["", "## Thresholds (data: export.families.TOLERANCES + parity_tests.agreement.LEDGER_EXTRA)", "",
+    lines += ["", "## Thresholds (data: export.models.families.TOLERANCES + parity_tests.agreement.LEDGER_EXTRA)", "",
               "```json", json.dumps(d["thresholds"], indent=1, sort_keys=True), "```", "",
               "## Checklist", "", "```", ledger.checklist(), "```", "",
               f"**{'PASSED' if ledger.passed else 'FAILED'}**", ""]
@@ -352,7 +353,7 @@ def _write(ledger: Ledger, rows: list[dict], layers: dict, plots: bool) -> list[
     (out / "ledger.md").write_text(markdown(ledger))
     files.append(out / "ledger.md")
     if plots:
-        from export.plots import plot_layers, plot_stages
+        from export.check.plots import plot_layers, plot_stages
 
         title = f"{ledger.data['model'].get('source')} — deployed {ledger.data['deployed_precision']}"
         if rows:
@@ -371,7 +372,7 @@ def _json_default(value):
 
 
 def parser() -> argparse.ArgumentParser:
-    from .stages import STAGE_GROUPS
+    from parity_tests.stages import STAGE_GROUPS
 
     p = argparse.ArgumentParser(prog="python -m parity_tests", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -393,7 +394,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.errors import MvtError
+    from export.core.errors import MvtError
 
     args = parser().parse_args(argv)
     opts = LedgerOptions(args.artifacts, args.out, args.stages, args.url, args.triton_model, args.photos,

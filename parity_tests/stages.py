@@ -13,7 +13,7 @@
                       where that runtime and a GPU exist
     triton            a running Triton server (--url), fed the photographs as PNG bytes
 
-Runners are export.backend's; export.backend.image_feed gives each its feed (pixels, or images
+Runners are export.runners's; export.runners.image_feed gives each its feed (pixels, or images
 for the server, which preprocesses).
 """
 
@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from export.artifacts import ONNX_NAME
-from export.backend import OnnxRuntimeRunner, Runner, TritonRunner, engine_runner_from_manifest, ort_mode_for
-from export.errors import EngineUnavailableError
-from export.lowering import LOWERINGS
+from export.core.errors import EngineUnavailableError
+from export.core.folder import ONNX_NAME
+from export.graph.lowering import LOWERINGS
+from export.runners.base import Runner, ort_mode_for
+from export.runners.ort import OnnxRuntimeRunner
+from export.runners.triton_client import TritonRunner
+from export.runners.trt import engine_runner_from_manifest
 from export.variants import lowered_graph, precision_graph
 
 STAGE_GROUPS = ("deployed", "fp32", "fp16", "int8", "tensorrt", "triton")
@@ -39,7 +42,7 @@ class Stage:
     kind: str  # "onnx", "tensorrt" or "triton"
     description: str
     path: Path | None = None
-    ort_mode: str = "optimized"  # export.backend.ORT_MODES key, for "onnx" stages
+    ort_mode: str = "optimized"  # export.runners.ORT_MODES key, for "onnx" stages
     enforced: bool = True  # False: reported, not judged
     skip_reason: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -51,7 +54,7 @@ class Stage:
 
 
 def resolve_groups(requested: list[str] | None) -> tuple[str, ...]:
-    from export.errors import OptionError
+    from export.core.errors import OptionError
 
     if not requested:
         return STAGE_GROUPS
@@ -64,7 +67,7 @@ def resolve_groups(requested: list[str] | None) -> tuple[str, ...]:
 def canonical_graph(ckpt, shape, manifest: dict, artifacts: Path, work: Path, log) -> tuple[Path, str]:
     """The canonical fp32 graph (RoPE2D nodes with their function body): the folder's own model.onnx
     when it is exactly that (fp32, custom lowering), else a fresh trace. Returns (path, how)."""
-    from export.onnx_export import export_canonical
+    from export.graph.trace import export_canonical
 
     own = artifacts / ONNX_NAME
     if manifest.get("precision") == "fp32" and manifest.get("rope_lowering") in ("custom", "none") and own.exists():
@@ -144,7 +147,7 @@ def plan_stages(ckpt, shape, manifest: dict, artifacts: Path, work: Path, groups
 
 
 def tensorrt_stage(artifacts: Path, manifest: dict) -> Stage:
-    """The folder's engine, skipped with the reason when it cannot run here (export.backend decides)."""
+    """The folder's engine, skipped with the reason when it cannot run here (export.runners decides)."""
     from export import engine as engines
 
     precision = manifest.get("precision", "fp32")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from export.lowering import LOWERINGS, lower_rope
-from export.parity import onnx_parity
+from export.check.parity import onnx_parity
+from export.graph.lowering import LOWERINGS, lower_rope
 
 
 def _lowered_file(exported, family: str, lowering: str, tmp_path):
@@ -58,9 +58,9 @@ def test_head_dim_104_like_bigg(tmp_path):
     """MLCD-bigG's head dim (104) is not a power of two: every lowering still matches transformers."""
     from dataclasses import replace
 
-    from export.families import MLCD_ROPE2D
-    from export.loading import load_folder
-    from export.onnx_export import ExportShape, export_canonical
+    from export.graph.trace import ExportShape, export_canonical
+    from export.models.families import MLCD_ROPE2D
+    from export.models.loading import load_folder
     from parity_tests.tiny_models import save_tiny_checkpoint
 
     family = replace(MLCD_ROPE2D, tiny_config={**MLCD_ROPE2D.tiny_config, "hidden_size": 208,

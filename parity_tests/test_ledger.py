@@ -10,12 +10,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export.backend import OnnxRuntimeRunner
-from export.families import INPUT_NAME
-from export.images import HELD_OUT_PHOTOS, held_out_photos
-from export.metrics import nn_agreement
+from export.core.images import HELD_OUT_PHOTOS, held_out_photos
+from export.core.interface import INPUT_NAME
+from export.core.metrics import nn_agreement
 from export.pipeline import BuildOptions, build
 from export.precision.calibration import SKIMAGE_CALIBRATION
+from export.runners.ort import OnnxRuntimeRunner
 from parity_tests.agreement import LEDGER_EXTRA, ledger_thresholds
 from parity_tests.invariants import batch_sizes_to_try, check_invariants
 from parity_tests.ledger import LedgerOptions, main, run_ledger
@@ -152,7 +152,7 @@ def test_invariant_batch_sizes():
 
 @pytest.mark.parametrize("family", ["mlcd-rope2d", "clip-vision"])
 def test_layer_tensors_are_found_in_both_families(exported, family):
-    from export.images import pixel_values
+    from export.core.images import pixel_values
     from parity_tests.layers import layer_divergence, locate_layers, reference_hidden_states
 
     ckpt, shape, path = exported(family)

@@ -24,7 +24,7 @@ def dynamic_export(tiny_folders, tmp_path_factory):
 
 
 def test_native_ledger_measures_every_photo_at_its_own_grid(dynamic_export, tmp_path):
-    from triton_repo.preprocessing import NATIVE_MIN_PIXELS
+    from export.core.preprocessing import NATIVE_MIN_PIXELS
 
     out = tmp_path / "ledger"
     result = run_ledger(LedgerOptions(dynamic_export, out, stages=["deployed", "fp32", "fp16"],
@@ -44,9 +44,11 @@ def test_native_ledger_measures_every_photo_at_its_own_grid(dynamic_export, tmp_
 
 def test_native_ledger_tokens_are_the_native_grid(dynamic_export):
     """run_native concatenates every photo's tokens: 1 + h'/14 * w'/14 rows each."""
-    from export.backend import TorchRunner
-    from export.images import held_out_photos
-    from export.manifest import export_shape, read_manifest, reference_checkpoint
+    from export.core.images import held_out_photos
+    from export.core.manifest import read_manifest
+    from export.graph.trace import export_shape
+    from export.models.loading import reference_checkpoint
+    from export.runners.pyt import TorchRunner
     from parity_tests.ledger import native_inputs, run_native
 
     manifest = read_manifest(dynamic_export)

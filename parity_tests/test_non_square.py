@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.families import INPUT_NAME
-from export.images import pixel_values, sample_photos
-from export.metrics import compare
+from export.core.images import pixel_values, sample_photos
+from export.core.interface import INPUT_NAME
+from export.core.metrics import compare
 
 
 def _positions(hp: int, wp: int, convention: str) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_transformers_positions_are_what_the_model_uses(exported):
 
 @pytest.mark.parametrize("size", [(84, 42), (42, 70)])
 def test_onnx_matches_transformers_not_unicom_on_non_square(exported, size):
-    from export.backend import OnnxRuntimeRunner
+    from export.runners.ort import OnnxRuntimeRunner
 
     ckpt, _, path = exported("mlcd-rope2d")
     x = pixel_values(ckpt.processor, sample_photos(2), size)

@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import pytest
 
-from export.families import INPUT_NAME
-from export.images import held_out_photos, pixel_values
+from export.core.images import held_out_photos, pixel_values
+from export.core.interface import INPUT_NAME
 from export.pipeline import BuildOptions, build
 
 FAMILIES = ["mlcd-rope2d", "clip-vision"]
@@ -28,9 +28,9 @@ SIZE = (56, 56)
 @pytest.fixture(scope="module")
 def outliers(tmp_path_factory):
     """family -> (checkpoint, canonical fp32 model.onnx at 56x56, calibration feeds), built once."""
-    from export.families import family_by_name
-    from export.loading import load_folder
-    from export.onnx_export import ExportShape, export_canonical
+    from export.graph.trace import ExportShape, export_canonical
+    from export.models.families import family_by_name
+    from export.models.loading import load_folder
     from export.precision.calibration import calibration_feeds, calibration_images
     from parity_tests.tiny_models import save_outlier_checkpoint
 
@@ -52,8 +52,9 @@ def outliers(tmp_path_factory):
 
 def _held_out(ckpt, onnx_path) -> dict[str, float]:
     """Minimum cosine against PyTorch on the 28 held-out photo views, per output (Q/DQ as TensorRT runs it)."""
-    from export.backend import OnnxRuntimeRunner, TorchRunner
-    from export.metrics import compare
+    from export.core.metrics import compare
+    from export.runners.ort import OnnxRuntimeRunner
+    from export.runners.pyt import TorchRunner
 
     x = pixel_values(ckpt.processor, [p.image for p in held_out_photos()], SIZE).numpy()
     with TorchRunner(ckpt) as torch_runner, OnnxRuntimeRunner(onnx_path, "exact") as ort_runner:
@@ -93,8 +94,8 @@ def test_outlier_models_have_outliers(outliers):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp32_parity_holds_at_outlier_magnitudes(outliers, family):
     """An absolute max-abs bound failed these correct exports; the scale-aware one passes them."""
-    from export.onnx_export import ExportShape
-    from export.parity import onnx_parity
+    from export.check.parity import onnx_parity
+    from export.graph.trace import ExportShape
 
     ckpt, path, _ = outliers(family)
     report = onnx_parity(ckpt, ExportShape(*SIZE), path)
@@ -111,8 +112,8 @@ def test_fp32_parity_still_fails_a_wrong_export(outliers, family, tmp_path):
     Its cosine still rounds to 1 (0.9999998), so only the element-wise check can catch it."""
     from onnx import numpy_helper
 
-    from export.onnx_export import ExportShape
-    from export.parity import onnx_parity
+    from export.check.parity import onnx_parity
+    from export.graph.trace import ExportShape
 
     ckpt, path, _ = outliers(family)
     model = onnx.load(str(path))
@@ -130,7 +131,7 @@ def test_fp32_parity_still_fails_a_wrong_export(outliers, family, tmp_path):
 
 
 def test_max_abs_rel_is_scale_free():
-    from export.metrics import compare
+    from export.core.metrics import compare
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((4, 17, 96)).astype(np.float32)
@@ -145,9 +146,9 @@ def test_max_abs_rel_is_scale_free():
 def test_smoothing_keeps_the_function_and_balances_the_channels(outliers, tmp_path):
     import shutil
 
-    from export.backend import ort_session
     from export.precision.smooth import smooth_with_factors, smoothing_tensors
     from export.precision.stats import collect_stats
+    from export.runners.ort import ort_session
 
     ckpt, canonical, feeds = outliers("clip-vision")
     folder = tmp_path / "m"
@@ -191,7 +192,7 @@ def test_smoothing_keeps_the_function_and_balances_the_channels(outliers, tmp_pa
 
 
 def test_smoothing_leaves_models_without_outliers_alone(exported, tmp_path):
-    from export.images import sample_photos
+    from export.core.images import sample_photos
     from export.precision.smooth import smooth_for_quantization
 
     ckpt, shape, canonical = exported("mlcd-rope2d")
@@ -204,9 +205,9 @@ def test_smoothing_leaves_models_without_outliers_alone(exported, tmp_path):
 
 
 def test_restoring_every_layer_gives_back_the_float_graph(outliers, tmp_path):
-    from export.backend import ort_session
     from export.precision.fallback import quantized_layers, restore
     from export.precision.qdq import quantize_qdq
+    from export.runners.ort import ort_session
 
     _, src, feeds = outliers("mlcd-rope2d")
     qdq = tmp_path / "qdq.onnx"
@@ -273,21 +274,21 @@ def test_int8_recipe_runs_the_fp32_model_once(outliers, tmp_path, monkeypatch):
     the fp32 model (four before: about 3 minutes each on MLCD-bigG)."""
     import shutil
 
-    import export.backend as backend
-    from export.artifacts import EXTERNAL_DATA_THRESHOLD
+    import export.runners.ort as ort_runners
+    from export.core.folder import EXTERNAL_DATA_THRESHOLD
     from export.precision import apply_precision
 
     _, canonical, feeds = outliers("mlcd-rope2d")
     folder = tmp_path / "m"
     shutil.copytree(canonical.parent, folder)
     opened: list[str] = []
-    original = backend.ort_session
+    original = ort_runners.ort_session
 
     def recording(model, *args, **kwargs):
         opened.append(Path(model).name if isinstance(model, (str, Path)) else "<bytes>")
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(backend, "ort_session", recording)
+    monkeypatch.setattr(ort_runners, "ort_session", recording)
     result = apply_precision(folder / "model.onnx", "int8", feeds, external_data_threshold=EXTERNAL_DATA_THRESHOLD,
                              log=lambda _: None)
     float_runs = [name for name in opened if name in ("model.onnx", "smoothed.onnx") or "stats-probe" in name]

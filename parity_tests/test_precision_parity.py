@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export.images import SKIMAGE_PHOTOS, sample_photos
+from export.core.images import SKIMAGE_PHOTOS, sample_photos
 from export.pipeline import BuildOptions, build
 from export.precision.calibration import SKIMAGE_CALIBRATION
 
@@ -117,7 +117,7 @@ def test_int8_from_an_image_folder(tiny_folders, tmp_path, method):
 @pytest.fixture(scope="module")
 def overflowing_checkpoint(tiny_folders, tmp_path_factory):
     """The tiny RoPE model with one MLP made to produce activations far beyond fp16's 65504."""
-    from export.loading import load_folder
+    from export.models.loading import load_folder
 
     ckpt = load_folder(tiny_folders["mlcd-rope2d"])
     mlp = ckpt.model.encoder.layers[0].mlp
@@ -140,7 +140,7 @@ def test_overflow_localization_keeps_the_overflowing_nodes_in_fp32(overflowing_c
 def _runtime_dtypes(model, names: list[str]) -> dict[str, np.dtype]:
     import onnxruntime as ort
 
-    from export.families import INPUT_NAME
+    from export.core.interface import INPUT_NAME
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -173,9 +173,9 @@ def test_naive_fp16_overflows_where_the_recipe_does_not(overflowing_checkpoint, 
     The pooled output can still look finite on a CPU (onnxruntime's fp16 MatMul does not propagate
     inf the IEEE way a GPU kernel does), so the test looks at every intermediate tensor.
     """
-    from export.families import INPUT_NAME
-    from export.images import pixel_values
-    from export.loading import load_folder
+    from export.core.images import pixel_values
+    from export.core.interface import INPUT_NAME
+    from export.models.loading import load_folder
     from export.precision.fp16 import to_fp16
 
     _build(overflowing_checkpoint, tmp_path / "fp32", parity=False)
@@ -191,9 +191,9 @@ def test_naive_fp16_overflows_where_the_recipe_does_not(overflowing_checkpoint, 
 def test_every_precision_and_lowering_passes_onnx_checker_with_external_data(tiny_folders, tmp_path, precision):
     """onnx.checker's full check (what `polygraphy check lint` runs) accepts every model.onnx, and the
     external-data path (weights in model.onnx.data, as for > 2 GB models) loads back in onnxruntime."""
-    from export import backend
-    from export.lowering import LOWERINGS, lower_rope
-    from export.metrics import row_cosines
+    from export import runners as backend
+    from export.core.metrics import row_cosines
+    from export.graph.lowering import LOWERINGS, lower_rope
     from export.pipeline import check_graph
 
     out = tmp_path / precision

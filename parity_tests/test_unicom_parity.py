@@ -10,10 +10,12 @@ import numpy as np
 import onnx
 import pytest
 
-from export.backend import OnnxRuntimeRunner, TorchRunner
-from export.families import INPUT_NAME, UNICOM
-from export.images import held_out_photos, pixel_values, sample_photos
-from export.metrics import compare
+from export.core.images import held_out_photos, pixel_values, sample_photos
+from export.core.interface import INPUT_NAME
+from export.core.metrics import compare
+from export.models.families import UNICOM
+from export.runners.ort import OnnxRuntimeRunner
+from export.runners.pyt import TorchRunner
 
 SIZE = (56, 56)
 
@@ -30,7 +32,7 @@ def fp32_export(tiny_folders, tmp_path_factory):
 
 
 def _checkpoint(tiny_folders):
-    from export.loading import load_checkpoint
+    from export.models.loading import load_checkpoint
 
     return load_checkpoint(str(tiny_folders["unicom"]))
 
@@ -58,8 +60,8 @@ def test_cli_export_matches_the_module_on_photos(tiny_folders, fp32_export):
 
 def test_a_wrong_head_fails_parity(tiny_folders, fp32_export, tmp_path):
     """One head weight matrix off by 0.1%: the cosine would pass, max_abs_rel must not."""
-    from export.onnx_export import ExportShape
-    from export.parity import onnx_parity
+    from export.check.parity import onnx_parity
+    from export.graph.trace import ExportShape
 
     model = onnx.load(str(fp32_export / "model.onnx"))
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")  # feature.0, the flattened head

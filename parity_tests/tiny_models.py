@@ -1,4 +1,4 @@
-"""Tiny test checkpoints. save_tiny_checkpoint lives in the product (export.testing: the benchmark and
+"""Tiny test checkpoints. save_tiny_checkpoint lives in the product (export.models.testing: the benchmark and
 the load test use it too); the outlier models below are for the precision tests.
 """
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.families import ModelFamily
-from export.testing import save_tiny_checkpoint
+from export.models.families import ModelFamily
+from export.models.testing import save_tiny_checkpoint
 
 __all__ = ["save_tiny_checkpoint", "save_outlier_checkpoint"]
 

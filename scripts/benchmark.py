@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from export.flops import flops_per_image
+from export.models.flops import flops_per_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -73,7 +73,7 @@ def torch_backend(ckpt, threads: int):
     """The transformers model with attn_implementation "sdpa" (PyTorch's fastest eager attention)."""
     import torch
 
-    from export.backend import TorchRunner
+    from export.runners.pyt import TorchRunner
 
     torch.set_num_threads(threads)
     ckpt.model.set_attn_implementation("sdpa")
@@ -81,7 +81,7 @@ def torch_backend(ckpt, threads: int):
 
 
 def ort_backend(path: Path, threads: int, outputs: tuple[str, ...]):
-    from export.backend import OnnxRuntimeRunner
+    from export.runners.ort import OnnxRuntimeRunner
 
     # No spin-waiting between runs: with runs interleaved across backends, idle spinning threads of one
     # session would steal the cores the next backend (PyTorch included) is timed on.
@@ -91,8 +91,8 @@ def ort_backend(path: Path, threads: int, outputs: tuple[str, ...]):
 def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: int, log, outputs: tuple[str, ...]):
     """Build an engine for the fp32 graph and return (runner, gpu info); raises when it cannot run."""
     from export import engine as engines
-    from export.backend import TensorRTRunner
-    from export.families import INPUT_NAME
+    from export.core.interface import INPUT_NAME
+    from export.runners.trt import TensorRTRunner
 
     target = engines.probe("tensorrt")
     if target.skip_reason:
@@ -107,8 +107,8 @@ def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: i
 
 def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, str]]:
     """{backend: model.onnx} for every onnxruntime backend, and {backend: skip reason}."""
-    from export.lowering import LOWERINGS
-    from export.onnx_export import ExportShape, export_canonical
+    from export.graph.lowering import LOWERINGS
+    from export.graph.trace import ExportShape, export_canonical
     from export.variants import lowered_graph, precision_graph
 
     h, w = ckpt.image_size
@@ -144,10 +144,10 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
               log=print) -> dict:
     from tqdm.auto import tqdm
 
-    from export.families import INPUT_NAME
-    from export.images import held_out_photos, pixel_values
-    from export.loading import load_checkpoint
-    from export.parity import _first_line
+    from export.check.parity import _first_line
+    from export.core.images import held_out_photos, pixel_values
+    from export.core.interface import INPUT_NAME
+    from export.models.loading import load_checkpoint
 
     log(f"[1/4] Loading {model or 'the demo model'} ...")
     ckpt = load_checkpoint(model, random_weights=random_weights)
@@ -253,7 +253,7 @@ def goals(results: list[dict]) -> dict:
 
 
 def _min_cosine(reference: np.ndarray, actual: np.ndarray) -> float:
-    from export.metrics import row_cosines
+    from export.core.metrics import row_cosines
 
     return round(float(row_cosines(reference, actual).min()), 6)
 
@@ -306,7 +306,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.errors import MvtError
+    from export.core.errors import MvtError
 
     args = parser().parse_args(argv)
     batch_sizes = args.batch_sizes or (SHORT["batch_sizes"] if args.short else DEFAULT_BATCH_SIZES)
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "benchmark.md").write_text(table(report) + "\n")
     files.append(out / "benchmark.md")
     if not args.no_plot:
-        from export.plots import plot_benchmark
+        from export.check.plots import plot_benchmark
 
         m = report["model"]
         title = (f"{m['source']} ({m['hidden_size']} wide, {m['num_hidden_layers']} layers, "

@@ -39,8 +39,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def write_photos(folder: Path, count: int) -> Path:
-    """`count` JPEG files: the held-out photo views (export.images), cycled at a few sizes."""
-    from export.images import held_out_photos
+    """`count` JPEG files: the held-out photo views (export.core.images), cycled at a few sizes."""
+    from export.core.images import held_out_photos
 
     folder.mkdir(parents=True, exist_ok=True)
     views = held_out_photos()
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from embed import embed_images
     from embed.ray_job import start_ray
     from embed.worker import Embedder
-    from export.manifest import read_manifest
+    from export.core.manifest import read_manifest
 
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="benchmark-embed-") as tmp_name:

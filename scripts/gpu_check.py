@@ -195,7 +195,7 @@ def check_bench(torch, cc: int, peak_tbs: float, sweep: bool):
 
     batch = 32
     try:
-        import export.rope_op  # noqa: F401  defines mvt::rope2d
+        import export.models.rope_op  # noqa: F401  defines mvt::rope2d
         from mvt_kernels import register_cuda_impl
 
         register_cuda_impl()
@@ -288,15 +288,15 @@ def check_models(torch, iters: int):
         report("SKIP", "model throughput", f"transformers is not importable ({type(exc).__name__}); "
                "carry its wheels: scripts/gpu_wheels.sh, then MVT_WHEELS=<dir> scripts/gpu_check.sh")
         return
-    from export.rope_op import mlcd_rope_through_custom_op
-    from export.zoo import zoo_entry
+    from export.models.rope_op import mlcd_rope_through_custom_op
+    from export.models.zoo import zoo_entry
     from mvt_kernels import register_cuda_impl
 
     register_cuda_impl()
     batch = 32
     for alias in SHAPES:
         entry = zoo_entry(alias)
-        assert entry is not None, f"{alias} is not in export.zoo"
+        assert entry is not None, f"{alias} is not in export.models.zoo"
         for dtype in (torch.bfloat16, torch.float16):
             dname = str(dtype).removeprefix("torch.")
             model = None

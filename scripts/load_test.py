@@ -87,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
 def run_load(url: str, protocol: str, model: str, images: list[bytes], requests: int, concurrency: int,
              after_warmup=lambda: None, output: str | None = None) -> dict:
     """`output`: the one output to request (the repository's pooled output); None: every served output."""
-    from export.backend import IMAGE_INPUT, TritonRunner
+    from export.core.interface import IMAGE_INPUT
+    from export.runners.triton_client import TritonRunner
 
     local = threading.local()
     runners: list[TritonRunner] = []  # one client per thread; all deactivated at the end
@@ -141,7 +142,8 @@ def fault_checks(url: str, protocol: str, model: str, good: list[bytes], output:
     cases = [(name, data, True) for name, data in bad.items()]
     cases += [(f"good-{i}", good[i % len(good)], False) for i in range(2 * len(bad))]
     cases = [c for pair in zip(cases[:len(bad)], cases[len(bad):]) for c in pair] + cases[2 * len(bad):]
-    from export.backend import IMAGE_INPUT, TritonRunner
+    from export.core.interface import IMAGE_INPUT
+    from export.runners.triton_client import TritonRunner
 
     def one(case: tuple[str, bytes, bool]) -> str | None:
         name, data, is_bad = case
@@ -164,7 +166,7 @@ def fault_checks(url: str, protocol: str, model: str, good: list[bytes], output:
 def jpeg_photos(count: int = 4, quality: int = 90) -> list[bytes]:
     """`count` scikit-image photographs (astronaut 512x512, coffee 400x600, chelsea 300x451, rocket 427x640)
     as JPEG bytes: what clients send (PNG decoding alone costs more than preprocessing a JPEG)."""
-    from export.images import sample_photos
+    from export.core.images import sample_photos
     from triton_repo.testing import encode
 
     return [encode(photo, "JPEG", quality=quality) for photo in sample_photos(count)]
@@ -180,8 +182,8 @@ def direct_onnxruntime(onnx_path: Path, pixels: np.ndarray, batch: int, seconds:
     """The same model.onnx in onnxruntime, here, on preprocessed pixels ((3, H, W) or (N, 3, H, W), cycled to
     the batch): images per second, and CPU milliseconds per image (all threads of this process).
     allow_spinning: the runner's default; the served encoder turns it off (backend_models/encoder.py)."""
-    from export.backend import OnnxRuntimeRunner
-    from export.families import INPUT_NAME
+    from export.core.interface import INPUT_NAME
+    from export.runners.ort import OnnxRuntimeRunner
 
     rows = pixels[None] if pixels.ndim == 3 else pixels  # (N, 3, H, W)
     feed = {INPUT_NAME: _cycled(rows, batch)}  # (B, 3, H, W)
@@ -201,9 +203,9 @@ def direct_with_preprocessing(onnx_path: Path, images: list[bytes], cfg, batch: 
                               threads: int = 0, output: str = "pooler_output") -> dict:
     """Decode + preprocess `batch` images (one thread, the server's recipe), then onnxruntime on them: the
     served path's work without the server. Images per second."""
-    from export.backend import OnnxRuntimeRunner
-    from export.families import INPUT_NAME
-    from triton_repo.preprocessing import pixel_values_from_bytes
+    from export.core.interface import INPUT_NAME
+    from export.core.preprocessing import pixel_values_from_bytes
+    from export.runners.ort import OnnxRuntimeRunner
 
     with OnnxRuntimeRunner(onnx_path, "optimized", output_names=[output], threads=threads) as runner:
         runs, start, cpu, i = -1, 0.0, 0.0, 0
@@ -371,8 +373,8 @@ def served_vs_direct(served: Callable[[], float], direct: Callable[[], tuple[flo
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from export.core.preprocessing import ClipPreprocessing, pixel_values_from_bytes
     from triton_repo.build import RepoOptions, build_repository
-    from triton_repo.preprocessing import ClipPreprocessing, pixel_values_from_bytes
     from triton_repo.server import TritonServer, free_port, model_statistics
     from triton_repo.testing import photo_bytes, tiny_artifacts
 

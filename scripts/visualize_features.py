@@ -10,7 +10,7 @@ The reference is the PyTorch model named in DIR/manifest.json; the backend runs 
 (onnxruntime), DIR/model.plan (TensorRT or TensorRT-RTX, as the manifest says it was built) or the
 served ensemble (Triton, at the export's resolution: the server preprocesses). The PNG shows the
 image as the model sees it, the PCA-RGB map of PyTorch's patch tokens and that of the backend's
-tokens, projected on PyTorch's basis (export/features.py).
+tokens, projected on PyTorch's basis (export/check/features.py).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.backend import RUNNER_KINDS  # noqa: E402  (numpy only: -h stays light)
-from export.engine import add_native_budget_arguments  # noqa: E402
+from export.engine.profiles import add_native_budget_arguments  # noqa: E402
+from export.runners.base import RUNNER_KINDS  # noqa: E402  (numpy only: -h stays light)
 
 BACKENDS = tuple(k for k in RUNNER_KINDS if k != "torch")  # torch is the reference itself
 
@@ -50,13 +50,17 @@ def parser() -> argparse.ArgumentParser:
 def run(args, log=print) -> dict:
     from PIL import Image
 
-    from export.backend import OnnxRuntimeRunner, Runner, TorchRunner, image_feed, ort_mode_for, runner_for_artifacts
-    from export.errors import OptionError
-    from export.families import INPUT_NAME
-    from export.features import feature_figure
-    from export.images import pixel_values, sample_photos
-    from export.manifest import export_shape, read_manifest, reference_checkpoint
-    from export.onnx_export import ExportShape, validate_image_size
+    from export.check.features import feature_figure
+    from export.core.errors import OptionError
+    from export.core.images import pixel_values, sample_photos
+    from export.core.interface import INPUT_NAME
+    from export.core.manifest import read_manifest
+    from export.graph.trace import ExportShape, export_shape, validate_image_size
+    from export.models.loading import reference_checkpoint
+    from export.runners.base import Runner, image_feed, ort_mode_for
+    from export.runners.ort import OnnxRuntimeRunner
+    from export.runners.pyt import TorchRunner
+    from export.runners.select import runner_for_artifacts
 
     manifest = read_manifest(args.artifacts)
     log(f"loading the PyTorch reference ({manifest['options'].get('model') or 'demo'}) ...")
@@ -117,7 +121,7 @@ def run(args, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.errors import MvtError
+    from export.core.errors import MvtError
 
     args = parser().parse_args(argv)
     try:

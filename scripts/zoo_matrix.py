@@ -105,7 +105,7 @@ def fp32_weight_bytes(model: str) -> int:
     """Parameter bytes of the architecture in fp32, from a meta-device build (shapes only, no memory)."""
     import torch
 
-    from export.loading import load_checkpoint
+    from export.models.loading import load_checkpoint
 
     with torch.device("meta"):
         ckpt = load_checkpoint(model, random_weights=True)
@@ -187,7 +187,7 @@ def write_report(args, old: dict | None, weights: dict, cells: list[dict]) -> li
         new = {(c["model"], c["precision"]) for c in cells}
         weights = {**old["weights"], **weights}
         cells = [c for c in old["cells"] if (c["model"], c["precision"]) not in new] + cells
-        from export.zoo import ZOO
+        from export.models.zoo import ZOO
 
         models = list(MODELS) + [e.alias for e in ZOO if e.alias not in MODELS]  # the issue's four first
         order = {(m, p): i for i, (m, p) in enumerate((m, p) for m in models for p in PRECISIONS)}

@@ -1,5 +1,5 @@
-"""export.backend: one runner protocol, the engine runtime taken from the manifest, one session helper;
-export.metrics' shared metrics; and the layering rule (nothing outside parity_tests imports it)."""
+"""export.runners: one runner protocol, the engine runtime taken from the manifest, one session helper;
+export.core.metrics' shared metrics; and the layering rule (nothing outside parity_tests imports it)."""
 
 from __future__ import annotations
 
@@ -15,22 +15,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export import backend
-from export.backend import (
-    IMAGE_INPUT,
-    OnnxRuntimeRunner,
-    TensorRTRunner,
-    TritonRunner,
-    engine_problem,
-    engine_runner_from_manifest,
-    engine_runtime,
-    image_feed,
-    ort_session,
-    runner_for_artifacts,
-)
-from export.engine import EngineTarget
-from export.errors import EngineUnavailableError, OptionError
-from export.families import INPUT_NAME
+from export import runners as backend
+from export.core.errors import EngineUnavailableError, OptionError
+from export.core.interface import IMAGE_INPUT, INPUT_NAME
+from export.engine.target import EngineTarget
+from export.runners.base import image_feed
+from export.runners.ort import OnnxRuntimeRunner, ort_session
+from export.runners.select import runner_for_artifacts
+from export.runners.triton_client import TritonRunner
+from export.runners.trt import TensorRTRunner, engine_problem, engine_runner_from_manifest, engine_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 H200 = {"name": "NVIDIA H200", "compute_capability": "9.0"}
@@ -59,7 +52,7 @@ def gpu_here(monkeypatch):
     """Pretend every runtime is installed and `gpu` is visible: export.engine.probe is the only probe."""
     def use(gpu: dict):
         monkeypatch.setattr("export.engine.probe", lambda runtime: EngineTarget(runtime, "1.0", None, gpu))
-        monkeypatch.setattr(backend, "_importable", lambda module: True)  # polygraphy "installed"
+        monkeypatch.setattr("export.runners.trt._importable", lambda module: True)  # polygraphy "installed"
 
     return use
 
@@ -99,7 +92,7 @@ def test_no_gpu_or_no_runtime_is_a_clear_refusal(tmp_path, monkeypatch):
 
 
 def test_an_engine_built_for_another_gpu_is_refused(monkeypatch):
-    monkeypatch.setattr(backend, "_importable", lambda module: True)
+    monkeypatch.setattr("export.runners.trt._importable", lambda module: True)
     problem = engine_problem(RTX_ENGINE, EngineTarget("tensorrt-rtx", "1.7", None, H200))
     assert "built for compute capability 7.5, 8.0, 8.6, 8.9, 12.0" in problem and "--compute-capability 9.0" in problem
     assert engine_problem(RTX_ENGINE, EngineTarget("tensorrt-rtx", "1.7", None, RTX_4090)) is None
@@ -113,8 +106,8 @@ def test_activation_binds_polygraphy_to_the_runner_runtime(tmp_path):
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"not an engine")
     code = f"""
-from export.backend import TensorRTRunner
-from export.errors import OptionError
+from export.runners import TensorRTRunner
+from export.core.errors import OptionError
 try:
     TensorRTRunner({str(plan)!r}, "tensorrt-rtx").activate()
 except Exception:
@@ -185,8 +178,8 @@ def test_ort_session_modes_and_default_providers(tmp_path, monkeypatch):
 
 
 def test_plugin_nodes_run_with_the_reference_body_and_leave_no_file(exported, tmp_path):
-    from export.images import pixel_values, sample_photos
-    from export.lowering import lower_rope
+    from export.core.images import pixel_values, sample_photos
+    from export.graph.lowering import lower_rope
 
     ckpt, shape, canonical = exported("mlcd-rope2d")
     plugin = tmp_path / "model.onnx"
@@ -218,7 +211,7 @@ def test_triton_runner_takes_png_bytes_and_fails_cleanly_without_a_server():
 
 
 def test_shared_metrics_agree_and_can_fail():
-    from export.metrics import compare, rel_l2, row_cosines
+    from export.core.metrics import compare, rel_l2, row_cosines
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(4, 6, 8))

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from export.testing import load_script
+from export.models.testing import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def _script():
 @pytest.mark.parametrize("alias, gflops", [("rice-l-560", 1221), ("mlcd-bigg-448", 4110), ("mlcd-l-336", 382),
                                            ("mlcd-b-32", 8.8)])
 def test_flops_formula_matches_the_published_figures(alias, gflops):
-    from export.zoo import zoo_entry
+    from export.models.zoo import zoo_entry
 
     entry = zoo_entry(alias)
     config = SimpleNamespace(model_type=entry.model_type, **entry.config)

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from export import build_engine
-from export.artifacts import sha256
+from export.core.folder import sha256
 from export.pipeline import BuildOptions, build
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.errors import OptionError, OutputExistsError
+from export.core.errors import OptionError, OutputExistsError
 
 pa = pytest.importorskip("pyarrow", reason="the embed extra: pip install 'mvt-deploy[embed]'")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -41,7 +41,7 @@ def photos(tmp_path_factory) -> Path:
     import skimage.data
     from PIL import Image, ImageOps
 
-    from export.images import sample_photos
+    from export.core.images import sample_photos
 
     folder = tmp_path_factory.mktemp("photos")
     (folder / "more").mkdir()
@@ -66,9 +66,9 @@ def photos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(artifacts, photos) -> dict[str, np.ndarray]:
     """{absolute path: PyTorch's pooled output (E,)} for every decodable image, the served preprocessing's pixels."""
-    from export.backend import runner_for_artifacts
-    from export.manifest import pooled_output, read_manifest
-    from triton_repo.preprocessing import CONFIG_NAME, ClipPreprocessing, ImageDecodeError, pixel_values_from_bytes
+    from export.core.manifest import pooled_output, read_manifest
+    from export.core.preprocessing import CONFIG_NAME, ClipPreprocessing, ImageDecodeError, pixel_values_from_bytes
+    from export.runners.select import runner_for_artifacts
 
     manifest = read_manifest(artifacts)
     cfg = ClipPreprocessing.from_file(artifacts / CONFIG_NAME)
@@ -95,7 +95,7 @@ def _rows(out: Path) -> dict[str, dict]:
 
 def _check_against_reference(rows: dict[str, dict], reference: dict[str, np.ndarray], photos: Path,
                              normalize: bool = False) -> None:
-    from export.metrics import row_cosines
+    from export.core.metrics import row_cosines
 
     good = sorted(reference)
     assert len(good) == 30
@@ -273,7 +273,7 @@ def test_tensorrt_batches_follow_the_plan_profile_not_the_export(artifacts, phot
     import json
 
     import embed.worker as worker
-    import export.backend
+    import export.runners.trt
 
     folder = Path(shutil.copytree(artifacts, tmp_path / "artifacts"))
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -294,7 +294,7 @@ def test_tensorrt_batches_follow_the_plan_profile_not_the_export(artifacts, phot
             return {model.output: np.zeros((x.shape[0], 64), np.float32)}
 
     monkeypatch.setattr(worker, "resolve_runtime", lambda *a: ("tensorrt", None))
-    monkeypatch.setattr(export.backend, "engine_runner_from_manifest", lambda *a, **k: FakeEngineRunner())
+    monkeypatch.setattr(export.runners.trt, "engine_runner_from_manifest", lambda *a, **k: FakeEngineRunner())
     paths = sorted(str(p) for p in photos.glob("p*-full.*"))[:5]
     model = worker.Embedder(folder, "tensorrt")
     rows = model.rows(paths)

@@ -86,7 +86,7 @@ def _answers(requests: list) -> list:
 
 
 def _direct(repo: Path, pixels: np.ndarray) -> dict[str, np.ndarray]:
-    from export.backend import OnnxRuntimeRunner
+    from export.runners.ort import OnnxRuntimeRunner
 
     with OnnxRuntimeRunner(repo / "encoder" / "1" / "model.onnx") as runner:
         return runner.infer({"pixel_values": pixels})

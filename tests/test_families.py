@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from export.errors import UnsupportedModelError
-from export.families import CLIP_VISION, FAMILIES, MLCD_ROPE2D, UNICOM, family_for_model_type
-from export.zoo import DEMO, ZOO, zoo_entry
+from export.core.errors import UnsupportedModelError
+from export.models.families import CLIP_VISION, FAMILIES, MLCD_ROPE2D, UNICOM, family_for_model_type
+from export.models.zoo import DEMO, ZOO, zoo_entry
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_every_family_has_a_tiny_model_that_loads(family, tiny_folders):
-    from export.loading import load_checkpoint
+    from export.models.loading import load_checkpoint
 
     ckpt = load_checkpoint(str(tiny_folders[family.name]))  # a folder, or a released-format file (UNICOM)
     assert ckpt.family is family

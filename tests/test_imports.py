@@ -34,7 +34,7 @@ def test_missing_tensorrt_is_a_reason_not_an_error():
 
 def test_missing_extra_names_the_extra():
     proc = _run(
-        "from export.errors import require, MissingDependencyError\n"
+        "from export.core.errors import require, MissingDependencyError\n"
         "try:\n    require('tensorrt', 'tensorrt')\nexcept MissingDependencyError as e:\n    print(e)\n"
     )
     assert "pip install 'mvt-deploy[tensorrt]'" in proc.stdout, proc.stderr

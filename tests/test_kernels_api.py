@@ -48,8 +48,8 @@ def test_bad_table_shape_is_explained():
 
 def test_custom_op_gets_a_cuda_kernel_and_keeps_cpu_behaviour():
     pytest.importorskip("triton")
-    from export.rope_identity import TORCH_OP
     from mvt_kernels import register_cuda_impl
+    from mvt_kernels.names import TORCH_OP
     from mvt_kernels.torch_op import has_cuda_kernel, rope2d
 
     assert register_cuda_impl() is True
@@ -60,10 +60,10 @@ def test_custom_op_gets_a_cuda_kernel_and_keeps_cpu_behaviour():
 
 
 def test_the_op_is_defined_once_and_reachable_through_export():
-    """export.rope_op re-exports the op mvt_kernels/torch_op.py defines; torch.ops resolves its identity."""
-    from export import rope_op
-    from export.rope_identity import TORCH_NAME, TORCH_NAMESPACE
+    """export.models.rope_op re-exports the op mvt_kernels/torch_op.py defines; torch.ops resolves its identity."""
+    from export.models import rope_op
     from mvt_kernels import torch_op
+    from mvt_kernels.names import TORCH_NAME, TORCH_NAMESPACE
 
     assert rope_op.rope2d is torch_op.rope2d
     assert torch_op.op_overload() is getattr(getattr(torch.ops, TORCH_NAMESPACE), TORCH_NAME).default

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from export.rope_identity import DOMAIN, OP_TYPE, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, VERSION
+from mvt_kernels.names import DOMAIN, OP_TYPE, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, VERSION
 from mvt_kernels.trt_plugin import PLUGIN_ID, register_trt_plugin, tensorrt_skip_reason
 
 
@@ -23,7 +23,7 @@ def _require_tensorrt_and_gpu():
 
 
 def test_plugin_id_matches_the_plugin_lowering():
-    from export.lowering import PLUGIN_NAMESPACE
+    from export.graph.lowering import PLUGIN_NAMESPACE
 
     assert PLUGIN_ID == f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
 
@@ -120,8 +120,8 @@ def test_plugin_lowering_builds_an_engine_and_keeps_model_onnx_portable(tiny_fol
     import numpy as np
     import onnx
 
-    from export import backend
-    from export.metrics import row_cosines
+    from export import runners as backend
+    from export.core.metrics import row_cosines
     from export.pipeline import BuildOptions, build
 
     out = tmp_path / "plugin"

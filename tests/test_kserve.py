@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from export.artifacts import sha256
-from export.errors import OptionError, OutputExistsError
+from export.core.errors import OptionError, OutputExistsError
+from export.core.folder import sha256
 from export.rebuild import engine_shapes, verify_artifacts
 from triton_repo import build as repo_build, kserve
 from triton_repo.build import RepoOptions, build_repository

@@ -15,7 +15,7 @@ import struct
 
 import pytest
 
-from export.testing import load_script
+from export.models.testing import load_script
 from triton_repo.perf_analyzer import (
     PerfAnalyzerError,
     PerfAnalyzerInstall,
@@ -69,7 +69,7 @@ def test_input_data_json_decodes_back_to_the_jpegs():
     doc = json.loads(json.dumps(input_data_json(images)))  # what perf_analyzer reads: plain JSON
     assert list(doc) == ["data"] and len(doc["data"]) == 3  # one request per image, round-robin
     for entry, image in zip(doc["data"], images):
-        assert list(entry) == ["image"]  # the ensemble's input (export.families.IMAGE_INPUT)
+        assert list(entry) == ["image"]  # the ensemble's input (export.models.families.IMAGE_INPUT)
         raw = base64.b64decode(entry["image"]["b64"], validate=True)
         assert _decode_elements(raw) == [image]  # one element: the [1] BYTES tensor of a batch-1 request
     assert base64.b64decode(doc["data"][0]["image"]["b64"])[4:6] == b"\xff\xd8"  # a JPEG after the prefix
@@ -82,7 +82,7 @@ def test_input_data_written_atomically(tmp_path):
 
 
 def test_too_short_window_is_refused(tmp_path):
-    from export.errors import OptionError
+    from export.core.errors import OptionError
 
     install = PerfAnalyzerInstall(tmp_path / "perf_analyzer", tmp_path)
     with pytest.raises(OptionError, match="at least 500 ms"):
@@ -92,7 +92,7 @@ def test_too_short_window_is_refused(tmp_path):
 
 
 def test_input_data_needs_an_image():
-    from export.errors import OptionError
+    from export.core.errors import OptionError
 
     with pytest.raises(OptionError, match="at least one image"):
         input_data_json([])
@@ -220,9 +220,9 @@ def test_batch_parallel_encoder_matches_onnxruntime(served_tiny):
     model.onnx run directly on the same pixels, row for row and in order."""
     import numpy as np
 
-    from export.backend import OnnxRuntimeRunner
-    from export.families import INPUT_NAME
-    from triton_repo.preprocessing import ClipPreprocessing, pixel_values_from_bytes
+    from export.core.interface import INPUT_NAME
+    from export.core.preprocessing import ClipPreprocessing, pixel_values_from_bytes
+    from export.runners.ort import OnnxRuntimeRunner
     from triton_repo.testing import photo_bytes
 
     httpclient = pytest.importorskip("tritonclient.http")

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from export.errors import CheckpointError, UnsupportedModelError
-from export.loading import load_checkpoint, load_folder
+from export.core.errors import CheckpointError, UnsupportedModelError
+from export.models.loading import load_checkpoint, load_folder
 
 
 def test_full_clip_checkpoint_loads_its_vision_tower(tiny_folders):

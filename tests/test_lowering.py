@@ -5,10 +5,10 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from export import onnx_rope
-from export.errors import OptionError
-from export.lowering import LOWERINGS, lower_rope, resolve_rope
-from export.rope_identity import DOMAIN, OP_TYPE, PLUGIN_NAME, PLUGIN_NAMESPACE
+from export.core.errors import OptionError
+from export.graph import rope_node as onnx_rope
+from export.graph.lowering import LOWERINGS, lower_rope, resolve_rope
+from mvt_kernels.names import DOMAIN, OP_TYPE, PLUGIN_NAME, PLUGIN_NAMESPACE
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import onnx
 import pytest
 
 from export import build_engine, engine as engines
-from export.artifacts import sha256
-from export.errors import EngineUnavailableError
+from export.core.errors import EngineUnavailableError
+from export.core.folder import sha256
 from export.rebuild import ArtifactsChangedError, RebuildOptions, engine_shapes, rebuild_engine, verify_artifacts
-from export.rope_identity import PLUGIN_NAMESPACE
+from mvt_kernels.names import PLUGIN_NAMESPACE
 from triton_repo.testing import tiny_artifacts
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None and importlib.util.find_spec("polygraphy") is not None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mvt_kernels
-from export import rope_op
+from export.models import rope_op
 
 
 def _tables(seq: int, head_dim: int):

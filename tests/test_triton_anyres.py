@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.errors import OptionError
+from export.core.errors import OptionError
 from triton_repo.modes import ANYRES, NATIVE, check_pinpoints, parse_pinpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +31,9 @@ NATIVE_BUDGET = (28 * 28, 112 * 112)  # small budget: grids up to 8 x 8 patches 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """{"checkpoint": folder, "static": artifacts at 56 x 56, "dynamic": --dynamic-resolution artifacts}."""
-    from export.families import family_by_name
+    from export.models.families import family_by_name
+    from export.models.testing import save_tiny_checkpoint
     from export.pipeline import BuildOptions, build
-    from export.testing import save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("anyres")
     ckpt = save_tiny_checkpoint(family_by_name("mlcd-rope2d"), root / "checkpoint")
@@ -68,8 +68,8 @@ def test_parse_pinpoints_accepts_both_spellings():
 
 
 def test_anyres_repository_configs(tiny, tmp_path):
+    from export.core.preprocessing import default_grid_pinpoints
     from triton_repo import config as tc
-    from triton_repo.preprocessing import default_grid_pinpoints
 
     result = _build(tiny["static"], tmp_path / "repo", preprocess=ANYRES)
     assert set(result.models) == {"encoder", "embed"}  # no ensemble, no preprocess model
@@ -96,7 +96,7 @@ def test_anyres_repository_configs(tiny, tmp_path):
 
 
 def test_native_repository_configs(tiny, tmp_path):
-    from export.engine import native_profiles
+    from export.engine.profiles import native_profiles
     from triton_repo import config as tc
 
     result = _build(tiny["dynamic"], tmp_path / "repo", preprocess=NATIVE, native_min_pixels=NATIVE_BUDGET[0],
@@ -117,8 +117,8 @@ def test_native_repository_configs(tiny, tmp_path):
 
 
 def test_native_defaults_are_llava_onevision_15s(tiny, tmp_path):
+    from export.core.preprocessing import NATIVE_MAX_PIXELS, NATIVE_MIN_PIXELS
     from triton_repo import config as tc
-    from triton_repo.preprocessing import NATIVE_MAX_PIXELS, NATIVE_MIN_PIXELS
 
     result = _build(tiny["dynamic"], tmp_path / "repo", preprocess=NATIVE)
     params = {k: v.string_value for k, v in tc.parse_config(result.models["embed"]).parameters.items()}
@@ -177,7 +177,7 @@ def test_cli_reports_native_without_dynamic_resolution(tiny, tmp_path):
 @pytest.mark.parametrize("factor,lo,hi", [(28, 56 * 56, 3_240_000), (28, 3136, 28 * 28 * 1280), (16, 256, 4096)])
 def test_native_profiles_cover_every_smart_resize_output(factor, lo, hi):
     from export import engine as engines
-    from triton_repo.preprocessing import MAX_ASPECT_RATIO, smart_resize
+    from export.core.preprocessing import MAX_ASPECT_RATIO, smart_resize
 
     profiles = [p["x"] for p in engines.native_profiles("x", factor, lo, hi, max_batch=2)]
     side_lo, side_hi = engines.native_side_range(factor, lo, hi)
@@ -202,7 +202,7 @@ def test_native_profiles_cover_every_smart_resize_output(factor, lo, hi):
 
 def test_anyres_profile_batches_every_tile_of_the_largest_grid():
     from export import engine as engines
-    from triton_repo.preprocessing import default_grid_pinpoints
+    from export.core.preprocessing import default_grid_pinpoints
 
     pins = default_grid_pinpoints(336)
     max_tiles = max((h // 336) * (w // 336) for h, w in pins)
@@ -318,7 +318,7 @@ def test_ragged_bls_asks_for_its_outputs_in_cpu_memory(tiny, tmp_path, monkeypat
 
 def _photos() -> dict[str, bytes]:
     """Real photographs of different aspect ratios (square, 3:2 landscape, 1:4 wide, 4:1 tall)."""
-    from export.images import sample_photos
+    from export.core.images import sample_photos
     from triton_repo.testing import encode
 
     astronaut, coffee = sample_photos(2)  # 512 x 512, 600 x 400 (width x height)
@@ -368,7 +368,7 @@ def _torch(checkpoint: Path, pixels: np.ndarray) -> dict[str, np.ndarray]:
     """PyTorch on the same preprocessed tensors (T, 3, H, W): the reference."""
     import torch
 
-    from export.loading import load_checkpoint
+    from export.models.loading import load_checkpoint
 
     model = load_checkpoint(str(checkpoint)).model
     with torch.no_grad():
@@ -385,8 +385,8 @@ def _split(result, name: str) -> list[np.ndarray]:
 def test_anyres_served_tiles_match_pytorch(servers, tiny):
     from PIL import Image
 
-    from export.metrics import row_cosines
-    from triton_repo.preprocessing import ClipPreprocessing, anyres_pixel_values, default_grid_pinpoints
+    from export.core.metrics import row_cosines
+    from export.core.preprocessing import ClipPreprocessing, anyres_pixel_values, default_grid_pinpoints
 
     photos = _photos()
     names = ["astronaut.jpg", "wide.jpg", "tall.png", "coffee.png"]
@@ -416,8 +416,8 @@ def test_anyres_served_tiles_match_pytorch(servers, tiny):
 def test_native_served_grid_matches_pytorch(servers, tiny):
     from PIL import Image
 
-    from export.metrics import row_cosines
-    from triton_repo.preprocessing import ClipPreprocessing, native_pixel_values
+    from export.core.metrics import row_cosines
+    from export.core.preprocessing import ClipPreprocessing, native_pixel_values
 
     photos = _photos()
     names = ["coffee.png", "astronaut.jpg", "tall.png", "wide.jpg"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from export.errors import OptionError
+from export.core.errors import OptionError
 from triton_repo.build import RepoOptions, build_repository, parser
 from triton_repo.config import (
     EncoderInterface,
@@ -250,7 +250,7 @@ def plugin_form_artifacts(artifacts, tmp_path_factory):
     with `--rope plugin` (or `auto` on TensorRT 10.9-10.14) wrote it."""
     import onnx
 
-    from export.lowering import lower_rope
+    from export.graph.lowering import lower_rope
 
     folder = tmp_path_factory.mktemp("plugin-form") / "artifacts"
     shutil.copytree(artifacts, folder)

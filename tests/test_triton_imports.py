@@ -20,7 +20,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_modules_import_without_optional_dependencies():
     proc = _run("import triton_repo.build, triton_repo.config, triton_repo.forms, triton_repo.serve, "
-                "triton_repo.server, triton_repo.preprocessing, triton_repo.testing")
+                "triton_repo.server, export.core.preprocessing, triton_repo.testing")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -33,7 +33,7 @@ def test_help_without_optional_dependencies(module):
 
 def test_missing_tritonclient_names_the_extra(tmp_path):
     proc = _run("from triton_repo.config import model_config_pb2\n"
-                "from export.errors import MissingDependencyError\n"
+                "from export.core.errors import MissingDependencyError\n"
                 "try:\n    model_config_pb2()\nexcept MissingDependencyError as e:\n    print(e)\n")
     assert "pip install 'mvt-deploy[serve]'" in proc.stdout, proc.stderr
 

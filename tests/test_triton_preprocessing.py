@@ -1,4 +1,4 @@
-"""The served preprocessing (PIL + numpy, triton_repo/preprocessing.py) equals transformers' CLIPImageProcessorPil.
+"""The served preprocessing (PIL + numpy, export/core/preprocessing.py) equals transformers' CLIPImageProcessorPil.
 
 No server needed: the file the `preprocess` model runs is imported here as it is.
 """
@@ -10,7 +10,7 @@ import io
 import numpy as np
 import pytest
 
-from triton_repo.preprocessing import ClipPreprocessing, ImageDecodeError, decode_image, pixel_values_from_bytes
+from export.core.preprocessing import ClipPreprocessing, ImageDecodeError, decode_image, pixel_values_from_bytes
 from triton_repo.testing import bomb_png, encode, import_or_skip
 
 import_or_skip("skimage", extra="onnx")  # the photographs
@@ -18,8 +18,8 @@ PHOTOS = ("astronaut", "coffee", "chelsea")
 
 
 def _processor(size: int = 56, crop: int | None = None):
-    from export.families import CLIP_MEAN, CLIP_STD
-    from export.loading import _processor_class
+    from export.core.interface import CLIP_MEAN, CLIP_STD
+    from export.models.loading import _processor_class
 
     crop = crop or size
     return _processor_class()(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop},
@@ -136,9 +136,16 @@ def test_config_variants_are_read():
 def test_value_table_equals_computing_every_pixel(cfg, channels):
     """uint8 pixels are looked up in a per-channel table of the 256 values; the result is bit for bit the
     arithmetic on the image, including one channel broadcast against three means (three channels out)."""
-    from triton_repo.preprocessing import _rescale_normalize, _rescale_normalize_values
+    from export.core.preprocessing import _rescale_normalize, _rescale_normalize_values
 
     pixels = np.random.default_rng(channels).integers(0, 256, (channels, 37, 53), dtype=np.uint8)  # (C, H, W)
     ours, reference = _rescale_normalize(pixels, cfg), _rescale_normalize_values(pixels, cfg)
     assert ours.dtype == np.float32 and ours.flags.c_contiguous
     np.testing.assert_array_equal(ours, reference)
+
+
+def test_clip_normalization_is_the_interface_s():
+    """The served file carries its own copy of CLIP's mean/std (it stands alone in a model folder)."""
+    from export.core import interface, preprocessing
+
+    assert (preprocessing.CLIP_MEAN, preprocessing.CLIP_STD) == (interface.CLIP_MEAN, interface.CLIP_STD)

@@ -1,7 +1,7 @@
 """UNICOM (MVT-1.0): released-format `.pt` files through the loader users run, our module against the
 architecture's description, BatchNorm folding, the release download path (offline, file:// only).
 
-The tiny files are written as the releases are (export.unicom.save_tiny_release: fp16 tensors,
+The tiny files are written as the releases are (export.models.unicom.save_tiny_release: fp16 tensors,
 upstream key names, torch.save of a plain state_dict) with non-trivial BatchNorm statistics.
 """
 
@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from export.errors import CheckpointError, OptionError
-from export.families import UNICOM
-from export.loading import load_checkpoint, load_folder
-from export.testing import save_tiny_checkpoint
-from export.unicom import UnicomVisionConfig, UnicomVisionModel, config_from_state_dict, fold_head_batchnorms
-from export.zoo import Release, zoo_entry
+from export.core.errors import CheckpointError, OptionError
+from export.models.families import UNICOM
+from export.models.loading import load_checkpoint, load_folder
+from export.models.testing import save_tiny_checkpoint
+from export.models.unicom import UnicomVisionConfig, UnicomVisionModel, config_from_state_dict, fold_head_batchnorms
+from export.models.zoo import Release, zoo_entry
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def tiny_pt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def photos_pixels(tiny_pt):
-    from export.images import pixel_values, sample_photos
+    from export.core.images import pixel_values, sample_photos
 
     ckpt = load_checkpoint(str(tiny_pt))
     return pixel_values(ckpt.processor, sample_photos(3), ckpt.image_size)  # (3, 3, 56, 56)
@@ -99,7 +99,7 @@ def test_module_matches_the_architecture_description(tiny_pt, photos_pixels):
 
 
 def test_batchnorm_folding_is_exact_to_fp32_rounding(tiny_pt, photos_pixels):
-    from export.unicom import read_state_dict
+    from export.models.unicom import read_state_dict
 
     state = read_state_dict(tiny_pt)
     unfolded = UnicomVisionModel(UnicomVisionConfig(**config_from_state_dict(state), head_folded=False)).eval()
@@ -190,7 +190,8 @@ def test_num_heads_flag_reaches_the_export_and_its_reference(tiny_pt, tmp_path):
     import json
 
     from export.build_engine import main
-    from export.manifest import read_manifest, reference_checkpoint
+    from export.core.manifest import read_manifest
+    from export.models.loading import reference_checkpoint
 
     out = tmp_path / "four-heads"
     assert main(["--model", str(tiny_pt), "--num-heads", "4", "--out", str(out), "--runtime", "none"]) == 0
@@ -224,7 +225,7 @@ def test_zoo_architectures_match_what_a_release_file_infers(alias):
 
 
 def test_flops_count_no_class_token_and_the_head():
-    from export.flops import flops_per_image
+    from export.models.flops import flops_per_image
 
     entry = zoo_entry("unicom-l-14-336")
     cfg = UnicomVisionConfig(**entry.config)
@@ -237,7 +238,7 @@ def test_flops_count_no_class_token_and_the_head():
 
 
 def test_fixed_resolution_is_enforced(tiny_pt, tmp_path):
-    from export.onnx_export import ExportShape, export_canonical
+    from export.graph.trace import ExportShape, export_canonical
 
     ckpt = load_checkpoint(str(tiny_pt))
     for shape, what in ((ExportShape(84, 84), "--image-size 84 84"), (ExportShape(56, 56, True), "--dynamic")):
@@ -268,7 +269,7 @@ def test_missing_release_file_says_where_to_get_it(tmp_path):
 def _alias_to(monkeypatch, tmp_path, source: Path, sha256: str | None = None) -> Release:
     """Point unicom-b-32's release at a local folder (file://) holding `source` under the release's name, and
     the cache at tmp_path/cache."""
-    import export.zoo as zoo
+    import export.models.zoo as zoo
 
     entry = zoo_entry("unicom-b-32")
     mirror = tmp_path / "mirror"
@@ -316,7 +317,7 @@ def test_a_corrupt_cached_file_is_downloaded_again(monkeypatch, tmp_path, tiny_p
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"truncated")
     logged: list[str] = []
-    from export.download import fetch_release
+    from export.models.download import fetch_release
 
     assert fetch_release(release, "unicom-b-32", log=logged.append) == cached
     assert cached.read_bytes() == tiny_pt.read_bytes() and any("does not match" in line for line in logged)
@@ -325,7 +326,7 @@ def test_a_corrupt_cached_file_is_downloaded_again(monkeypatch, tmp_path, tiny_p
 def test_random_weights_alias_builds_the_architecture(monkeypatch):
     """--random-weights needs no file: the zoo architecture with seeded weights (a tiny stand-in here; the
     full-size builds are measured by the zoo matrix)."""
-    import export.zoo as zoo
+    import export.models.zoo as zoo
 
     entry = zoo_entry("unicom-l-14-336")
     tiny = replace(entry, config={**UNICOM.tiny_config})
@@ -337,7 +338,7 @@ def test_random_weights_alias_builds_the_architecture(monkeypatch):
 
 
 def test_patch_tokens_without_a_class_token():
-    from export.features import patch_tokens
+    from export.check.features import patch_tokens
     from export.pipeline import default_out
 
     tokens = np.arange(16 * 3, dtype=np.float32).reshape(1, 16, 3)  # (1, N, C), no class token

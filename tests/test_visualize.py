@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from export.testing import load_script
+from export.models.testing import load_script
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -58,7 +58,7 @@ def test_bad_size_is_explained(any_resolution_folder, capsys):
 
 def test_one_pca_basis_shows_a_different_model():
     """Tokens from another model land elsewhere in the reference basis: the maps differ."""
-    from export.features import fit_pca
+    from export.check.features import fit_pca
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(16, 32))
@@ -73,7 +73,7 @@ def test_feature_png_at_the_native_grid(any_resolution_folder, tmp_path):
     """--native-max-pixels: the image at smart_resize(h, w, 28, min, max), as --preprocess native serves it."""
     from PIL import Image
 
-    from triton_repo.preprocessing import smart_resize
+    from export.core.preprocessing import smart_resize
 
     photo = tmp_path / "wide.png"
     Image.new("RGB", (300, 120), (200, 30, 60)).save(photo)

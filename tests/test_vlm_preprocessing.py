@@ -1,4 +1,4 @@
-"""The VLM input modes of triton_repo/preprocessing.py equal transformers' PIL processors exactly.
+"""The VLM input modes of export/core/preprocessing.py equal transformers' PIL processors exactly.
 
 anyres: LlavaNextImageProcessorPil's pixel_values (whole image + tiles). native: Qwen2VLImageProcessorPil's
 patch-packed pixel_values, unpacked back to (3, H', W') with its image_grid_thw. Real photographs in
@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from triton_repo.preprocessing import (
+from export.core.preprocessing import (
     NATIVE_MAX_PIXELS,
     NATIVE_MIN_PIXELS,
     ClipPreprocessing,
@@ -91,7 +91,7 @@ OFF_GRID_PINPOINTS = [(100, 150), (150, 100)]  # not multiples of the tile: part
 def _llava_next(size: int, pinpoints, mean=None):
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    from export.families import CLIP_MEAN, CLIP_STD
+    from export.core.interface import CLIP_MEAN, CLIP_STD
 
     return LlavaNextImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                       image_grid_pinpoints=[list(p) for p in pinpoints],
@@ -182,7 +182,7 @@ NATIVE_SETTINGS = {
 def _qwen2_vl(patch: int, merge: int, min_pixels: int, max_pixels: int, temporal: int, mean=None):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from export.families import CLIP_MEAN, CLIP_STD
+    from export.core.interface import CLIP_MEAN, CLIP_STD
 
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch, merge_size=merge,
                                     temporal_patch_size=temporal, image_mean=list(mean or CLIP_MEAN),

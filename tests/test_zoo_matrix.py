@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from export.testing import load_script
+from export.models.testing import load_script
 
 
 def _script():

@@ -19,24 +19,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from export.artifacts import ONNX_NAME
-from export.engine import PLAN_NAME, add_native_budget_arguments, profile_max_batch
-from export.errors import MvtError, OptionError, require
-from export.families import IMAGE_INPUT
-from export.manifest import MANIFEST_NAME, pooled_output, prefix_tokens
-
-from .config import EncoderInterface, TensorSpec, Warmup, validate_model_name
-from .forms import BACKENDS, FORMS, EncoderForm, cli_help, form
-from .kserve import (
+from export.core import preprocessing
+from export.core.errors import MvtError, OptionError, require
+from export.core.folder import MANIFEST_NAME, ONNX_NAME, PLAN_NAME
+from export.core.interface import IMAGE_INPUT
+from export.core.manifest import pooled_output, prefix_tokens
+from export.core.preprocessing import CONFIG_NAME as PREPROCESSOR_CONFIG, DEFAULT_MAX_PIXELS, ClipPreprocessing
+from export.engine.profiles import add_native_budget_arguments, profile_max_batch
+from triton_repo.config import EncoderInterface, TensorSpec, Warmup, validate_model_name
+from triton_repo.forms import BACKENDS, FORMS, EncoderForm, cli_help, form
+from triton_repo.kserve import (
     KServeOptions,
     add_arguments as add_kserve_arguments,
     options_from_args as kserve_options,
     write_kserve,
 )
-from .modes import PREPROCESS_MODES
-from .preprocessing import CONFIG_NAME as PREPROCESSOR_CONFIG, DEFAULT_MAX_PIXELS, ClipPreprocessing
+from triton_repo.modes import PREPROCESS_MODES
 
 HERE = Path(__file__).resolve().parent
+# The preprocess and ragged models import this file from beside them; the project imports it as a module.
+PREPROCESSING_PY = Path(preprocessing.__file__).resolve()
 ENCODER, PREPROCESS, NORMALIZE = "encoder", "preprocess", "normalize"
 REPO_INFO = "mvt_repository.json"
 ENSEMBLE_NOTE = "README.txt"  # in the ensemble's otherwise empty version folder
@@ -98,7 +100,7 @@ class Artifacts:
         goes to engine.onnx); an older export with `--rope plugin`, or a hand-made graph, has some.
         """
         onnx = require("onnx", "onnx")
-        from export.onnx_rope import nodes_without_body
+        from export.graph.rope_node import nodes_without_body
 
         model = onnx.load(str(self.onnx), load_external_data=False)  # the graph only, not the weights
         return sorted({f"{n.domain}.{n.op_type}" for n in nodes_without_body(model)})
@@ -267,7 +269,7 @@ def encoder_interface(art: Artifacts, spec: EncoderForm) -> EncoderInterface:
 
 def sample_jpeg() -> bytes:
     """A real photograph (scikit-image's astronaut) as JPEG bytes: warm-up runs the real path."""
-    from export.images import sample_photos
+    from export.core.images import sample_photos
 
     buf = io.BytesIO()
     sample_photos(1)[0].save(buf, format="JPEG", quality=90)
@@ -275,16 +277,15 @@ def sample_jpeg() -> bytes:
 
 
 def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> RepoResult:
-    from export.artifacts import staged_output
-
-    from . import config as tc
-    from .preprocessing import pixel_values_from_bytes
+    from export.core.folder import staged_output
+    from export.core.preprocessing import pixel_values_from_bytes
+    from triton_repo import config as tc
 
     if opts.kserve and opts.preprocess != "crop":
         raise OptionError(f"--kserve writes an InferenceService for the crop ensemble; drop --preprocess "
                           f"{opts.preprocess}")
     if opts.preprocess != "crop":  # anyres | native: ragged answers, not an ensemble
-        from .modes import build_ragged
+        from triton_repo.modes import build_ragged
 
         return build_ragged(opts, log)
     name = validate_model_name(opts.name)
@@ -313,7 +314,7 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
         # preprocess: model.py + preprocessing.py + the checkpoint's preprocessor config
         pre = stage / PREPROCESS
         _copy(HERE / "backend_models" / "preprocess.py", pre / "1" / "model.py")
-        _copy(HERE / "preprocessing.py", pre / "1" / "preprocessing.py")
+        _copy(PREPROCESSING_PY, pre / "1" / "preprocessing.py")
         _copy(art.folder / PREPROCESSOR_CONFIG, pre / "1" / PREPROCESSOR_CONFIG)
         # Triton reads TYPE_STRING warm-up data as <uint32 little-endian length><bytes> per element.
         _write(pre / "warmup" / "image", struct.pack("<I", len(jpeg)) + jpeg)
@@ -515,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                        kserve=kserve_options(args))
     try:
         if args.grid_pinpoints:
-            from .modes import parse_pinpoints
+            from triton_repo.modes import parse_pinpoints
 
             opts.grid_pinpoints = parse_pinpoints(args.grid_pinpoints)
         build_repository(opts)

@@ -11,10 +11,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.errors import OptionError, require
-from export.families import IMAGE_INPUT
-
-from .forms import BACKENDS, EncoderForm, form  # noqa: F401  (BACKENDS: the --backend choices, re-exported)
+from export.core.errors import OptionError, require
+from export.core.interface import IMAGE_INPUT
+from triton_repo.forms import BACKENDS, EncoderForm, form  # noqa: F401  (BACKENDS: the --backend choices, re-exported)
 
 CONFIG_NAME = "config.pbtxt"
 # A short wait lets concurrent requests meet in one batch; Triton also batches whatever queued

@@ -14,12 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from export.artifacts import DATA_SUFFIX, ONNX_NAME
-from export.engine import PLAN_NAME
-from export.errors import OptionError
+from export.core.errors import OptionError
+from export.core.folder import DATA_SUFFIX, ONNX_NAME, PLAN_NAME
 
 if TYPE_CHECKING:
-    from .build import RepoOptions
+    from triton_repo.build import RepoOptions
 
 
 @dataclass(frozen=True)

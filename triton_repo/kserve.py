@@ -28,13 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from export.engine import PLAN_NAME
-from export.errors import OptionError, require
-from export.manifest import MANIFEST_NAME
+from export.core.errors import OptionError, require
+from export.core.folder import MANIFEST_NAME, PLAN_NAME
 
 if TYPE_CHECKING:
-    from .build import Artifacts
-    from .forms import EncoderForm
+    from triton_repo.build import Artifacts
+    from triton_repo.forms import EncoderForm
 
 KSERVE_DIR = "kserve"  # beside the repository: <parent of --out>/kserve/
 ISVC_FILE = "inferenceservice.yaml"
@@ -180,9 +179,8 @@ def write_kserve(options: KServeOptions, *, stage: Path, out: Path, ensemble: st
     write kserve/ beside `out` (staged, then renamed; an existing one is replaced only with `force`).
 
     plan_in_pod: why the repository holds no plan of its own (build.unserved_plan): every pod builds it."""
-    from export.artifacts import staged_output
-
-    from .build import _link_or_copy
+    from export.core.folder import staged_output
+    from triton_repo.build import _link_or_copy
 
     yaml = require("yaml", "kserve")
     check_options(options)

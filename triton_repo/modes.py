@@ -33,14 +33,13 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from export import engine as engines
-from export.errors import OptionError
-from export.manifest import pooled_output, prefix_tokens
-
-from .config import EncoderInterface, TensorSpec, Warmup
+from export.core.errors import OptionError
+from export.core.manifest import pooled_output, prefix_tokens
+from triton_repo.config import EncoderInterface, TensorSpec, Warmup
 
 if TYPE_CHECKING:
-    from .build import Artifacts, RepoOptions, RepoResult
-    from .forms import EncoderForm
+    from triton_repo.build import Artifacts, RepoOptions, RepoResult
+    from triton_repo.forms import EncoderForm
 
 CROP, ANYRES, NATIVE = "crop", "anyres", "native"
 PREPROCESS_MODES = (CROP, ANYRES, NATIVE)
@@ -117,7 +116,7 @@ def native_size(art: Artifacts) -> int:
 
 def plan(opts: RepoOptions, art: Artifacts) -> RaggedPlan:
     """The mode's parameters, or OptionError for what cannot work with these artifacts."""
-    from . import preprocessing as pre
+    from export.core import preprocessing as pre
 
     mode = opts.preprocess
     if mode not in (ANYRES, NATIVE):
@@ -157,7 +156,7 @@ def native_pixels(processor, image, patch: int, max_pixels: int | None = None, m
     """One PIL image -> (1, 3, h', w') float32 as `--preprocess native` serves it, for offline tools (the ledger,
     scripts/visualize_features.py). processor: the checkpoint's image processor (its rescale and mean/std);
     None: preprocessing's defaults (LLaVA-OneVision-1.5's budget, a factor of twice the patch size)."""
-    from . import preprocessing as pre
+    from export.core import preprocessing as pre
 
     cfg = pre.ClipPreprocessing.from_dict(processor.to_dict())
     budget = engines.native_budget(patch, factor, min_pixels, max_pixels)
@@ -170,7 +169,7 @@ def native_pixels(processor, image, patch: int, max_pixels: int | None = None, m
 
 def encoder_interface(art: Artifacts, spec: EncoderForm, rp: RaggedPlan) -> EncoderInterface:
     """The encoder's tensors: anyres as the crop ensemble's (s x s); native with any height and width."""
-    from .build import encoder_interface as crop_interface
+    from triton_repo.build import encoder_interface as crop_interface
 
     if rp.mode == ANYRES and art.preprocessor.output_size is not None \
             and not art.manifest["interface"].get("dynamic_resolution"):
@@ -221,9 +220,9 @@ def check_engine_profile(art: Artifacts, spec: EncoderForm, rp: RaggedPlan, inpu
 
 def build_ragged(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
     """The anyres / native repository: `encoder` (as in the crop ensemble) + the ragged model `opts.name`."""
-    from export.artifacts import staged_output
-
-    from . import build as b, config as tc, preprocessing as pre
+    from export.core import preprocessing as pre
+    from export.core.folder import staged_output
+    from triton_repo import build as b, config as tc
 
     name = tc.validate_model_name(opts.name)
     if name in (b.ENCODER, b.PREPROCESS, b.NORMALIZE):
@@ -266,7 +265,7 @@ def build_ragged(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
 
         model = stage / name
         b._copy(b.HERE / "backend_models" / MODEL_PY, model / "1" / "model.py")
-        b._copy(b.HERE / "preprocessing.py", model / "1" / "preprocessing.py")
+        b._copy(b.PREPROCESSING_PY, model / "1" / "preprocessing.py")
         b._copy(art.folder / b.PREPROCESSOR_CONFIG, model / "1" / b.PREPROCESSOR_CONFIG)
         # No warm-up here: BLS cannot reach the encoder before every model has loaded.
         cfg = tc.ragged_config(name=name, instances=opts.instances, outputs=ragged_outputs(served, rp),

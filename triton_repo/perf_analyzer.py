@@ -31,10 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from export.errors import MvtError, OptionError
-from export.families import IMAGE_INPUT
-
-from .server import server_env
+from export.core.errors import MvtError, OptionError
+from export.core.interface import IMAGE_INPUT
+from triton_repo.server import server_env
 
 SETUP_COMMAND = "bash scripts/setup_perf_analyzer.sh"
 PERF_ANALYZER_DIR = "perf_analyzer"  # inside the server environment: bin/, lib/, wheels/

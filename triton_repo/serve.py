@@ -11,9 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
-from export.errors import MvtError
-
-from .server import DEFAULT_READY_TIMEOUT_S
+from export.core.errors import MvtError
+from triton_repo.server import DEFAULT_READY_TIMEOUT_S
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,7 +42,7 @@ def _raise_stop(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from .server import TritonServer
+    from triton_repo.server import TritonServer
 
     server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, log_file=args.log_file, ready_timeout_s=args.ready_timeout)

@@ -30,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.errors import MvtError
+from export.core.errors import MvtError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SERVER_ENV_VAR = "MVT_SERVER_ENV"

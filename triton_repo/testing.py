@@ -24,7 +24,7 @@ import numpy as np
 REQUIRE_SERVER_VAR = "MVT_REQUIRE_TRITON_SERVER"
 
 if TYPE_CHECKING:
-    from .server import TritonServer
+    from triton_repo.server import TritonServer
 
 
 def tiny_artifacts(folder: Path, family_name: str = "mlcd-rope2d", *, max_batch: int = 8,
@@ -34,9 +34,9 @@ def tiny_artifacts(folder: Path, family_name: str = "mlcd-rope2d", *, max_batch:
     runtime "none" builds no engine whatever is installed, so the artifacts (and the tests on them)
     are the same on a CPU machine and on a GPU machine with TensorRT.
     """
-    from export.families import family_by_name
+    from export.models.families import family_by_name
+    from export.models.testing import save_tiny_checkpoint
     from export.pipeline import BuildOptions, build
-    from export.testing import save_tiny_checkpoint
 
     folder = Path(folder)
     ckpt = save_tiny_checkpoint(family_by_name(family_name), folder / "checkpoint")  # UNICOM: a .pt in it
@@ -54,7 +54,7 @@ def encode(image, fmt: str, **kwargs) -> bytes:
 
 def photo_bytes() -> dict[str, bytes]:
     """Real photographs (scikit-image) as JPEG and PNG bytes: {"astronaut.jpg": ..., ...}."""
-    from export.images import sample_photos
+    from export.core.images import sample_photos
 
     astronaut, coffee, chelsea = sample_photos(3)
     return {"astronaut.jpg": encode(astronaut, "JPEG", quality=92), "coffee.png": encode(coffee, "PNG"),
@@ -84,7 +84,7 @@ def reference_pooler(checkpoint: Path, images: list[bytes], output: str | None =
     import torch
     from PIL import Image
 
-    from export.loading import load_checkpoint
+    from export.models.loading import load_checkpoint
 
     ckpt = load_checkpoint(str(checkpoint))
     pil = [Image.open(io.BytesIO(b)) for b in images]
@@ -95,7 +95,7 @@ def reference_pooler(checkpoint: Path, images: list[bytes], output: str | None =
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine per batch item, each item flattened (a served output against its reference)."""
-    from export.metrics import row_cosines
+    from export.core.metrics import row_cosines
 
     return row_cosines(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))  # (B,)
 
@@ -142,7 +142,7 @@ def import_or_skip(module: str, extra: str = "serve"):
 
 def tritonserver_or_skip(env: Path | str | None = None):
     """find_tritonserver(env), or skip_unless_required with what is missing."""
-    from .server import ServerUnavailable, find_tritonserver
+    from triton_repo.server import ServerUnavailable, find_tritonserver
 
     try:
         return find_tritonserver(env)

@@ -11,6 +11,6 @@ the graph itself says what runs in which type:
     fp8   the same with fp8 E4M3 Q/DQ (Hopper, Ada and newer GPUs)
 """
 
-from .recipe import PRECISIONS, PrecisionResult, apply_precision
+from export.precision.recipe import PRECISIONS, PrecisionResult, apply_precision
 
 __all__ = ["PRECISIONS", "PrecisionResult", "apply_precision"]

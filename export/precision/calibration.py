@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..images import load_image_folder, pixel_values
+from export.core.images import load_image_folder, pixel_values
 
 # scikit-image photographs used for calibration when no folder is given. Disjoint from the
 # parity photos (images.SKIMAGE_PHOTOS[:3]) so that parity is judged on images calibration never saw.
@@ -24,7 +24,7 @@ CALIBRATION_BUDGET_TFLOPS = 8.0
 
 def default_count(config, size: tuple[int, int]) -> int:
     """The --calib-count default for a model `config` at `size` (H, W)."""
-    from ..flops import flops_per_image
+    from export.models.flops import flops_per_image
 
     tflops = flops_per_image(config, *size)["total"] / 1e12
     return max(MIN_COUNT, min(DEFAULT_COUNT, int(CALIBRATION_BUDGET_TFLOPS / max(tflops, 1e-9))))

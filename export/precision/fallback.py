@@ -11,7 +11,7 @@ cosine to 0.77). Rule, on calibration images only (never the parity photos):
     3. return layers to float in that order until the targets are met, at most MAX_KEPT_FRACTION
        of them; they then follow the rest of the graph (fp16 for TensorRT, fp32 for CPUs)
 
-Targets: the parity threshold of each output (export.families.TOLERANCES) with half its allowance
+Targets: the parity threshold of each output (export.models.families.TOLERANCES) with half its allowance
 kept as margin, because photos calibration never saw do worse than the calibration images.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .qdq import prune_unused_qdq
+from export.precision.qdq import prune_unused_qdq
 
 # Calibration feeds used to judge (the first ones: distinct photographs). Each judgement runs the
 # model once per feed, so this bounds the cost on large models; 8 and 16 chose the same layers on
@@ -37,8 +37,8 @@ QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 
 def cosine_targets(precision: str, outputs: list[str]) -> dict[str, float]:
     """{output: minimum row cosine the Q/DQ graph must reach against fp32 on calibration images}."""
-    from ..families import TOLERANCES
-    from ..metrics import thresholds_for
+    from export.core.metrics import thresholds_for
+    from export.models.families import TOLERANCES
 
     targets = {}
     for name in outputs:
@@ -104,7 +104,7 @@ def _outputs(model, feeds: list[dict], names: list[str], folder: Path, mode: str
     written there beside them, graph only, for the session's lifetime)."""
     import onnx
 
-    from ..backend import ort_session
+    from export.runners.ort import ort_session
 
     if isinstance(model, onnx.ModelProto):
         probe = Path(folder) / ".fallback-probe.onnx"
@@ -123,7 +123,7 @@ def _outputs(model, feeds: list[dict], names: list[str], folder: Path, mode: str
 
 
 def _min_cosines(reference: dict, actual: dict) -> dict[str, float]:
-    from ..metrics import compare
+    from export.core.metrics import compare
 
     return {n: round(compare(reference[n], actual[n])["min_cosine"], 6) for n in reference}
 
@@ -148,7 +148,7 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
     qdq_model = onnx.load(str(qdq), load_external_data=False)
     # The quantizer writes every weight's DequantizeLinear at the top; each right before its layer,
     # a run holds one layer's float weights instead of all of them (8.2 GiB on MLCD-bigG before).
-    from .fp16 import topological_sort
+    from export.precision.fp16 import topological_sort
 
     topological_sort(qdq_model.graph)
     folder = Path(qdq).parent

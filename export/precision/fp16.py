@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from .islands import FP32_ISLANDS
+from export.precision.islands import FP32_ISLANDS
 
 
 def to_fp16(model, keep_fp32_nodes: Iterable[str] = (), *, infer_shapes: bool = True):

@@ -4,7 +4,7 @@ Naive fp16 ViT engines lose accuracy here (cosine 0.14 against PyTorch is report
 TensorRT-LLM's issues; LayerNorm overflow is the usual cause).
 """
 
-from ..rope_identity import OP_TYPE as ROPE_OP_TYPE
+from mvt_kernels.names import OP_TYPE as ROPE_OP_TYPE
 
 FP32_ISLANDS: dict[str, str] = {
     "LayerNormalization": "mean/variance of wide activations overflow or lose precision in fp16",

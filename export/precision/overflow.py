@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .islands import FP16_MAX, HEADROOM
+from export.precision.islands import FP16_MAX, HEADROOM
 
 
 @dataclass
@@ -28,7 +28,7 @@ class OverflowFinding:
 
 def float_intermediates(model) -> dict[str, tuple[str, str]]:
     """{tensor name: (producer node name, op type)} for float32 node outputs of the main graph."""
-    from .stats import float_tensor_ranks
+    from export.precision.stats import float_tensor_ranks
 
     floats = float_tensor_ranks(model)
     return {name: (node.name, node.op_type) for node in model.graph.node for name in node.output if name in floats}
@@ -42,7 +42,7 @@ def localize_overflow(model_path: Path, batches: Iterable[dict], headroom: float
     to its range itself, so memory stays at one layer's activations)."""
     import onnx
 
-    from .stats import collect_stats
+    from export.precision.stats import collect_stats
 
     model = onnx.load(str(model_path), load_external_data=False)
     producers = float_intermediates(model)

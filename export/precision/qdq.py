@@ -74,8 +74,8 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", m
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-    from .calibration import FeedReader
-    from .stats import collect_stats
+    from export.precision.calibration import FeedReader
+    from export.precision.stats import collect_stats
 
     fp8 = dtype == "fp8"
     if fp8:
@@ -139,7 +139,7 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", m
                 **options,
             )
         if written != target:  # elsewhere: a self-contained copy (weights streamed)
-            from .fp16 import convert_file
+            from export.precision.fp16 import convert_file
 
             convert_file(written, target, fp16=False)
     finally:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import OptionError
-from .islands import FP16_MAX, FP32_ISLANDS, HEADROOM
+from export.core.errors import OptionError
+from export.precision.islands import FP16_MAX, FP32_ISLANDS, HEADROOM
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 QUANTIZED = ("int8", "fp8")
@@ -40,7 +40,7 @@ class PrecisionResult:
 
 def check_options(precision: str, quant_target: str = "tensorrt", calib_method: str = "max") -> None:
     """Option checks that need no model, so that a typo fails before a slow load."""
-    from .qdq import CALIBRATION_METHODS
+    from export.precision.qdq import CALIBRATION_METHODS
 
     for flag, value, choices in (("--precision", precision, PRECISIONS),
                                  ("--quant-target", quant_target, QUANT_TARGETS),
@@ -66,9 +66,9 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
 
     import onnx
 
-    from ..artifacts import save_onnx
-    from .fp16 import convert_file, count_float16_initializers
-    from .overflow import localize_overflow
+    from export.core.folder import save_onnx
+    from export.precision.fp16 import convert_file, count_float16_initializers
+    from export.precision.overflow import localize_overflow
 
     path = Path(path)
     if not feeds:
@@ -117,11 +117,11 @@ def _quantize(path: Path, precision: str, feeds: list[dict], calib_method: str, 
     reference outputs. (Four passes before; each is about 3 minutes on MLCD-bigG at 8 images.)"""
     import onnx
 
-    from .fallback import FALLBACK_IMAGES, keep_sensitive_layers_out
-    from .overflow import float_intermediates, overflow_findings
-    from .qdq import calibration_tensors, quantize_qdq, weight_only_on_vectors
-    from .smooth import smooth_with_factors, smoothing_tensors
-    from .stats import collect_stats
+    from export.precision.fallback import FALLBACK_IMAGES, keep_sensitive_layers_out
+    from export.precision.overflow import float_intermediates, overflow_findings
+    from export.precision.qdq import calibration_tensors, quantize_qdq, weight_only_on_vectors
+    from export.precision.smooth import smooth_with_factors, smoothing_tensors
+    from export.precision.stats import collect_stats
 
     fp16_rest = quant_target != "cpu"
     graph = onnx.load(str(path), load_external_data=False)

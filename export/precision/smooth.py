@@ -131,7 +131,7 @@ def smooth_with_factors(path: Path, feeds: list[dict], *, dtype: str = "int8", d
     `feeds` are not run)."""
     import onnx
 
-    from .stats import collect_stats
+    from export.precision.stats import collect_stats
 
     path = Path(path)
     dst = Path(dst) if dst is not None else path.with_name("smoothed.onnx")

@@ -230,6 +230,6 @@ def _session(path: Path, providers: Sequence[str] | None):
     """onnxruntime with default optimizations (fusions never remove a tensor that a reduction still
     reads) in priority-based order, which runs each reduction right after its producer, so that the
     activation can be freed (ort_session's priority_order)."""
-    from ..backend import ort_session
+    from export.runners.ort import ort_session
 
     return ort_session(path, "optimized", providers, priority_order=True)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputExistsError
+from export.core.errors import OutputExistsError
 
 ONNX_NAME = "model.onnx"
 DATA_SUFFIX = ".data"
@@ -103,3 +103,12 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
+
+
+MANIFEST_NAME = "manifest.json"
+
+
+PLAN_NAME = "model.plan"
+# The graph handed to the builder when it needs a RoPE lowering that plain onnxruntime cannot run
+# (the AOT plugin); model.onnx itself always stays portable.
+ENGINE_ONNX_NAME = "engine.onnx"

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
-from .families import CLIP_MEAN, CLIP_STD, ModelFamily, family_for_model_type, family_for_weights_file
-from .zoo import DEMO, DEMO_SEED, ZooEntry, release_named, zoo_entry
+from export.core.errors import CheckpointError
+from export.core.interface import CLIP_MEAN, CLIP_STD
+from export.models.families import ModelFamily, family_for_model_type, family_for_weights_file
+from export.models.zoo import DEMO, DEMO_SEED, ZooEntry, release_named, zoo_entry
 
 HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "preprocessor_config.json"]
 
@@ -78,7 +79,7 @@ def load_checkpoint(model: str | None = None, *, random_weights: bool = False, s
             )
         return _from_architecture(entry, source=entry.alias, seed=seed)
     if entry is not None and entry.release is not None:
-        from .download import fetch_release
+        from export.models.download import fetch_release
 
         return load_weights_file(fetch_release(entry.release, entry.alias), source=model, num_heads=num_heads)
     path = Path(model).expanduser()
@@ -201,7 +202,7 @@ def _local_or_download(name: str) -> Path:
 
 
 def _file_families() -> list[Any]:
-    from .families import FAMILIES
+    from export.models.families import FAMILIES
 
     return [f for f in FAMILIES if f.weights_file is not None]
 
@@ -211,7 +212,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _aliases() -> list[str]:
-    from .zoo import ZOO
+    from export.models.zoo import ZOO
 
     return [e.alias for e in ZOO]
 
@@ -219,3 +220,12 @@ def _aliases() -> list[str]:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else ""
+
+
+def reference_checkpoint(manifest: dict):
+    """The PyTorch model the folder was exported from, as its manifest names it."""
+    from export.models.loading import load_checkpoint
+
+    options = manifest["options"]
+    return load_checkpoint(options.get("model"), random_weights=bool(options.get("random_weights")),
+                           num_heads=options.get("num_heads"))

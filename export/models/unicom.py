@@ -36,7 +36,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
-from .errors import CheckpointError
+from export.core.errors import CheckpointError
 
 MODEL_TYPE = "unicom_vision_model"
 HEAD_DIM = 64  # every release; the head count of a file is hidden / HEAD_DIM unless told otherwise

@@ -16,7 +16,7 @@ def flops_per_image(config, height: int, width: int) -> dict:
     then Linear(C -> E): 2*N*C*C + 2*C*E (1.2 of 382 GFLOPs at ViT-L/14@336: cheap in FLOPs, but its
     604 M weights are read once per batch, a GEMV at batch 1). The family
     comes from config.model_type."""
-    from .families import family_for_model_type
+    from export.models.families import family_for_model_type
 
     family = family_for_model_type(config.model_type)
     p = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]

@@ -1,6 +1,6 @@
 """Tiny random checkpoints of every family, saved with save_pretrained like real ones.
 
-Tests, the benchmark and the load test load them back through export.loading, the same code users
+Tests, the benchmark and the load test load them back through export.models.loading, the same code users
 run (timm's tiny-model idea); tests/test_families.py checks every family has one.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
-from .families import ModelFamily
-from .loading import load_processor
+from export.models.families import ModelFamily
+from export.models.loading import load_processor
 
 
 def save_tiny_checkpoint(family: ModelFamily, folder: Path, *, seed: int = 0, full_clip: bool = False) -> Path:

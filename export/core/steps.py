@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from . import memory
+from export.core import memory
 
 
 class Steps:

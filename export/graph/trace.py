@@ -12,9 +12,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import OptionError
-from .families import INPUT_AXES, INPUT_NAME, OUTPUT_AXES
-from .loading import Checkpoint
+from export.core.errors import OptionError
+from export.core.interface import INPUT_AXES, INPUT_NAME, OUTPUT_AXES
+from export.models.loading import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def export_canonical(checkpoint: Checkpoint, shape: ExportShape, path: Path, *, 
     import onnx
     import torch
 
-    from . import onnx_rope
+    from export.graph import rope_node as onnx_rope
 
     validate_image_size(shape.height, shape.width, checkpoint.patch_size)
     validate_resolution(checkpoint, shape)
@@ -147,3 +147,12 @@ def _name_axes(model) -> None:
                 dim.dim_param = axes[i]
             elif dim.HasField("dim_param") and re.search(r"[^A-Za-z0-9_]", dim.dim_param):
                 dim.dim_param = f"dim{i}"
+
+
+def export_shape(manifest: dict, ckpt):
+    """The ExportShape the folder's model.onnx was traced with."""
+    from export.graph.trace import ExportShape
+
+    size = manifest["options"].get("image_size") or manifest["model"].get("native_image_size") or ckpt.image_size
+    iface = manifest["interface"]
+    return ExportShape(int(size[0]), int(size[1]), bool(iface.get("dynamic_resolution")), iface.get("hidden_layer"))

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import OptionError
-
-MANIFEST_NAME = "manifest.json"
+from export.core.errors import OptionError
+from export.core.folder import MANIFEST_NAME
 
 
 def read_manifest(artifacts: Path) -> dict:
@@ -31,24 +30,6 @@ def read_manifest(artifacts: Path) -> dict:
         if key not in manifest:
             raise OptionError(f"{path} has no {key!r}; re-export the folder with this version")
     return manifest
-
-
-def reference_checkpoint(manifest: dict):
-    """The PyTorch model the folder was exported from, as its manifest names it."""
-    from .loading import load_checkpoint
-
-    options = manifest["options"]
-    return load_checkpoint(options.get("model"), random_weights=bool(options.get("random_weights")),
-                           num_heads=options.get("num_heads"))
-
-
-def export_shape(manifest: dict, ckpt):
-    """The ExportShape the folder's model.onnx was traced with."""
-    from .onnx_export import ExportShape
-
-    size = manifest["options"].get("image_size") or manifest["model"].get("native_image_size") or ckpt.image_size
-    iface = manifest["interface"]
-    return ExportShape(int(size[0]), int(size[1]), bool(iface.get("dynamic_resolution")), iface.get("hidden_layer"))
 
 
 def output_names(manifest: dict) -> list[str]:

@@ -44,8 +44,10 @@ CONFIG_NAME = "preprocessor_config.json"
 # Decoding more pixels than this is refused before any pixel is decoded (decompression bombs).
 # 64 megapixels: an 8000 x 8000 photo passes; PIL's own default warns at 89 M and refuses at 179 M.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
-_OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# CLIP's normalization, as export.core.interface states it: this file stands alone in a Triton model folder
+# (tests/test_triton_preprocessing.py checks that the two agree).
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 class ImageDecodeError(ValueError):
@@ -65,8 +67,8 @@ class ClipPreprocessing:
     do_rescale: bool = True
     rescale_factor: float = 1 / 255
     do_normalize: bool = True
-    image_mean: tuple = tuple(_OPENAI_CLIP_MEAN)
-    image_std: tuple = tuple(_OPENAI_CLIP_STD)
+    image_mean: tuple = tuple(CLIP_MEAN)
+    image_std: tuple = tuple(CLIP_STD)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ClipPreprocessing":

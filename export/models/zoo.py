@@ -32,7 +32,7 @@ class ZooEntry:
     hub_id: str  # "" when the weights are a release file instead
     model_type: str
     config: dict[str, Any]  # architecture kwargs for the family's config class
-    release: Release | None = None  # downloaded into the user's cache (export.download)
+    release: Release | None = None  # downloaded into the user's cache (export.models.download)
 
     @property
     def image_size(self) -> int:

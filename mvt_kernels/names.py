@@ -5,7 +5,7 @@
     TensorRT     plugin "mvt::RoPE2D": the ONNX op type is the plugin name and the node carries
                  plugin_namespace="mvt" (TensorRT's parser looks the plugin up by both)
 
-The exporter (export/onnx_rope.py), the lowerings (export/lowering.py), the torch op and the
+The exporter (export/graph/rope_node.py), the lowerings (export/graph/lowering.py), the torch op and the
 TensorRT plugin (mvt_kernels/) import these names. Plain strings only: mvt_kernels/ and the CLIs import
 this module without torch, onnx or TensorRT.
 """

@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backend import OnnxRuntimeRunner, TorchRunner, ort_mode_for
-from .families import INPUT_NAME
-from .images import pixel_values, sample_photos
-from .loading import Checkpoint
-from .metrics import Check, compare, thresholds_for
-from .onnx_export import ExportShape
+from export.core.images import pixel_values, sample_photos
+from export.core.interface import INPUT_NAME
+from export.core.metrics import Check, compare, thresholds_for
+from export.graph.trace import ExportShape
+from export.models.loading import Checkpoint
+from export.runners.base import ort_mode_for
+from export.runners.ort import OnnxRuntimeRunner
+from export.runners.pyt import TorchRunner
 
 BATCH_SIZES = (1, 3)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from .rope_identity import DOMAIN, OP_TYPE, VERSION
+from mvt_kernels.names import DOMAIN, OP_TYPE, VERSION
 
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 

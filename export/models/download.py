@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .artifacts import sha256
-from .errors import CheckpointError
-from .zoo import Release
+from export.core.errors import CheckpointError
+from export.core.folder import sha256
+from export.models.zoo import Release
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60

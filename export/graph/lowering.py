@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import OptionError
-from .rope_identity import PLUGIN_NAMESPACE  # export/engine.py imports it from here too
+from export.core.errors import OptionError
+from mvt_kernels.names import PLUGIN_NAMESPACE  # export/engine/ imports it from here too
 
 if TYPE_CHECKING:
     import onnx
@@ -51,7 +51,7 @@ def lower_rope(model: onnx.ModelProto, lowering: str) -> onnx.ModelProto:
     """Return a copy of the canonical `model` with its RoPE2D nodes in the `lowering` form."""
     import onnx
 
-    from . import onnx_rope
+    from export.graph import rope_node as onnx_rope
 
     if lowering not in LOWERINGS:
         raise OptionError(f"unknown RoPE lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
@@ -65,7 +65,7 @@ def lower_rope(model: onnx.ModelProto, lowering: str) -> onnx.ModelProto:
 
 
 def _keep_custom(model: onnx.ModelProto) -> None:
-    from . import onnx_rope
+    from export.graph import rope_node as onnx_rope
 
     onnx_rope.attach_function(model)
 
@@ -73,7 +73,7 @@ def _keep_custom(model: onnx.ModelProto) -> None:
 def _inline(model: onnx.ModelProto) -> None:
     import onnx.inliner
 
-    from . import onnx_rope
+    from export.graph import rope_node as onnx_rope
 
     onnx_rope.attach_function(model)
     inlined = onnx.inliner.inline_selected_functions(model, [(onnx_rope.DOMAIN, onnx_rope.OP_TYPE)])
@@ -85,7 +85,7 @@ def _inline(model: onnx.ModelProto) -> None:
 def _to_plugin(model: onnx.ModelProto) -> None:
     from onnx import helper
 
-    from . import onnx_rope
+    from export.graph import rope_node as onnx_rope
 
     onnx_rope.del_functions(model)
     for node in onnx_rope.rope_nodes(model.graph):
@@ -108,7 +108,7 @@ def _to_rotary_embedding(model: onnx.ModelProto) -> None:
     import onnx
     from onnx import helper
 
-    from . import onnx_rope
+    from export.graph import rope_node as onnx_rope
 
     heads = _static_heads(model)
     onnx_rope.del_functions(model)
@@ -152,7 +152,7 @@ def _static_heads(model: onnx.ModelProto) -> dict[str, int]:
     Read from the exporter's value_info; a precision recipe may have put a Cast in between, so
     follow Cast nodes back to a tensor whose shape is known.
     """
-    from . import onnx_rope
+    from export.graph import rope_node as onnx_rope
 
     dims = {v.name: v.type.tensor_type.shape.dim for v in model.graph.value_info}
     producers = {out: node for node in model.graph.node for out in node.output}

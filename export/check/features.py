@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import row_cosines
+from export.core.metrics import row_cosines
 
 COLOUR_PERCENTILES = (1.0, 99.0)  # the colour range: robust to a few extreme tokens
 
@@ -77,7 +77,7 @@ def feature_figure(reference_tokens: np.ndarray, deployed_tokens: np.ndarray, pi
     reference_tokens / deployed_tokens: [S, C] last_hidden_state of the image (`prefix_tokens` first:
     the family's, 1 for a class token); pixels: its pixel_values [3, H, W].
     """
-    from .plots import plot_features
+    from export.check.plots import plot_features
 
     h, w = pixels.shape[-2:]
     grid = (h // patch, w // patch)

@@ -1,0 +1,1 @@
+"""Measuring: parity against PyTorch, feature maps, plots."""

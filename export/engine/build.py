@@ -1,0 +1,68 @@
+"""Build a strongly typed engine through Polygraphy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from export.core.errors import OptionError
+from export.engine.target import RTX_DEFAULT_CCS, EngineTarget, _select_polygraphy_runtime
+from mvt_kernels.names import PLUGIN_ID
+
+
+def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes: dict | list[dict], *,
+                 timing_cache: Path | None = None, optimization_level: int | None = None,
+                 compute_capabilities: list[tuple[int, int]] | None = None) -> dict:
+    """Build a strongly typed engine for `shapes` ({input: {min, opt, max}}, or a list of such optimization
+    profiles: native_profiles); return build facts (the profiles recorded as given)."""
+    _select_polygraphy_runtime(target.runtime)
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    trt_profiles = []
+    for one in (shapes if isinstance(shapes, list) else [shapes]):
+        profile = Profile()
+        for name, s in one.items():
+            profile.add(name, min=tuple(s["min"]), opt=tuple(s["opt"]), max=tuple(s["max"]))
+        trt_profiles.append(profile)
+    common = dict(profiles=trt_profiles, builder_optimization_level=optimization_level,
+                  load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None)
+    facts: dict = {"runtime": target.runtime, "version": target.version, "profiles": shapes,
+                   "builder_optimization_level": optimization_level}
+    if target.runtime == "tensorrt-rtx":
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        if compute_capabilities is None and not target.gpu:
+            compute_capabilities = list(RTX_DEFAULT_CCS)
+        config = CreateConfigRTX(use_gpu=compute_capabilities is None, compute_capabilities=compute_capabilities,
+                                 **common)
+        facts["compute_capabilities"] = (["current GPU"] if compute_capabilities is None
+                                         else [f"{a}.{b}" for a, b in compute_capabilities])
+    else:
+        config = CreateConfig(**common)
+        facts["compute_capabilities"] = [target.gpu.get("compute_capability")]
+    if _has_plugin_nodes(onnx_path):
+        if target.runtime == "tensorrt-rtx":
+            raise OptionError("--rope plugin needs datacenter TensorRT (10.9+): TensorRT-RTX cannot load Python "
+                              "plugins; use --rope onnx23, custom or decomposed")
+        from mvt_kernels.trt_plugin import register_trt_plugin
+
+        register_trt_plugin()  # the RoPE plugin with its ahead-of-time PTX, embedded in the engine
+        facts["plugins"] = [f"{PLUGIN_ID} (AOT, Triton PTX)"]
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    # Serialized bytes, never a deserialized engine: that would need a GPU, and TensorRT-RTX builds
+    # on machines without one.
+    serialized = EngineBytesFromNetwork(network, config=config,
+                                        save_timing_cache=str(timing_cache) if timing_cache else None)()
+    with open(plan_path, "wb") as f:
+        f.write(memoryview(serialized))
+    facts["bytes"] = plan_path.stat().st_size
+    return facts
+
+
+def _has_plugin_nodes(onnx_path: Path) -> bool:
+    import onnx
+
+    from mvt_kernels.names import PLUGIN_NAMESPACE
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(a.name == "plugin_namespace" and a.s.decode() == PLUGIN_NAMESPACE
+               for n in model.graph.node for a in n.attribute)

@@ -1,0 +1,1 @@
+"""ONNX graph work: tracing, the RoPE2D node and its lowerings."""
