@@ -244,7 +244,7 @@ def dockerfile(spec: EncoderForm, folder: Path) -> str:
     body = """\
 ARG TRITON_IMAGE
 FROM ${TRITON_IMAGE}
-# the python backend's preprocess step (numpy < 2: numpy 2 corrupts its tensors, README "Triton")
+# the python backend's preprocess step (numpy < 2: numpy 2 corrupts its tensors, docs/serving.md)
 RUN python3 -m pip install --no-cache-dir pillow "numpy<2"
 """
     if spec.model_py:  # onnxruntime inside the python backend

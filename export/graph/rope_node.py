@@ -28,7 +28,7 @@ def register_schema() -> None:
         OP_TYPE,
         DOMAIN,
         VERSION,
-        doc="Non-interleaved 2D rotary embedding with half tables [S, D/2]; see export/ROPE2D.md.",
+        doc="Non-interleaved 2D rotary embedding with half tables [S, D/2]; see docs/rope2d.md.",
         inputs=[
             onnx.defs.OpSchema.FormalParameter("x", "T"),
             onnx.defs.OpSchema.FormalParameter("cos", "tensor(float)"),

@@ -1,7 +1,7 @@
 """Route MLCD's q/k rotation through the torch custom op `mvt::rope2d` (defined in mvt_kernels/torch_op.py).
 
 During export the op is opaque to the tracer and becomes one ONNX node `mvt.RoPE2D`
-(see onnx_rope.py and ROPE2D.md). Importing this module defines the op, with its fake and its
+(see export/graph/rope_node.py and docs/rope2d.md). Importing this module defines the op, with its fake and its
 CUDA kernel; `rope2d` is re-exported here for callers that reach it through export.
 """
 
