@@ -71,3 +71,40 @@ def test_unreachable_hub_id_says_what_to_do():
     # HF_HUB_OFFLINE=1 (conftest): fails at once instead of waiting on the network.
     with pytest.raises(CheckpointError, match="hf download DeepGlint-AI/rice-vit-large-patch14-560"):
         load_checkpoint("rice-l-560")
+
+
+def test_the_processor_crosses_a_pickle_as_json_and_saves_the_same_bytes(tiny_folders, tmp_path):
+    """The PyTorch child hands the parent its checkpoint pickled; the processor goes as JSON (no transformers
+    import in the parent until it is used), saves what transformers' save_pretrained saves and preprocesses
+    the same pixels."""
+    import pickle
+
+    from export.core.images import pixel_values, sample_photos
+    from export.models.loading import ProcessorJson, load_checkpoint
+
+    ckpt = load_checkpoint(str(tiny_folders["mlcd-rope2d"]))
+    ckpt.release_model()
+    back = pickle.loads(pickle.dumps(ckpt))
+    assert isinstance(back.processor, ProcessorJson) and back.config.to_dict() == ckpt.config.to_dict()
+    assert (back.config.hidden_size, back.config.model_type) == (ckpt.config.hidden_size, ckpt.config.model_type)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ckpt.processor.save_pretrained(tmp_path / "a")
+    back.processor.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "a/preprocessor_config.json").read_bytes() == (tmp_path / "b/preprocessor_config.json").read_bytes()
+    photos = sample_photos(2)
+    assert pixel_values(back.processor, photos, (56, 56)).equal(pixel_values(ckpt.processor, photos, (56, 56)))
+
+
+def test_a_build_does_not_import_transformers_in_the_parent_for_fp32(tiny_folders, tmp_path):
+    """The PyTorch steps run in a child; the parent of an fp32 build never needs transformers or torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom export.pipeline import BuildOptions, build\n"
+            f"build(BuildOptions(model={str(tiny_folders['mlcd-rope2d'])!r}, out={str(tmp_path / 'out')!r}, "
+            "runtime='none'), log=lambda line: None)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -144,8 +144,9 @@ def test_value_table_equals_computing_every_pixel(cfg, channels):
     np.testing.assert_array_equal(ours, reference)
 
 
-def test_clip_normalization_is_the_interface_s():
-    """The served file carries its own copy of CLIP's mean/std (it stands alone in a model folder)."""
-    from export.core import interface, preprocessing
+def test_the_standalone_copies_agree_with_the_core():
+    """The served file carries its own copy of CLIP's mean/std and its config file name (it stands alone)."""
+    from export.core import folder, interface, preprocessing
 
     assert (preprocessing.CLIP_MEAN, preprocessing.CLIP_STD) == (interface.CLIP_MEAN, interface.CLIP_STD)
+    assert preprocessing.CONFIG_NAME == folder.PREPROCESSOR_CONFIG

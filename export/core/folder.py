@@ -106,6 +106,8 @@ def write_json(path: Path, data) -> None:
 
 
 MANIFEST_NAME = "manifest.json"
+# The checkpoint's image processor, beside model.onnx (export.core.preprocessing.CONFIG_NAME: that file stands alone).
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 PLAN_NAME = "model.plan"

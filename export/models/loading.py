@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from export.core.errors import CheckpointError
+from export.core.folder import PREPROCESSOR_CONFIG
 from export.core.interface import CLIP_MEAN, CLIP_STD
 from export.models.families import ModelFamily, family_for_model_type, family_for_weights_file
 from export.models.zoo import DEMO, DEMO_SEED, ZooEntry, release_named, zoo_entry
 
-HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "preprocessor_config.json"]
+HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", PREPROCESSOR_CONFIG]
 
 
 @dataclass
@@ -32,6 +33,17 @@ class Checkpoint:
     random_weights: bool
 
     _config: Any = None  # kept when the model is released
+
+    def __getstate__(self) -> dict:
+        # Across the PyTorch child -> parent pickle the processor and the config travel as plain data:
+        # unpickling the transformers objects would import transformers and torch in the parent (6-7 s here,
+        # ~300 MB), which an fp32 build never needs there.
+        state = dict(self.__dict__)
+        if self.processor is not None and not isinstance(self.processor, _Deferred):
+            state["processor"] = ProcessorJson(self.processor)
+        if self.model is None and self._config is not None and not isinstance(self._config, _Deferred):
+            state["_config"] = ConfigDict(self._config)
+        return state
 
     @property
     def config(self):
@@ -139,7 +151,7 @@ def _from_architecture(entry: ZooEntry, source: str, seed: int) -> Checkpoint:
 def load_processor(folder: Path | None, config):
     """The checkpoint's CLIPImageProcessor, or CLIP's defaults at the model's resolution."""
     cls = _processor_class()
-    if folder is not None and (folder / "preprocessor_config.json").is_file():
+    if folder is not None and (folder / PREPROCESSOR_CONFIG).is_file():
         return cls.from_pretrained(folder)
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
@@ -229,3 +241,70 @@ def reference_checkpoint(manifest: dict):
     options = manifest["options"]
     return load_checkpoint(options.get("model"), random_weights=bool(options.get("random_weights")),
                            num_heads=options.get("num_heads"))
+
+
+class _Deferred:
+    """A transformers object as plain data, built on first use of anything the data does not hold."""
+
+    def __init__(self) -> None:
+        self._built: Any = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_built"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _built=None)
+
+    def _build(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def built(self) -> Any:
+        if self._built is None:
+            self._built = self._build()
+        return self._built
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # pickle and copy probe dunders before __setstate__ has run
+            raise AttributeError(name)
+        return getattr(self.built, name)
+
+
+class ProcessorJson(_Deferred):
+    """A checkpoint's image processor as its JSON. Saving writes the bytes transformers' `save_pretrained`
+    writes (its `to_json_string()`) with no transformers import; calling it builds the processor."""
+
+    def __init__(self, processor: Any):
+        super().__init__()
+        self.json: str = processor.to_json_string()
+
+    def _build(self) -> Any:
+        return _processor_class().from_dict(json.loads(self.json))
+
+    def save_pretrained(self, folder: Path | str) -> None:
+        Path(folder, PREPROCESSOR_CONFIG).write_text(self.json)
+
+    def __call__(self, *args, **kwargs):
+        return self.built(*args, **kwargs)
+
+
+class ConfigDict(_Deferred):
+    """A model config as its `to_dict()`: attributes it holds are read from there, anything else (a method,
+    a derived property) builds the config class from it."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.cls = f"{type(config).__module__}:{type(config).__qualname__}"
+        self.values: dict = config.to_dict()
+
+    def _build(self) -> Any:
+        import importlib
+
+        module, name = self.cls.split(":")
+        return getattr(importlib.import_module(module), name).from_dict(self.values)
+
+    def __getattr__(self, name: str):
+        values = self.__dict__.get("values")
+        if values is not None and name in values:
+            return values[name]
+        return super().__getattr__(name)
