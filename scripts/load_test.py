@@ -221,7 +221,7 @@ def direct_with_preprocessing(onnx_path: Path, images: list[bytes], cfg, batch: 
 
 
 def _repo_info(repo) -> dict:
-    from triton_repo.build import REPO_INFO
+    from triton_repo.layout import REPO_INFO
 
     return json.loads((Path(repo) / REPO_INFO).read_text())
 

@@ -1,7 +1,10 @@
-"""triton_repo stays importable, and its CLIs answer -h, without tritonclient, torch or onnxruntime."""
+"""triton_repo stays importable, and its CLIs answer -h, without tritonclient, torch or onnxruntime; its
+modules import one another one way only."""
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import os
 import subprocess
 import sys
@@ -20,8 +23,35 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_modules_import_without_optional_dependencies():
     proc = _run("import triton_repo.build, triton_repo.config, triton_repo.forms, triton_repo.serve, "
-                "triton_repo.server, triton_repo.preprocessing, triton_repo.testing")
+                "triton_repo.server, triton_repo.preprocessing, triton_repo.testing, triton_repo.repository")
     assert proc.returncode == 0, proc.stderr
+
+
+def _triton_repo_imports() -> dict[str, set[str]]:
+    """Module -> the triton_repo modules it imports, lazy and TYPE_CHECKING imports included."""
+    package = Path(__file__).resolve().parents[1] / "triton_repo"
+    modules = {p.stem for p in package.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import y; from . import x, y
+                names.update([node.module.split(".")[0]] if node.module else (a.name for a in node.names))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("triton_repo."):
+                names.add((node.module or "").split(".")[1])
+            elif isinstance(node, ast.Import):
+                names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("triton_repo."))
+        graph[path.stem] = names & modules - {path.stem}
+    return graph
+
+
+def test_no_module_imports_the_cli_and_no_cycle():
+    """build.py is the CLI: nothing imports it; the rest imports one way (graphlib raises CycleError otherwise)."""
+    graph = _triton_repo_imports()
+    assert graph["build"] >= {"repository", "options"}  # the check sees relative imports
+    assert [m for m, deps in graph.items() if "build" in deps] == []
+    order = list(graphlib.TopologicalSorter(graph).static_order())
+    assert order.index("options") < order.index("layout") < order.index("crop") < order.index("build")
 
 
 @pytest.mark.parametrize("module", ["triton_repo.build", "triton_repo.serve"])
