@@ -223,7 +223,7 @@ def direct_with_preprocessing(onnx_path: Path, images: list[bytes], cfg, batch: 
 
 
 def _repo_info(repo) -> dict:
-    from triton_repo.build import REPO_INFO
+    from triton_repo.layout import REPO_INFO
 
     return json.loads((Path(repo) / REPO_INFO).read_text())
 
@@ -374,7 +374,8 @@ def served_vs_direct(served: Callable[[], float], direct: Callable[[], tuple[flo
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from export.core.preprocessing import ClipPreprocessing, pixel_values_from_bytes
-    from triton_repo.build import RepoOptions, build_repository
+    from triton_repo.options import RepoOptions
+    from triton_repo.repository import build_repository
     from triton_repo.server import TritonServer, free_port, model_statistics
     from triton_repo.testing import photo_bytes, tiny_artifacts
 

@@ -22,6 +22,7 @@ import pytest
 
 from export.core.errors import OptionError, OutputExistsError
 from export.core.folder import sha256
+from export.engine.profiles import profile_max_batch
 from export.rebuild import engine_shapes, verify_artifacts
 from triton_repo import build as repo_build, kserve
 from triton_repo.build import RepoOptions, build_repository
@@ -368,7 +369,7 @@ def test_start_step_builds_the_plan_a_cpu_export_lacks(artifacts, tmp_path):
     assert manifest["engine"]["built"] is True and manifest["engine"]["sha256"] == sha256(served)
     # the plan's profile is the one the config was written for (max batch 6, above the export's 4)
     assert manifest["engine"]["profiles"] == engine_shapes(manifest, 6)
-    assert repo_build.profile_max_batch(manifest["engine"]["profiles"]) \
+    assert profile_max_batch(manifest["engine"]["profiles"]) \
         == parse_config(repo / "encoder" / "config.pbtxt").max_batch_size == 6
     assert not (artifacts / "model.plan").exists()  # the export folder itself is untouched
     assert json.loads((artifacts / "manifest.json").read_text())["engine"]["built"] is False

@@ -144,6 +144,15 @@ def test_the_kernels_package_imports_nothing_of_export():
     assert not {t for s, ts in edges.items() if s.startswith("mvt_kernels") for t in ts if t.startswith("export")}
 
 
+def test_clis_are_imported_by_nobody():
+    """A CLI module is the top of its stage: what its siblings share lives below it (triton_repo.build imported
+    by forms, kserve and modes was the cycle this layout removed)."""
+    edges = graph(ROOT)
+    clis = ("triton_repo.build", "export.build_engine", "parity_tests.__main__", "embed.__main__", "triton_repo.serve")
+    assert {(s, t) for s, ts in edges.items() for t in ts if t in clis} == set()
+    assert {"triton_repo.repository", "triton_repo.options"} <= edges["triton_repo.build"]  # relative imports seen
+
+
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
         path = tmp_path / rel

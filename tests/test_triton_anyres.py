@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -137,6 +138,23 @@ def test_build_time_errors(tiny, tmp_path, case, kwargs, match):
     with pytest.raises(OptionError, match=match):
         _build(tiny[case], tmp_path / "repo", **kwargs)
     assert not (tmp_path / "repo").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("mode", ["crop", ANYRES, NATIVE])
+@pytest.mark.parametrize("kwargs,message", [
+    ({"intra_op_threads": -1}, "--intra-op-threads -1 must be 0 (onnxruntime's default) or more"),
+    ({"instances": 0}, "--instances 0 must be at least 1"),
+    ({"name": "../x"}, "--name '../x' is not a valid model name"),
+])
+def test_every_mode_refuses_the_same_options(tiny, tmp_path, mode, kwargs, message):
+    """The crop ensemble and the ragged modes write one skeleton (triton_repo/layout.py): an option one mode
+    refuses, every mode refuses, in the same words."""
+    from triton_repo.build import RepoOptions, build_repository
+
+    options = RepoOptions(tiny["dynamic"], tmp_path / "repo", backend="python", preprocess=mode, **kwargs)
+    with pytest.raises(OptionError, match=re.escape(message)):
+        build_repository(options, log=lambda _: None)
+    assert not (tmp_path / "repo").exists()
 
 
 def test_anyres_needs_artifacts_at_the_native_size(tiny, tmp_path):

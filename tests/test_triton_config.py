@@ -19,16 +19,10 @@ import pytest
 
 from export.core.errors import OptionError
 from triton_repo.build import RepoOptions, build_repository, parser
-from triton_repo.config import (
-    EncoderInterface,
-    TensorSpec,
-    config_text,
-    encoder_config,
-    parse_config,
-    preferred_batch_sizes,
-    validate_model_name,
-)
+from triton_repo.config import config_text, encoder_config, parse_config, preferred_batch_sizes
 from triton_repo.forms import BACKENDS, FORMS, cli_help
+from triton_repo.interface import EncoderInterface, TensorSpec
+from triton_repo.layout import validate_model_name
 from triton_repo.testing import import_or_skip, tiny_artifacts
 
 model_config_pb2 = import_or_skip("tritonclient.grpc.model_config_pb2")

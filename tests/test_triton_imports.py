@@ -1,4 +1,5 @@
-"""triton_repo stays importable, and its CLIs answer -h, without tritonclient, torch or onnxruntime."""
+"""triton_repo stays importable, and its CLIs answer -h, without tritonclient, torch or onnxruntime
+(tests/test_layers.py checks how its modules import one another)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_modules_import_without_optional_dependencies():
     proc = _run("import triton_repo.build, triton_repo.config, triton_repo.forms, triton_repo.serve, "
-                "triton_repo.server, export.core.preprocessing, triton_repo.testing")
+                "triton_repo.server, export.core.preprocessing, triton_repo.testing, triton_repo.repository")
     assert proc.returncode == 0, proc.stderr
 
 

@@ -2,67 +2,27 @@
 
 Every field name is checked by protobuf when a message is built, and `parse_config` reads a
 config.pbtxt back the way Triton does, so a misspelled field fails here, never at server start.
-Needs the `serve` extra (tritonclient, protobuf); imported lazily by the generator.
+Protobuf builders only (the tensors they take are interface.py's); needs the `serve` extra (tritonclient,
+protobuf) when a builder runs, not at import.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.core.errors import OptionError, require
+from export.core.errors import require
 from export.core.interface import IMAGE_INPUT
 from triton_repo.forms import BACKENDS, EncoderForm, form  # noqa: F401  (BACKENDS: the --backend choices, re-exported)
+from triton_repo.interface import EncoderInterface, TensorSpec, Warmup
 
 CONFIG_NAME = "config.pbtxt"
 # A short wait lets concurrent requests meet in one batch; Triton also batches whatever queued
 # while an execution ran, so a busy server batches with no delay at all.
 MAX_QUEUE_DELAY_US = 1000
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def model_config_pb2():
     return require("tritonclient.grpc.model_config_pb2", "serve")
-
-
-def validate_model_name(name: str, what: str = "--name") -> str:
-    """A model name is a folder name in the repository: no separators, no `..`, nothing hidden."""
-    if not isinstance(name, str) or ".." in name or "/" in name or "\\" in name or not _NAME.match(name):
-        raise OptionError(
-            f"{what} {name!r} is not a valid model name; use letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit, without path separators or '..' (e.g. embed)"
-        )
-    return name
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dims: tuple[int, ...]  # without the batch dimension; -1 = any
-    dtype: str = "TYPE_FP32"
-
-
-@dataclass(frozen=True)
-class EncoderInterface:
-    """What the encoder takes and gives, from the artifacts' manifest."""
-
-    input: TensorSpec
-    outputs: tuple[TensorSpec, ...]
-    image_size: tuple[int, int]  # the resolution warm-up and preprocessing produce
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(o.name for o in self.outputs)
-
-
-@dataclass(frozen=True)
-class Warmup:
-    """One warm-up request: a file under <model>/warmup/ per input (Triton reads raw bytes)."""
-
-    name: str
-    batch_size: int
-    inputs: dict[str, tuple[str, tuple[int, ...], str]] = field(default_factory=dict)  # name -> (dtype, dims, file)
 
 
 def preferred_batch_sizes(max_batch: int) -> list[int]:

@@ -4,8 +4,8 @@
     onnxruntime  model.onnx (+ model.onnx.data) on Triton's onnxruntime backend (onnxruntime_onnx)
     python       model.onnx run by onnxruntime inside Triton's python backend (our encoder.py, CPU)
 
-build.py (which artifacts a form needs, the files it places, the README) and config.py (platform or
-backend, instance kind) read these specs; neither branches on a form's name. Registry order is the
+resolve.py (which artifacts a form needs), layout.py (the files it places), readme.py and config.py
+(platform or backend, instance kind) read these specs; none branches on a form's name. Registry order is the
 order of preference when `--backend` is not given. Plain data: importable without tritonclient.
 """
 
@@ -18,7 +18,7 @@ from export.core.errors import OptionError
 from export.core.folder import DATA_SUFFIX, ONNX_NAME, PLAN_NAME
 
 if TYPE_CHECKING:
-    from triton_repo.build import RepoOptions
+    from triton_repo.options import RepoOptions
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,16 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from export.core.errors import OptionError, require
 from export.core.folder import MANIFEST_NAME, PLAN_NAME
+from triton_repo.layout import link_or_copy
+from triton_repo.options import PLACEHOLDER_IMAGE, PLACEHOLDER_URI, KServeOptions  # with RepoOptions, which holds one
 
 if TYPE_CHECKING:
-    from triton_repo.build import Artifacts
+    from triton_repo.export_folder import Artifacts
     from triton_repo.forms import EncoderForm
 
 KSERVE_DIR = "kserve"  # beside the repository: <parent of --out>/kserve/
@@ -50,25 +51,8 @@ ARTIFACTS_DIR = "artifacts"  # <encoder>/artifacts/ in the repository, for engin
 READONLY_ANNOTATION = "storage.kserve.io/readonly"  # "false": the start-up step rewrites model.plan
 GPU_RESOURCE = "nvidia.com/gpu"
 SCALE_METRICS = ("concurrency", "rps", "cpu", "memory")  # the CRD's enum for predictor.scaleMetric
-PLACEHOLDER_URI = "s3://CHANGE-ME/mvt-deploy/repository"
-PLACEHOLDER_IMAGE = "registry.example.com/CHANGE-ME/mvt-deploy-tritonserver:latest"
 STORAGE_SCHEMES = ("s3://", "gs://", "pvc://", "hdfs://", "webhdfs://", "https://", "http://")
 TIMING_CACHE = "/tmp/mvt-deploy-timing.cache"  # the runtime's uid may have no writable home
-
-
-@dataclass
-class KServeOptions:
-    storage_uri: str = PLACEHOLDER_URI  # where the repository is uploaded (its root: the model store)
-    # the serving image: KServe's Triton image plus what our python steps (preprocess: pillow, numpy<2) and the
-    # form need (python: onnxruntime; tensorrt: mvt-deploy, onnx, polygraphy, TensorRT's Python bindings for
-    # the start-up step), built from kserve/Dockerfile; the stock runtime image has none of them
-    image: str = PLACEHOLDER_IMAGE
-    min_replicas: int = 1  # not 0: a cold start loads the model (and may rebuild the engine) for minutes
-    max_replicas: int = 3
-    scale_metric: str = "concurrency"  # Knative (serverless) mode; RawDeployment's HPA takes cpu or memory
-    scale_target: int | None = None  # None: the max batch (in-flight requests that fill one dynamic batch)
-    gpus: int | None = None  # None: 1 for GPU forms (tensorrt), else 0
-    name: str | None = None  # the InferenceService's name; None: from the ensemble name
 
 
 def kserve_dir(repository: Path) -> Path:
@@ -178,16 +162,15 @@ def write_kserve(options: KServeOptions, *, stage: Path, out: Path, ensemble: st
     """Add what the start-up step needs to the repository being staged (`stage`, published as `out`), and
     write kserve/ beside `out` (staged, then renamed; an existing one is replaced only with `force`).
 
-    plan_in_pod: why the repository holds no plan of its own (build.unserved_plan): every pod builds it."""
+    plan_in_pod: why the repository holds no plan of its own (resolve.unserved_plan): every pod builds it."""
     from export.core.folder import staged_output
-    from triton_repo.build import _link_or_copy
 
     yaml = require("yaml", "kserve")
     check_options(options)
     folder = kserve_dir(out)
     if spec.needs_engine:  # the export folder, hard-linked: the start-up step rebuilds the plan from it
         for name in [MANIFEST_NAME, *sorted(art.manifest.get("artifacts") or {})]:
-            _link_or_copy(art.folder / name, stage / encoder / ARTIFACTS_DIR / name)
+            link_or_copy(art.folder / name, stage / encoder / ARTIFACTS_DIR / name)
     isvc = inference_service(options, ensemble=ensemble, encoder=encoder, spec=spec, art=art, max_batch=max_batch)
     with staged_output(folder, force) as kstage:
         (kstage / ISVC_FILE).write_text(to_yaml(yaml, isvc))

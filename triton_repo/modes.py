@@ -1,6 +1,7 @@
-"""`--preprocess anyres|native`: a repository whose answer per image is ragged (issue 12).
+"""`--preprocess anyres|native`: a repository whose answer per image is ragged (issue 12): the modes, what each
+resolves to (RaggedPlan) and the tensors it serves; triton_repo/ragged.py writes the repository.
 
-    crop     today's ensemble (build.py): one s x s crop per image, a batch of images in, a batch out
+    crop     the ensemble (crop.py): one s x s crop per image, a batch of images in, a batch out
     anyres   LLaVA-NeXT tiling: the whole image at s x s, then every s x s tile of its best-fit resolution
     native   smart_resize to a multiple of the factor within a pixel budget, encoded at that size
 
@@ -27,19 +28,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from export import engine as engines
 from export.core.errors import OptionError
-from export.core.manifest import pooled_output, prefix_tokens
-from triton_repo.config import EncoderInterface, TensorSpec, Warmup
+from export.core.manifest import prefix_tokens
+from triton_repo.interface import EncoderInterface, TensorSpec
+from triton_repo.resolve import encoder_interface as crop_interface
 
 if TYPE_CHECKING:
-    from triton_repo.build import Artifacts, RepoOptions, RepoResult
+    from triton_repo.export_folder import Artifacts
     from triton_repo.forms import EncoderForm
+    from triton_repo.options import RepoOptions
 
 CROP, ANYRES, NATIVE = "crop", "anyres", "native"
 PREPROCESS_MODES = (CROP, ANYRES, NATIVE)
@@ -169,8 +171,6 @@ def native_pixels(processor, image, patch: int, max_pixels: int | None = None, m
 
 def encoder_interface(art: Artifacts, spec: EncoderForm, rp: RaggedPlan) -> EncoderInterface:
     """The encoder's tensors: anyres as the crop ensemble's (s x s); native with any height and width."""
-    from triton_repo.build import encoder_interface as crop_interface
-
     if rp.mode == ANYRES and art.preprocessor.output_size is not None \
             and not art.manifest["interface"].get("dynamic_resolution"):
         return crop_interface(art, spec)
@@ -218,80 +218,6 @@ def check_engine_profile(art: Artifacts, spec: EncoderForm, rp: RaggedPlan, inpu
                           "serve model.onnx with --backend onnxruntime|python")
 
 
-def build_ragged(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
-    """The anyres / native repository: `encoder` (as in the crop ensemble) + the ragged model `opts.name`."""
-    from export.core import preprocessing as pre
-    from export.core.folder import staged_output
-    from triton_repo import build as b, config as tc
-
-    name = tc.validate_model_name(opts.name)
-    if name in (b.ENCODER, b.PREPROCESS, b.NORMALIZE):
-        raise OptionError(f"--name {name} is taken by the {name} step; choose another name (e.g. embed)")
-    if opts.instances < 1:
-        raise OptionError(f"--instances {opts.instances} must be at least 1")
-    art = b.read_artifacts(opts.artifacts)
-    rp = plan(opts, art)
-    spec = b.resolve_form(opts.backend, art)
-    max_batch = b.resolve_max_batch(opts.max_batch, spec, art)
-    iface = encoder_interface(art, spec, rp)
-    check_engine_profile(art, spec, rp, iface.input.name)
-    tc.model_config_pb2()  # fail before any work when the serve extra is missing
-
-    jpeg = b.sample_jpeg()
-    if rp.mode == ANYRES:
-        tiles, _ = pre.anyres_pixel_values_from_bytes(jpeg, art.preprocessor, list(rp.pinpoints), rp.tile_size)
-        pixels = tiles[0]  # (3, s, s): the whole image
-    else:
-        pixels = pre.native_pixel_values_from_bytes(jpeg, art.preprocessor, rp.factor, rp.min_pixels, rp.max_pixels)
-    pooled = pooled_output(art.manifest)
-    served = tuple(o for o in iface.outputs if rp.mode == ANYRES or o.name != pooled)
-    result = b.RepoResult(Path(opts.out), spec.name, max_batch)
-    with staged_output(Path(opts.out), opts.force) as stage:
-        enc = stage / b.ENCODER
-        for i, filename in enumerate(spec.model_files):
-            if i == 0 or (art.folder / filename).is_file():
-                b._link_or_copy(art.folder / filename, enc / "1" / filename)
-        if spec.model_py:
-            b._copy(b.HERE / "backend_models" / spec.model_py, enc / "1" / "model.py")
-        params = spec.parameters(opts) if spec.parameters else None
-        b._write(enc / "warmup" / iface.input.name, pixels.astype("<f4").tobytes())
-        enc_cfg = tc.encoder_config(
-            spec, iface, name=b.ENCODER, max_batch=max_batch, instances=opts.instances, parameters=params,
-            warmup=Warmup("sample_photo", 1, {iface.input.name: ("TYPE_FP32", tuple(pixels.shape), iface.input.name)}),
-            profiles=b.profile_count(art.engine.get("profiles")),
-            # two same-sized native images merged into a batch of 2 fit no native profile (one image each)
-            dynamic_batching=not (spec.needs_engine and rp.mode == NATIVE))
-        result.models[b.ENCODER] = tc.write_config(enc_cfg, enc)
-
-        model = stage / name
-        b._copy(b.HERE / "backend_models" / MODEL_PY, model / "1" / "model.py")
-        b._copy(b.PREPROCESSING_PY, model / "1" / "preprocessing.py")
-        b._copy(art.folder / b.PREPROCESSOR_CONFIG, model / "1" / b.PREPROCESSOR_CONFIG)
-        # No warm-up here: BLS cannot reach the encoder before every model has loaded.
-        cfg = tc.ragged_config(name=name, instances=opts.instances, outputs=ragged_outputs(served, rp),
-                               parameters={**rp.parameters(), "encoder": b.ENCODER, "encoder_input": iface.input.name,
-                                           "encoder_max_batch": max_batch, "decode_max_pixels": opts.max_pixels,
-                                           "outputs": ",".join(o.name for o in served)})
-        result.models[name] = tc.write_config(cfg, model)
-
-        for m, path in result.models.items():
-            tc.parse_config(path)
-            result.models[m] = Path(opts.out) / m / tc.CONFIG_NAME
-        (stage / "README.md").write_text(ragged_readme(name, spec, rp, served, max_batch, art, Path(opts.out)))
-        info = {"ensemble": name, "encoder": b.ENCODER, "preprocess": rp.mode, "backend": spec.name,
-                "max_batch": max_batch, "image_size": [rp.tile_size, rp.tile_size],
-                "outputs": [o.name for o in served] + [COUNT_OUTPUT, GRID_OUTPUT, ERROR_OUTPUT],
-                "pooled_output": pooled if rp.mode == ANYRES else None, "normalized": False,
-                "artifacts": str(Path(opts.artifacts).resolve()), "model": art.manifest.get("model", {}),
-                "ragged": {**rp.parameters(), "pinpoints": [list(p) for p in rp.pinpoints]},
-                # what a TensorRT engine for this mode needs (export.engine.build_engine takes the list as is)
-                "engine_profiles": engine_profiles(rp, iface.input.name, max_batch)}
-        (stage / b.REPO_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    log(f"wrote {opts.out}/ ({name} = {rp.mode} preprocessing -> BLS -> {b.ENCODER} [{spec.name}], "
-        f"encoder max batch {max_batch})")
-    return result
-
-
 def ragged_outputs(served: tuple[TensorSpec, ...], rp: RaggedPlan) -> tuple[TensorSpec, ...]:
     """The ragged model's outputs: each encoder output with its image axis folded into a row axis (-1);
     anyres token outputs have the tile's sequence length, known here even where the encoder says -1."""
@@ -302,68 +228,3 @@ def ragged_outputs(served: tuple[TensorSpec, ...], rp: RaggedPlan) -> tuple[Tens
                  for o in served)
     return rows + (TensorSpec(COUNT_OUTPUT, (-1,), "TYPE_INT64"), TensorSpec(GRID_OUTPUT, (-1, 2), "TYPE_INT64"),
                    TensorSpec(ERROR_OUTPUT, (-1,), "TYPE_STRING"))
-
-
-def ragged_readme(name: str, spec: EncoderForm, rp: RaggedPlan, served: tuple[TensorSpec, ...], max_batch: int,
-                  art: Artifacts, repo: Path) -> str:
-    s, p = rp.tile_size, rp.patch
-    width = next((o.dims[-1] for o in served), "?")
-    rows = ragged_outputs(served, rp)[:len(served)]
-    if rp.mode == ANYRES:
-        what = (f"LLaVA-NeXT AnyRes: the best fit of {', '.join(f'{h}x{w}' for h, w in rp.pinpoints)} (height x "
-                f"width), the image resized and padded into it and cut into {s}x{s} tiles; the whole image "
-                f"resized to {s}x{s} comes first (T = 1 + rows * cols rows per image)")
-        shapes = "\n".join(f"| `{o.name}` | {list(o.dims)} (sum of T over the images) |" for o in rows)
-        grid = "the tile grid (rows, cols) of the chosen resolution, for LLaVA-NeXT's unpad and merge"
-    else:
-        what = (f"native resolution: smart_resize(h, w, factor={rp.factor}, min_pixels={rp.min_pixels}, "
-                f"max_pixels={rp.max_pixels}), encoded at that size (L = {rp.prefix} + h'/{p} * w'/{p} rows per "
-                "image)")
-        shapes = "\n".join(f"| `{o.name}` | {list(o.dims)} (sum of L over the images) |" for o in rows)
-        grid = f"the patch grid (h'/{p}, w'/{p})"
-    return f"""# Triton model repository: `{name}` (--preprocess {rp.mode})
-
-Generated by `python -m triton_repo.build --preprocess {rp.mode}` from `{art.folder}`.
-
-| model | what | backend |
-|---|---|---|
-| `{name}` | `image` [N] (encoded bytes) -> {rp.mode} preprocessing -> BLS calls to `encoder` | python |
-| `encoder` | `pixel_values` -> encoder outputs (max batch {max_batch}, dynamic batching) | {spec.name} |
-
-Preprocessing: {what}.
-
-## Outputs of `{name}` (one request, N images; no batch axis)
-
-| output | shape |
-|---|---|
-| `image` (input) | [N] BYTES |
-{shapes}
-| `{COUNT_OUTPUT}` | [N] INT64: rows of the outputs above that belong to each image (0 for a failed image) |
-| `{GRID_OUTPUT}` | [N, 2] INT64: {grid}; (0, 0) for a failed image |
-| `{ERROR_OUTPUT}` | [N] BYTES: "" or why that image failed |
-
-Split with `np.split(rows, np.cumsum(count)[:-1])`. One bad image fails only its own entry; a request whose
-every image fails is an error response.
-
-## Serve
-
-```bash
-python -m triton_repo.serve {repo} --http-port 8000 --grpc-port 8001 --metrics-port 8002
-```
-
-## Client
-
-```python
-import numpy as np
-import tritonclient.http as httpclient
-
-client = httpclient.InferenceServerClient("127.0.0.1:8000")
-images = [open(p, "rb").read() for p in ("a.jpg", "b.png")]
-inp = httpclient.InferInput("image", [len(images)], "BYTES")
-inp.set_data_from_numpy(np.array(images, dtype=np.object_))
-result = client.infer("{name}", [inp])
-count, grid = result.as_numpy("{COUNT_OUTPUT}"), result.as_numpy("{GRID_OUTPUT}")
-per_image = np.split(result.as_numpy("{served[0].name if served else 'last_hidden_state'}"), np.cumsum(count)[:-1])
-# per_image[i]: rows of image i, width {width}
-```
-"""
