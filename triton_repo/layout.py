@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export.core.errors import OptionError
 from export.core import preprocessing
+from export.core.errors import OptionError
 from export.core.preprocessing import CONFIG_NAME as PREPROCESSOR_CONFIG
 from triton_repo import config as tc
 from triton_repo.export_folder import Artifacts
