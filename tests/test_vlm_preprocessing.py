@@ -401,14 +401,14 @@ def test_server_environment_computes_the_same_arrays():
     # the served copy runs under the server's numpy < 2 and Pillow only: same bytes in, same arrays out
     from pathlib import Path
 
-    import triton_repo
+    from export.core import preprocessing
     from triton_repo.server import server_env
 
     python = server_env() / "bin" / "python"
     if not python.exists():
         skip_unless_required(f"no server environment at {server_env()} (scripts/setup_server_env.sh)")
     data = encode(_shaped(_photo("astronaut"), "panorama"), "PNG")
-    here = str(Path(triton_repo.__file__).parent)
+    here = str(Path(preprocessing.__file__).parent)  # the file the served models import from beside them
     run = subprocess.run([str(python), "-I", "-c", _SERVER_SIDE, here], input=data, capture_output=True,
                          timeout=120, check=False)
     assert run.returncode == 0, run.stderr.decode()[-2000:]
