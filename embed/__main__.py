@@ -8,6 +8,7 @@ from pathlib import Path
 
 from embed.job import DEFAULT_BATCH_SIZE, DEFAULT_ROWS_PER_PART
 from embed.worker import RUNTIME_CHOICES
+from export.core.cli import EXIT_OK, add_artifacts, add_force, add_runner, command, run_cli
 
 EPILOG = """\
 output: DST is a folder of Parquet parts (read it whole: pandas.read_parquet(DST) or
@@ -34,8 +35,7 @@ def parser() -> argparse.ArgumentParser:
         description="Embed images into Parquet with an export folder's deployable graph and its served "
                     "preprocessing, in this process or on Ray Data; resumable.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--artifacts", required=True, type=Path, metavar="DIR",
-                   help="export folder (python -m export.build_engine --out DIR)")
+    add_artifacts(p, required=True)
     p.add_argument("--images", required=True, metavar="SRC",
                    help="a folder (recursive), a glob (quote it) or a list file with one image path per line")
     p.add_argument("--out", required=True, type=Path, metavar="DST", help="output folder of Parquet parts")
@@ -43,8 +43,7 @@ def parser() -> argparse.ArgumentParser:
                    help="run on Ray Data: a local Ray started here without ADDRESS, else the cluster at ADDRESS "
                         "(auto, ray://HOST:10001, HOST:6379), whose workers see the same paths")
     p.add_argument("--actors", type=int, metavar="N", help="Ray actors, one model each (default: 1; needs --ray)")
-    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto",
-                   help="auto: the folder's TensorRT plan where it can run here, else onnxruntime (default: auto)")
+    add_runner(p, choices=RUNTIME_CHOICES, default="auto", aliases=["--runtime"])
     p.add_argument("--normalize", action="store_true", help="L2-normalize each embedding (cosine = inner product)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help=f"images per model call (default: {DEFAULT_BATCH_SIZE})")
@@ -54,28 +53,22 @@ def parser() -> argparse.ArgumentParser:
                    help="onnxruntime intra-op threads per model (default: onnxruntime's; on a local Ray, the "
                         "cores divided among the actors)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--force", action="store_true", help="delete the rows DST holds and start over")
+    add_force(p, what="delete the rows DST holds and start over")
     return p
 
 
-EXIT_BAD_INPUT = 2
-
-
+@command()
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from embed.job import embed_images
-    from export.core.errors import MvtError
 
-    try:
-        embed_images(args.artifacts, args.images, args.out, ray=args.ray, normalize=args.normalize,
-                     batch_size=args.batch_size, actors=args.actors, runtime=args.runtime, force=args.force,
-                     rows_per_part=args.rows_per_part, threads=args.threads, progress=not args.no_progress,
-                     log=lambda line: print(line, file=sys.stderr))
-    except MvtError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    # an MvtError: bad input or a refused output folder, exit 2 (command())
+    embed_images(args.artifacts, args.images, args.out, ray=args.ray, normalize=args.normalize,
+                 batch_size=args.batch_size, actors=args.actors, runtime=args.runner, force=args.force,
+                 rows_per_part=args.rows_per_part, threads=args.threads, progress=not args.no_progress,
+                 log=lambda line: print(line, file=sys.stderr))
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -7,9 +7,20 @@ it does is importable.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from export.core.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_ENGINE_FAILED,
+    EXIT_FAILED,
+    EXIT_OK,
+    add_force,
+    command,
+    fail,
+    first_line,
+    run_cli,
+)
+from export.core.errors import MvtError
 from export.engine.profiles import add_native_budget_arguments
 from export.engine.target import RUNTIME_CHOICES
 from export.graph.lowering import ROPE_CHOICES
@@ -100,8 +111,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", type=Path, metavar="FILE",
                    help="TensorRT timing cache, reused across builds (default: ~/.cache/mvt-deploy/)")
     p.add_argument("--skip-parity", action="store_true", help="do not run the onnxruntime parity check")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing output folder (--artifacts: rebuild a plan that fits this target)")
+    add_force(p, what="the --out folder (with --artifacts: rebuild a plan that already fits this target)")
     return p
 
 
@@ -120,9 +130,10 @@ def _native_budget(args) -> dict | None:
     return {k: v for k, v in given.items() if v is not None} or None
 
 
-# Exit status: 0 success, 1 parity failed, 2 bad input (nothing written), 3 the engine build failed
-# (the ONNX artifacts, parity.json and manifest.json are written; manifest engine.reason says why).
-EXIT_PARITY_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE_FAILED = 1, 2, 3
+# Exit status (export.core.cli): 0 success, 1 parity failed, 2 bad input (nothing written), 3 the engine build
+# failed (the ONNX artifacts, parity.json and manifest.json are written; manifest engine.reason says why).
+EXIT_PARITY_FAILED = EXIT_FAILED
+__all__ = ["EXIT_BAD_INPUT", "EXIT_ENGINE_FAILED", "EXIT_OK", "EXIT_PARITY_FAILED", "main", "parser"]
 
 
 # Options that shape the export itself: with --artifacts the folder already fixed them.
@@ -130,43 +141,36 @@ ENGINE_OPTIONS = ("artifacts", "runtime", "compute_capabilities", "opt_level", "
 
 
 def _rebuild(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from export.core.errors import MvtError
     from export.rebuild import RebuildOptions, rebuild_engine
 
     flags = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
     given = [flags[dest] for dest, value in vars(args).items()
              if dest not in ENGINE_OPTIONS and value != p.get_default(dest)]
     if given:
-        print(f"error: --artifacts rebuilds the engine of an existing export; {', '.join(given)} shape(s) the "
-              "export itself: re-export with --model instead, or drop them", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(f"--artifacts rebuilds the engine of an existing export; {', '.join(given)} shape(s) the "
+                    "export itself: re-export with --model instead, or drop them")
     if args.runtime == "none":
-        print("error: --artifacts builds an engine: --runtime none builds none; use tensorrt or tensorrt-rtx",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail("--artifacts builds an engine: --runtime none builds none; use tensorrt or tensorrt-rtx")
     opts = RebuildOptions(args.artifacts, runtime=args.runtime,
                           compute_capabilities=_capabilities(args.compute_capabilities),
                           optimization_level=args.opt_level, timing_cache=args.timing_cache,
                           max_batch=args.max_batch, force=args.force)
     try:
         rebuild_engine(opts)
-    except MvtError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except MvtError:
+        raise  # bad input: command() reports it, exit 2
     except Exception as exc:  # TensorRT/Polygraphy raise many kinds; the folder is unchanged either way
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        print(f"error: the engine build failed: {type(exc).__name__}: {lines[0] if lines else ''} "
-              f"({args.artifacts} is unchanged)", file=sys.stderr)
-        return EXIT_ENGINE_FAILED
-    return 0
+        return fail(f"the engine build failed: {type(exc).__name__}: {first_line(exc)} "
+                    f"({args.artifacts} is unchanged)", EXIT_ENGINE_FAILED)
+    return EXIT_OK
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.artifacts is not None:
         return _rebuild(p, args)
-    from export.core.errors import MvtError
     from export.pipeline import build
 
     opts = BuildOptions(
@@ -180,20 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         parity=not args.skip_parity, runtime=args.runtime, optimization_level=args.opt_level,
         timing_cache=args.timing_cache, compute_capabilities=_capabilities(args.compute_capabilities),
     )
-    try:
-        result = build(opts)
-    except MvtError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    result = build(opts)  # an MvtError: bad input, nothing written (command() reports it, exit 2)
     if result.parity_passed is False:
-        print("error: parity thresholds failed (see the checklist above and parity.json)", file=sys.stderr)
-        return EXIT_PARITY_FAILED
+        return fail("parity thresholds failed (see the checklist above and parity.json)", EXIT_PARITY_FAILED)
     if result.engine_failed:
-        print(f"error: the engine build failed: {result.manifest['engine']['reason']} "
-              f"(the ONNX artifacts in {result.out} are complete)", file=sys.stderr)
-        return EXIT_ENGINE_FAILED
-    return 0
+        return fail(f"the engine build failed: {result.manifest['engine']['reason']} "
+                    f"(the ONNX artifacts in {result.out} are complete)", EXIT_ENGINE_FAILED)
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -1,8 +1,7 @@
 """python -m parity_tests --artifacts DIR: the parity ledger (parity_tests/ledger.py)."""
 
-import sys
-
+from export.core.cli import run_cli
 from parity_tests.ledger import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from export.core.cli import EXIT_FAILED, EXIT_OK, add_artifacts, add_served_model, add_url, command
 from export.core.manifest import read_manifest
 from export.core.metrics import nn_agreement
 from export.engine.profiles import add_native_budget_arguments
@@ -376,12 +376,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m parity_tests", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--artifacts", type=Path, required=True, help="an export folder (with manifest.json)")
-    p.add_argument("--out", type=Path, help="where to write the ledger (default: ARTIFACTS/ledger)")
+    add_artifacts(p, required=True)
+    p.add_argument("--out", type=Path, help="where to write the ledger (default: DIR/ledger)")
     p.add_argument("--stages", nargs="+", metavar="STAGE",
                    help=f"stage groups to run (default: all): {' '.join(STAGE_GROUPS)}")
-    p.add_argument("--url", help="HTTP address (host:port) of a Triton server serving this folder")
-    p.add_argument("--triton-model", default="embed", help="the served ensemble's name (default: embed)")
+    add_url(p, note="HTTP, serving this folder: adds the triton stage")
+    add_served_model(p, aliases=["--triton-model"])
     p.add_argument("--photos", type=int, help="how many held-out photo views to use (default: all 28)")
     p.add_argument("--invariant-max-batch", type=int,
                    help=f"largest batch for the invariants (default: min(max_batch, {INVARIANT_MAX_BATCH}))")
@@ -393,19 +393,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@command(LedgerInputError, ImportError)
 def main(argv: list[str] | None = None) -> int:
-    from export.core.errors import MvtError
-
     args = parser().parse_args(argv)
-    opts = LedgerOptions(args.artifacts, args.out, args.stages, args.url, args.triton_model, args.photos,
+    opts = LedgerOptions(args.artifacts, args.out, args.stages, args.url, args.served_model, args.photos,
                          args.invariant_max_batch, not args.no_plots, not args.discard_stages,
                          args.native_max_pixels, args.native_min_pixels, args.resize_factor)
-    try:
-        ledger = run_ledger(opts)
-    except (LedgerInputError, MvtError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0 if ledger.passed else 1
+    ledger = run_ledger(opts)  # LedgerInputError, an MvtError or a missing package: exit 2 (command())
+    return EXIT_OK if ledger.passed else EXIT_FAILED

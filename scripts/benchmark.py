@@ -33,7 +33,6 @@ import contextlib
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,9 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from export.core.cli import EXIT_OK, command, fail, run_cli
 from export.models.flops import flops_per_image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHORT: dict[str, Any] = {"batch_sizes": [1, 2], "repeats": 2, "warmup": 1}
 DEFAULT_BATCH_SIZES = [1, 2, 4, 8]
@@ -305,27 +303,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
-    from export.core.errors import MvtError
-
     args = parser().parse_args(argv)
     batch_sizes = args.batch_sizes or (SHORT["batch_sizes"] if args.short else DEFAULT_BATCH_SIZES)
     repeats = args.repeats or (SHORT["repeats"] if args.short else 10)
     warmup = args.warmup if args.warmup is not None else (SHORT["warmup"] if args.short else 3)
     if min(batch_sizes) < 1 or repeats < 1 or warmup < 0:
-        print("error: --batch-sizes and --repeats must be >= 1, --warmup >= 0", file=sys.stderr)
-        return 2
+        return fail("--batch-sizes and --repeats must be >= 1, --warmup >= 0")
     model = None if args.model == "demo" else args.model
     out = args.out or Path("artifacts") / "benchmark"
-    try:
-        with tempfile.TemporaryDirectory(prefix="mvt-bench-") as tmp:
-            work = args.work or Path(tmp)
-            report = benchmark(model, sorted(set(batch_sizes)), repeats, warmup, args.threads, work,
-                               random_weights=args.random_weights, backends=args.backends,
-                               tensorrt=not args.no_tensorrt)
-    except MvtError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="mvt-bench-") as tmp:  # an MvtError: exit 2 (command())
+        work = args.work or Path(tmp)
+        report = benchmark(model, sorted(set(batch_sizes)), repeats, warmup, args.threads, work,
+                           random_weights=args.random_weights, backends=args.backends,
+                           tensorrt=not args.no_tensorrt)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(report, indent=1) + "\n")
     files = [out / "benchmark.json"]
@@ -347,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"goal at batch {report['goals']['batch']}: {backend} {goal['speedup']:.2f}x >= {goal['goal']}x"
                   f"{' with pooled cosine >= 0.99' if goal['goal'] > 2 else ''}: {'met' if goal['met'] else 'NOT met'}")
     print(f"wrote {', '.join(str(f) for f in files)}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -1,7 +1,7 @@
 """Batch embedding throughput: in-process against a local Ray Data job with 1 and 2 actors, side by side.
 
     .venv/bin/python scripts/benchmark_embed.py                              # the demo model, 64 photos
-    .venv/bin/python scripts/benchmark_embed.py --artifacts DIR --images 256 --actors 1 2 4 --json out.json
+    .venv/bin/python scripts/benchmark_embed.py --artifacts DIR --image-count 256 --actors 1 2 4 --json out.json
 
 Each configuration embeds the same photo views (scikit-image photographs, flipped and cropped, as JPEG)
 into its own fresh output folder with `embed.embed_images`: decode, preprocess, run the graph, write
@@ -16,24 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from embed.worker import RUNTIME_CHOICES
+from export.core.cli import EXIT_OK, add_artifacts, add_option, add_runner, command, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--artifacts", type=Path, metavar="DIR",
-                   help="export folder (default: artifacts/demo, exported into a temporary folder when absent)")
-    p.add_argument("--images", type=int, default=64, metavar="N", help="photo views to embed (default: 64)")
+    add_artifacts(p, default="artifacts/demo, exported into a temporary folder when absent")
+    add_option(p, "--image-count", aliases=["--images"], type=int, default=64, metavar="N",
+               help="photo views to embed (default: 64)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per model call (default: 16)")
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2], metavar="N",
                    help="Ray actor counts to run (default: 1 2)")
-    p.add_argument("--runtime", default="auto", help="embed --runtime (default: auto)")
+    add_runner(p, choices=RUNTIME_CHOICES, default="auto", aliases=["--runtime"])
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     return p
 
@@ -68,6 +68,7 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from embed import embed_images
@@ -80,25 +81,25 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         artifacts = args.artifacts or demo_artifacts(tmp)
         manifest = read_manifest(artifacts)
-        images = write_photos(tmp / "photos", args.images)
+        images = write_photos(tmp / "photos", args.image_count)
         load_before = load()
-        print(f"benchmark_embed: {args.images} images, {manifest['model'].get('source') or 'demo'} "
+        print(f"benchmark_embed: {args.image_count} images, {manifest['model'].get('source') or 'demo'} "
               f"({manifest['model'].get('hidden_size')} hidden, {manifest['model'].get('num_hidden_layers')} layers), "
               f"batch {args.batch_size}, {os.cpu_count()} cores, load average {load_before}", flush=True)
 
         def run(name: str, **kwargs) -> None:
-            result = embed_images(artifacts, images, tmp / name, batch_size=args.batch_size, runtime=args.runtime,
+            result = embed_images(artifacts, images, tmp / name, batch_size=args.batch_size, runtime=args.runner,
                                   progress=False, log=lambda _: None, **kwargs)
-            if result.errors or result.embedded != args.images:
-                raise SystemExit(f"benchmark_embed: {name} embedded {result.embedded} of {args.images} images "
+            if result.errors or result.embedded != args.image_count:
+                raise SystemExit(f"benchmark_embed: {name} embedded {result.embedded} of {args.image_count} images "
                                  f"({result.errors} errors)")
-            runs.append({"config": name, "images": args.images, "seconds": result.seconds,
+            runs.append({"config": name, "images": args.image_count, "seconds": result.seconds,
                          "images_per_s": result.images_per_s, "runtime": result.runtime, "load": load()})
             print(f"  {name:<18} {result.images_per_s:8.1f} images/s  ({result.seconds:.1f} s, load {load()})",
                   flush=True)
 
         t0 = time.perf_counter()
-        with Embedder(artifacts, args.runtime):  # the fixed cost inside every job's time below
+        with Embedder(artifacts, args.runner):  # the fixed cost inside every job's time below
             load_s = time.perf_counter() - t0
         print(f"  (one model load: {load_s:.1f} s, inside each job's time)", flush=True)
         run("in-process")
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "load_before": load_before,
                                          "load_after": load(), "cores": os.cpu_count(),
                                          "batch_size": args.batch_size}, indent=2) + "\n")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+# The one script that runs where the project is not installed (a bare GPU machine: torch, triton and cupy
+# only; gpu_check.sh sets PYTHONPATH too): the checkout's packages come from here.
 sys.path.insert(0, str(ROOT))
 
 GB = 1e9
@@ -387,4 +389,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from export.core.cli import run_cli
+
+    run_cli(main)

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -46,7 +45,7 @@ from typing import Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from export.core.cli import EXIT_FAILED, EXIT_OK, add_artifacts, add_served_model, add_url, command, fail, run_cli
 
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 DEFAULT_CONCURRENCIES = [1, 2, 4, 8]
@@ -56,10 +55,10 @@ GOAL_RATIO = 0.9  # served images/s at the highest concurrency >= 0.9 x direct o
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--artifacts", type=Path, help="export.build_engine output to serve (default: a tiny model)")
+    add_artifacts(src, default="a tiny model; this script builds the repository and serves it")
     src.add_argument("--repo", type=Path, help="a generated repository to serve")
-    src.add_argument("--url", help="HTTP (or with --protocol grpc, gRPC) address of a running server, loopback only")
-    p.add_argument("--model", default="embed", help="ensemble name (default: embed)")
+    add_url(src, note="HTTP, or gRPC with --protocol grpc; loopback only")
+    add_served_model(p, aliases=["--model"])
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
@@ -371,6 +370,7 @@ def served_vs_direct(served: Callable[[], float], direct: Callable[[], tuple[flo
     return out
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from export.core.preprocessing import ClipPreprocessing, pixel_values_from_bytes
@@ -381,36 +381,29 @@ def main(argv: list[str] | None = None) -> int:
 
     levels_ok = 1 <= args.concurrency <= 64 and all(1 <= c <= 64 for c in args.concurrencies)
     if args.requests < 1 or args.rounds < 1 or args.window_s < 0.5 or not levels_ok:
-        print("error: --requests and --rounds must be >= 1, --window-s >= 0.5 and --concurrency/--concurrencies "
-              "1..64 (a bounded test)", file=sys.stderr)
-        return 2
+        return fail("--requests and --rounds must be >= 1, --window-s >= 0.5 and --concurrency/--concurrencies "
+                    "1..64 (a bounded test)")
     if args.perf_analyzer:
-        from triton_repo.perf_analyzer import PerfAnalyzerUnavailable, find_perf_analyzer
+        from triton_repo.perf_analyzer import find_perf_analyzer
 
-        try:
-            find_perf_analyzer()  # before any work
-        except PerfAnalyzerUnavailable as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        find_perf_analyzer()  # before any work; PerfAnalyzerUnavailable (an MvtError): exit 2 (command())
     images = jpeg_photos() if args.perf_analyzer else list(photo_bytes().values())
     work = Path(tempfile.mkdtemp(prefix="mvt-load-"))
     server = None
     repo = args.repo
     if args.url:
         if args.url.rsplit(":", 1)[0] not in LOOPBACK:
-            print(f"error: --url {args.url} is not a loopback address; this test only talks to 127.0.0.1",
-                  file=sys.stderr)
-            return 2
+            return fail(f"--url {args.url} is not a loopback address; this test only talks to 127.0.0.1")
         url, http_url = args.url, args.url if args.protocol == "http" else None
     elif repo is None:
         artifacts = args.artifacts or tiny_artifacts(work)
-        repo = build_repository(RepoOptions(artifacts, work / "repo", backend="python", name=args.model,
+        repo = build_repository(RepoOptions(artifacts, work / "repo", backend="python", name=args.served_model,
                                             instances=args.instances, intra_op_threads=args.threads),
                                 log=print).out
     info = _repo_info(repo) if repo is not None else None
     onnx_path = Path(repo) / "encoder" / "1" / "model.onnx" if repo is not None else None
     pooled = info.get("pooled_output") if info else None
-    report: dict = {"ensemble": args.model, "machine": machine_load()}
+    report: dict = {"ensemble": args.served_model, "machine": machine_load()}
     cfg = (ClipPreprocessing.from_file(Path(repo) / "preprocess" / "1" / "preprocessor_config.json")
            if repo is not None else None)
     pixels = np.stack([pixel_values_from_bytes(b, cfg) for b in images]) if cfg is not None else None  # (N, 3, H, W)
@@ -427,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 pgid = server.process.pid if server is not None and server.process is not None else None
-                levels = perf_analyzer_levels(url, http_url, args.protocol, args.model, images,
+                levels = perf_analyzer_levels(url, http_url, args.protocol, args.served_model, images,
                                               args.concurrencies, args.window_s, pgid)
                 report["perf_analyzer"] = {
                     "protocol": args.protocol, "window_s": args.window_s, "levels": levels,
@@ -441,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                     served_cpu: list[dict] = []
 
                     def served_once() -> float:
-                        (level,) = perf_analyzer_levels(url, http_url, args.protocol, args.model, images,
+                        (level,) = perf_analyzer_levels(url, http_url, args.protocol, args.served_model, images,
                                                         [top["concurrency"]], args.window_s, pgid)
                         served_cpu.append(level.get("cpu_ms_per_image", {}))
                         return level["throughput"]
@@ -476,8 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                         ratio["cpu_budget_ratio"] = round(quiet["cpu_ms_per_image"] / max(spent, 1e-9), 3)
                     report["ratio"] = ratio
             except PerfAnalyzerError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
+                return fail(str(exc), EXIT_FAILED)
         else:
             stats_before = {}
 
@@ -485,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                 if http_url:
                     stats_before.update(model_statistics(http_url, "encoder"))
 
-            report["server"] = run_load(url, args.protocol, args.model, images, args.requests, args.concurrency,
+            report["server"] = run_load(url, args.protocol, args.served_model, images, args.requests, args.concurrency,
                                         after_warmup=snapshot, output=pooled)
             if stats_before and http_url:
                 after = model_statistics(http_url, "encoder")
@@ -493,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                 executions = after["execution_count"] - stats_before["execution_count"]
                 report["encoder"] = {"inferences": inferences, "executions": executions,
                                      "mean_batch": round(inferences / max(executions, 1), 2)}
-        report["faults"] = fault_checks(url, args.protocol, args.model, images, pooled)
+        report["faults"] = fault_checks(url, args.protocol, args.served_model, images, pooled)
     finally:
         if server is not None:
             server.stop()
@@ -533,8 +525,8 @@ def main(argv: list[str] | None = None) -> int:
               + ("each answered correctly" if not f["problems"] else "; ".join(f["problems"])))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -1,15 +1,15 @@
-"""Token features as RGB (PCA): PyTorch next to a deployed backend, one PCA basis, one PNG.
+"""Token features as RGB (PCA): PyTorch next to a deployed runner, one PCA basis, one PNG.
 
     .venv/bin/python scripts/visualize_features.py --artifacts artifacts/demo
     .venv/bin/python scripts/visualize_features.py --artifacts DIR --image cat.jpg --size 448 448  # dynamic export
     .venv/bin/python scripts/visualize_features.py --artifacts DIR --image cat.jpg --native-max-pixels 4194304
-    .venv/bin/python scripts/visualize_features.py --artifacts DIR --backend triton --url 127.0.0.1:8000
-    .venv/bin/python scripts/visualize_features.py --artifacts DIR --backend tensorrt               # GPU
+    .venv/bin/python scripts/visualize_features.py --artifacts DIR --runner triton --url 127.0.0.1:8000
+    .venv/bin/python scripts/visualize_features.py --artifacts DIR --runner tensorrt                # GPU
 
-The reference is the PyTorch model named in DIR/manifest.json; the backend runs DIR/model.onnx
+The reference is the PyTorch model named in DIR/manifest.json; --runner runs DIR/model.onnx
 (onnxruntime), DIR/model.plan (TensorRT or TensorRT-RTX, as the manifest says it was built) or the
 served ensemble (Triton, at the export's resolution: the server preprocesses). The PNG shows the
-image as the model sees it, the PCA-RGB map of PyTorch's patch tokens and that of the backend's
+image as the model sees it, the PCA-RGB map of PyTorch's patch tokens and that of the runner's
 tokens, projected on PyTorch's basis (export/check/features.py).
 """
 
@@ -17,33 +17,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from export.core.cli import EXIT_OK, add_artifacts, add_runner, add_served_model, add_url, command, run_cli
+from export.engine.profiles import add_native_budget_arguments
+from export.runners.base import RUNNER_KINDS  # numpy only: -h stays light
 
-from export.engine.profiles import add_native_budget_arguments  # noqa: E402
-from export.runners.base import RUNNER_KINDS  # noqa: E402  (numpy only: -h stays light)
-
-BACKENDS = tuple(k for k in RUNNER_KINDS if k != "torch")  # torch is the reference itself
+RUNNERS = tuple(k for k in RUNNER_KINDS if k != "torch")  # torch is the reference itself
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--artifacts", type=Path, required=True, help="an export folder (manifest.json, model.onnx)")
+    add_artifacts(p, required=True)
     p.add_argument("--image", type=Path, help="an image file (default: scikit-image's astronaut)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="resolution (default: the export's; others need a --dynamic-resolution export)")
     add_native_budget_arguments(p, "native mode", prefix="native-", max_help=(
         "native mode (a --dynamic-resolution export): resize as --preprocess native serves, smart_resize within "
         "N pixels, so the image is encoded at its own grid (instead of --size)"))
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    p.add_argument("--onnx", type=Path, help="another ONNX file to run instead of ARTIFACTS/model.onnx")
-    p.add_argument("--url", help="Triton HTTP address (with --backend triton)")
-    p.add_argument("--triton-model", default="embed")
+    add_runner(p, choices=RUNNERS, default="onnxruntime", aliases=["--backend"])
+    p.add_argument("--onnx", type=Path, help="another ONNX file to run instead of DIR/model.onnx")
+    add_url(p, note="HTTP, with --runner triton")
+    add_served_model(p, aliases=["--triton-model"])
     p.add_argument("--output", default="last_hidden_state", help="token output to show (last_hidden_state, "
                    "or hidden_state for a --hidden-layer export)")
-    p.add_argument("--out", type=Path, help="PNG path (default: ARTIFACTS/features-<backend>-<H>x<W>.png)")
+    p.add_argument("--out", type=Path, help="PNG path (default: DIR/features-<runner>-<H>x<W>.png)")
     return p
 
 
@@ -76,9 +74,9 @@ def run(args, log=print) -> dict:
         if not shape.dynamic_resolution:
             raise OptionError(f"--native-max-pixels: {args.artifacts} takes only {shape.height}x{shape.width}; "
                               "export with --dynamic-resolution to encode images at their native grid")
-        if args.backend == "triton":
-            raise OptionError("--backend triton serves the crop ensemble here; native mode compares pixel-fed "
-                              "backends (onnxruntime, tensorrt)")
+        if args.runner == "triton":
+            raise OptionError("--runner triton serves the crop ensemble here; native mode compares pixel-fed "
+                              "runners (onnxruntime, tensorrt)")
         pixels = native_pixels(ckpt.processor, image, ckpt.patch_size, args.native_max_pixels,
                                args.native_min_pixels, args.resize_factor)  # (1, 3, h', w')
     h, w = (pixels.shape[2], pixels.shape[3]) if native else (args.size or (shape.height, shape.width))
@@ -87,13 +85,13 @@ def run(args, log=print) -> dict:
         if not shape.dynamic_resolution:
             raise OptionError(f"--size {h} {w}: {args.artifacts} takes only {shape.height}x{shape.width}; "
                               "export with --dynamic-resolution to use other resolutions")
-        if args.backend == "triton":
-            raise OptionError("--backend triton: the server preprocesses to the export's resolution; drop --size")
+        if args.runner == "triton":
+            raise OptionError("--runner triton: the server preprocesses to the export's resolution; drop --size")
     token_outputs = [n for n in ckpt.family.output_names(shape.hidden_layer) if n != ckpt.family.pooled_output]
     if args.output not in token_outputs:
         raise OptionError(f"--output {args.output}: this export's token outputs are {', '.join(token_outputs)}")
-    if args.backend == "triton" and not args.url:
-        raise OptionError("--backend triton needs --url HOST:PORT")
+    if args.runner == "triton" and not args.url:
+        raise OptionError("--runner triton needs --url HOST:PORT")
     if not native:
         pixels = pixel_values(ckpt.processor, [image], (h, w)).numpy()  # (1, 3, H, W)
 
@@ -101,36 +99,30 @@ def run(args, log=print) -> dict:
     with TorchRunner(ckpt, size, [args.output]) as reference_runner:
         reference = reference_runner.infer({INPUT_NAME: pixels})[args.output]  # (1, S, C)
     runner: Runner
-    if args.backend == "onnxruntime" and args.onnx:
+    if args.runner == "onnxruntime" and args.onnx:
         runner = OnnxRuntimeRunner(args.onnx, ort_mode_for(manifest.get("precision", "fp32")),
                                    output_names=[args.output])
     else:  # the engine in the runtime that built it (manifest.json), or the served ensemble
-        runner = runner_for_artifacts(args.artifacts, args.backend, output_names=[args.output], url=args.url,
-                                      model=args.triton_model, manifest=manifest)
+        runner = runner_for_artifacts(args.artifacts, args.runner, output_names=[args.output], url=args.url,
+                                      model=args.served_model, manifest=manifest)
     label = f"{runner.name}, {manifest.get('precision')}"
     with runner:
         deployed = runner.infer(image_feed(runner, pixels, [image]))[args.output]  # (1, S, C)
-    out = args.out or args.artifacts / f"features-{args.backend}-{'native-' if native else ''}{h}x{w}.png"
+    out = args.out or args.artifacts / f"features-{args.runner}-{'native-' if native else ''}{h}x{w}.png"
     title = f"{manifest['model'].get('source')}: {args.output}"
     facts = feature_figure(reference[0], deployed[0], pixels[0], ckpt.patch_size, ckpt.processor, out, label, title,
                            prefix_tokens=ckpt.family.prefix_tokens)
-    facts.update(png=str(out), backend=args.backend, native=native, size=[h, w])
+    facts.update(png=str(out), backend=args.runner, native=native, size=[h, w])  # "backend": the key it always had
     log(json.dumps(facts))
     log(f"wrote {out}")
     return facts
 
 
+@command(FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
-    from export.core.errors import MvtError
-
-    args = parser().parse_args(argv)
-    try:
-        run(args)
-    except (MvtError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    run(parser().parse_args(argv))  # an MvtError or a missing file: exit 2 (command())
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from export.core.cli import EXIT_FAILED, EXIT_OK, run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("mlcd-b-32", "mlcd-l-336", "rice-l-560", "mlcd-bigg-448")
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
             cells.append(run_cell(m, p, args))
             # after every cell: a matrix of hours keeps what it measured when a later cell is stopped
             merged = write_report(args, old, weights, cells)
-    return 0 if all(c["within_bounds"] for c in merged) else 1
+    return EXIT_OK if all(c["within_bounds"] for c in merged) else EXIT_FAILED
 
 
 def write_report(args, old: dict | None, weights: dict, cells: list[dict]) -> list[dict]:
@@ -229,4 +231,4 @@ def _mem_gib() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -9,10 +9,9 @@ from here too); the encoder's forms (`--backend`) are the registry in triton_rep
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from export.core.errors import MvtError
+from export.core.cli import EXIT_OK, add_artifacts, add_force, add_served_model, command, run_cli
 from export.engine.profiles import add_native_budget_arguments
 from triton_repo.forms import BACKENDS, cli_help
 from triton_repo.kserve import add_arguments as add_kserve_arguments, options_from_args as kserve_options
@@ -29,11 +28,10 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m triton_repo.build",
         description="Generate a Triton model repository (preprocess -> encoder ensemble) from export artifacts.",
     )
-    p.add_argument("--artifacts", type=Path, required=True, metavar="DIR",
-                   help="output folder of export.build_engine (model.onnx, manifest.json, preprocessor_config.json)")
+    add_artifacts(p, required=True)
     p.add_argument("--out", type=Path, required=True, metavar="REPO", help="model repository folder to write")
     p.add_argument("--backend", choices=BACKENDS, help=cli_help())
-    p.add_argument("--name", default="embed", help="name of the ensemble clients call (default: embed)")
+    add_served_model(p, aliases=["--name"])
     p.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: 1)")
     p.add_argument("--intra-op-threads", type=int, default=0, metavar="N",
                    help="--backend python: onnxruntime threads per encoder instance (default: 0 = one worker per "
@@ -50,28 +48,25 @@ def parser() -> argparse.ArgumentParser:
                    help="anyres candidate resolutions, height x width (default for native size s: "
                         "sx2s 2sxs 2sx2s 3sxs sx3s)")
     add_native_budget_arguments(p, "native")
-    p.add_argument("--force", action="store_true", help="replace an existing repository")
+    add_force(p, what="the --out repository")
     add_kserve_arguments(p)
     return p
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    opts = RepoOptions(artifacts=args.artifacts, out=args.out, backend=args.backend, name=args.name,
+    opts = RepoOptions(artifacts=args.artifacts, out=args.out, backend=args.backend, name=args.served_model,
                        instances=args.instances, max_batch=args.max_batch, force=args.force, normalize=args.normalize,
                        intra_op_threads=args.intra_op_threads, preprocess=args.preprocess,
                        resize_factor=args.resize_factor,
                        native_min_pixels=args.min_pixels, native_max_pixels=args.max_pixels,
                        kserve=kserve_options(args))
-    try:
-        if args.grid_pinpoints:
-            opts.grid_pinpoints = parse_pinpoints(args.grid_pinpoints)
-        build_repository(opts)
-    except MvtError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    if args.grid_pinpoints:
+        opts.grid_pinpoints = parse_pinpoints(args.grid_pinpoints)
+    build_repository(opts)  # an MvtError: bad input, exit 2 (command())
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

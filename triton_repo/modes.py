@@ -6,7 +6,7 @@ resolves to (RaggedPlan) and the tensors it serves; triton_repo/ragged.py writes
     native   smart_resize to a multiple of the factor within a pixel budget, encoded at that size
 
 A Triton ensemble carries a batch of same-shaped results, which neither mode has (the tile count and
-the native grid vary per image), so the model clients call (`--name`, default `embed`) is a
+the native grid vary per image), so the model clients call (`--served-model`, default `embed`) is a
 python-backend model (backend_models/ragged.py) that preprocesses each image and sends its pixels
 to the `encoder` model through BLS: one image's tiles go in batches of up to the encoder's max batch,
 and the encoder's dynamic batcher merges what concurrent requests send.

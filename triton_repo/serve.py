@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 from pathlib import Path
 
-from export.core.errors import MvtError
+from export.core.cli import EXIT_FAILED, EXIT_OK, command, fail, run_cli
 from triton_repo.server import DEFAULT_READY_TIMEOUT_S
 
 
@@ -40,6 +39,7 @@ def _raise_stop(signum, frame):
     raise _Stop(signal.Signals(signum).name)
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from triton_repo.server import TritonServer
@@ -54,21 +54,17 @@ def main(argv: list[str] | None = None) -> int:
               f"metrics 127.0.0.1:{server.metrics_port}; log {server.log_file}. Ctrl-C stops it.", flush=True)
         assert server.process is not None  # set by start()
         code = server.process.wait()
-        print(f"error: tritonserver exited with code {code}; its log ends with:\n{server.log_tail()}", file=sys.stderr)
-        return 1
+        return fail(f"tritonserver exited with code {code}; its log ends with:\n{server.log_tail()}", EXIT_FAILED)
     except _Stop as stop:
         print(f"{stop}: shutting down tritonserver ...", flush=True)
         stopped = server.stop()
         print(f"tritonserver stopped (exit code {stopped})", flush=True)
-        return 0
-    except MvtError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
+        return EXIT_OK
+    finally:  # an MvtError (no server binary, not ready in time) goes on to command(): exit 2
         server.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

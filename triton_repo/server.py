@@ -23,7 +23,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -244,9 +243,13 @@ def model_statistics(http_url: str, model: str) -> dict:
     return next(s for s in stats if s["name"] == model)
 
 
-if __name__ == "__main__":  # pragma: no cover - a quick probe: where is the server?
-    try:
-        print(find_tritonserver())
-    except ServerUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+def _probe(argv: list[str] | None = None) -> int:
+    """python -m triton_repo.server: where is the server? (exit 2 with the reason when there is none)"""
+    print(find_tritonserver())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - a quick probe
+    from export.core.cli import run_cli
+
+    run_cli(_probe)
