@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from export.core.manifest import Manifest
 from export.engine.profiles import add_native_budget_arguments
 from export.engine.target import RUNTIME_CHOICES
 from export.graph.lowering import ROPE_CHOICES
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: parity thresholds failed (see the checklist above and parity.json)", file=sys.stderr)
         return EXIT_PARITY_FAILED
     if result.engine_failed:
-        print(f"error: the engine build failed: {result.manifest['engine']['reason']} "
+        print(f"error: the engine build failed: {Manifest.of(result.manifest).engine.reason} "
               f"(the ONNX artifacts in {result.out} are complete)", file=sys.stderr)
         return EXIT_ENGINE_FAILED
     return 0
