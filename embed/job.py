@@ -62,7 +62,7 @@ def embed_images(artifacts: Path | str, images: str | os.PathLike, out: Path | s
     from embed.sources import image_paths
     from embed.store import done_paths, output_identity, prepare_output
     from embed.worker import preprocessor_config, resolve_runtime
-    from export.core.manifest import pooled_output, read_manifest
+    from export.core.manifest import read_manifest
 
     t0 = time.perf_counter()
     if batch_size < 1 or rows_per_part < 1:
@@ -77,7 +77,7 @@ def embed_images(artifacts: Path | str, images: str | os.PathLike, out: Path | s
     artifacts = Path(artifacts)
     manifest = read_manifest(artifacts)
     preprocessor_config(artifacts)  # checked before anything is written
-    identity = output_identity(manifest, pooled_output(manifest), normalize)
+    identity = output_identity(manifest, manifest.pooled_output, normalize)
     paths = image_paths(images)
     out = Path(out)
     address = None if ray is True else (ray or None) if use_ray else None

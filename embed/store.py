@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 
 from export.core.errors import OutputExistsError
+from export.core.folder import ONNX_NAME, PREPROCESSOR_CONFIG
+from export.core.manifest import Manifest, ManifestLike
 
 SIDECAR_NAME = "_embed.json"
 PART_PREFIX, PART_SUFFIX, TMP_SUFFIX = "part-", ".parquet", ".tmp"
@@ -29,18 +31,18 @@ COLUMNS = ("path", "embedding", "error")
 FORMAT = 1  # the layout above; a change that old readers cannot read bumps it
 
 
-def output_identity(manifest: dict, output: str, normalize: bool) -> dict:
+def output_identity(manifest: ManifestLike, output: str, normalize: bool) -> dict:
     """What decides the vectors: the deployed graph and preprocessing (their sha256 from manifest.json),
     the output embedded and the normalization. A rerun must match it to add to a folder. The runtime
     (onnxruntime or the plan) is not part of it: both run the same graph to fp32 rounding."""
-    artifacts = manifest.get("artifacts") or {}
+    m = Manifest.of(manifest)
     return {
         "format": FORMAT,
-        "model": manifest["model"].get("source") or manifest["options"].get("model") or "demo",
-        "family": manifest["model"].get("family"),
-        "precision": manifest.get("precision", "fp32"),
-        "onnx_sha256": (artifacts.get("model.onnx") or {}).get("sha256"),
-        "preprocessor_sha256": (artifacts.get("preprocessor_config.json") or {}).get("sha256"),
+        "model": m.source or m.checkpoint or "demo",
+        "family": m.family,
+        "precision": m.precision,
+        "onnx_sha256": m.sha256(ONNX_NAME),
+        "preprocessor_sha256": m.sha256(PREPROCESSOR_CONFIG),
         "output": output,
         "normalize": bool(normalize),
     }

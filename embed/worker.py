@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from export.core.errors import EngineUnavailableError, OptionError
+from export.core.folder import ONNX_NAME, PREPROCESSOR_CONFIG
 from export.core.interface import INPUT_NAME
+from export.core.manifest import Manifest, ManifestLike
 
 RUNTIME_CHOICES = ("auto", "onnxruntime", "tensorrt")
 # The served ensemble's `normalize` step (triton_repo/backend_models/normalize.py) divides by
@@ -31,14 +33,14 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, NORMALIZE_EPS)).astype(np.float32)
 
 
-def resolve_runtime(artifacts: Path, runtime: str, manifest: dict) -> tuple[str, str | None]:
+def resolve_runtime(artifacts: Path, runtime: str, manifest: ManifestLike) -> tuple[str, str | None]:
     """(the runtime to use, why the plan was passed over or None). "auto": the folder's plan when it can run
     here (export.runners decides, from the manifest), else onnxruntime; "tensorrt" when it cannot: the error."""
     from export.runners.trt import engine_runner_from_manifest
 
     if runtime not in RUNTIME_CHOICES:
         raise OptionError(f"--runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIME_CHOICES)}")
-    if runtime == "onnxruntime" or (runtime == "auto" and not (manifest.get("engine") or {}).get("built")):
+    if runtime == "onnxruntime" or (runtime == "auto" and not Manifest.of(manifest).engine.built):
         return "onnxruntime", None
     try:
         engine_runner_from_manifest(artifacts, manifest=manifest)  # not activated: only the checks
@@ -49,24 +51,23 @@ def resolve_runtime(artifacts: Path, runtime: str, manifest: dict) -> tuple[str,
     return "tensorrt", None
 
 
-def engine_max_batch(manifest: dict) -> int:
+def engine_max_batch(manifest: ManifestLike) -> int:
     """The largest batch the folder's plan runs through TensorRTRunner: Polygraphy's TrtRunner keeps the
     engine's profile 0 (runner.py: "will default to the 0th profile"), the first the manifest records. Not
     interface.max_batch: `export.build_engine --artifacts --max-batch N` rebuilds the plan for N and
     leaves the export's interface as it was."""
     from export.engine.profiles import profile_max_batch
 
-    served = profile_max_batch((manifest.get("engine") or {}).get("profiles") or {})
-    return int(served) if served else int(manifest["interface"].get("max_batch") or 0)
+    m = Manifest.of(manifest)
+    served = profile_max_batch(m.engine.profiles or {})
+    return int(served) if served else m.max_batch
 
 
 def preprocessor_config(artifacts: Path) -> Path:
     """DIR/preprocessor_config.json: the served preprocessing's recipe (the checkpoint's processor)."""
-    from export.core.preprocessing import CONFIG_NAME
-
-    path = Path(artifacts) / CONFIG_NAME
+    path = Path(artifacts) / PREPROCESSOR_CONFIG
     if not path.is_file():
-        raise OptionError(f"{artifacts} has no {CONFIG_NAME}; pass the folder export.build_engine wrote")
+        raise OptionError(f"{artifacts} has no {PREPROCESSOR_CONFIG}; pass the folder export.build_engine wrote")
     return path
 
 
@@ -85,12 +86,12 @@ class Embedder:
     """
 
     def __init__(self, artifacts: Path | str, runtime: str = "auto", normalize: bool = False, threads: int = 0):
-        from export.core.manifest import pooled_output, read_manifest
+        from export.core.manifest import read_manifest
         from export.core.preprocessing import ClipPreprocessing
 
         self.artifacts = Path(artifacts)
         self.manifest = read_manifest(self.artifacts)
-        self.output = pooled_output(self.manifest)
+        self.output = self.manifest.pooled_output
         self.normalize = normalize
         self.runtime, self.fallback_reason = resolve_runtime(self.artifacts, runtime, self.manifest)
         self.preprocessing = ClipPreprocessing.from_file(preprocessor_config(self.artifacts))
@@ -100,7 +101,6 @@ class Embedder:
         self._runner: Any = None
 
     def activate(self) -> Embedder:
-        from export.core.folder import ONNX_NAME
         from export.runners.base import ort_mode_for
         from export.runners.ort import OnnxRuntimeRunner
         from export.runners.trt import engine_runner_from_manifest
@@ -109,8 +109,8 @@ class Embedder:
             if self.runtime == "tensorrt":
                 runner: Any = engine_runner_from_manifest(self.artifacts, [self.output], self.manifest)
             else:
-                runner = OnnxRuntimeRunner(self.artifacts / ONNX_NAME, ort_mode_for(self.manifest.get("precision",
-                                           "fp32")), output_names=[self.output], threads=self.threads)
+                runner = OnnxRuntimeRunner(self.artifacts / ONNX_NAME, ort_mode_for(self.manifest.precision),
+                                           output_names=[self.output], threads=self.threads)
             self._runner = runner.activate()
         return self
 

@@ -21,6 +21,7 @@ from export.core.cli import (
     run_cli,
 )
 from export.core.errors import MvtError
+from export.core.manifest import Manifest
 from export.engine.profiles import add_native_budget_arguments
 from export.engine.target import RUNTIME_CHOICES
 from export.graph.lowering import ROPE_CHOICES
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.parity_passed is False:
         return fail("parity thresholds failed (see the checklist above and parity.json)", EXIT_PARITY_FAILED)
     if result.engine_failed:
-        return fail(f"the engine build failed: {result.manifest['engine']['reason']} "
+        return fail(f"the engine build failed: {Manifest.of(result.manifest).engine.reason} "
                     f"(the ONNX artifacts in {result.out} are complete)", EXIT_ENGINE_FAILED)
     return EXIT_OK
 

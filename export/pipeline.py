@@ -18,15 +18,22 @@ from export import __version__, engine as engines
 from export.core import memory
 from export.core.errors import OptionError
 from export.core.folder import (
+    ENGINE_ERROR_NAME,
+    ENGINE_ONNX_NAME,
     EXTERNAL_DATA_THRESHOLD,
     MANIFEST_NAME,
     ONNX_NAME,
+    OVERFLOW_REPORT_NAME,
+    PARITY_NAME,
+    PLAN_NAME,
+    PREPROCESSOR_CONFIG,
     save_onnx,
     sha256,
     staged_output,
     write_json,
 )
 from export.core.interface import INPUT_NAME
+from export.core.manifest import DEFAULT_MAX_BATCH, Manifest, engine_entry, no_engine, write_manifest
 from export.core.steps import Steps
 from export.graph.lowering import lower_rope, resolve_rope
 from export.graph.trace import ExportShape
@@ -45,7 +52,7 @@ class BuildOptions:
     # --dynamic-resolution engines also hold every shape of the native mode at this budget (engine.native_budget:
     # keys factor, min_pixels, max_pixels; missing ones take its defaults). None: the defaults.
     native_budget: dict | None = None
-    max_batch: int = 32
+    max_batch: int = DEFAULT_MAX_BATCH
     hidden_layer: int | None = None
     num_heads: int | None = None  # released weights files (UNICOM .pt): attention heads; None = hidden / 64
     calib_images: Path | None = None  # None: scikit-image's photographs (not the parity ones)
@@ -73,7 +80,7 @@ class BuildResult:
     @property
     def engine_failed(self) -> bool:
         """An engine build was attempted and failed (the ONNX artifacts are still written)."""
-        return bool(self.manifest["engine"].get("failed"))
+        return Manifest.of(self.manifest).engine.failed
 
 
 def default_out(model: str | None) -> Path:
@@ -137,7 +144,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         else:
             precision = steps.run(f"Applying the {opts.precision} recipe", _apply_precision, opts, ckpt, shape,
                                   onnx_path, log)
-            write_json(stage / "overflow_report.json", precision.overflow_report())
+            write_json(stage / OVERFLOW_REPORT_NAME, precision.overflow_report())
         if not ckpt.family.has_rope:
             rope = engine_rope = "none"
         files = steps.run(f"Lowering RoPE ({rope}) and saving {ONNX_NAME}", _lower_and_save, onnx_path,
@@ -154,7 +161,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
                                precision=opts.precision, references=references)
             parity.checks.insert(0, graph_check(graph_error))
             log(parity.checklist())
-            write_json(stage / "parity.json", parity.to_json())
+            write_json(stage / PARITY_NAME, parity.to_json())
         else:
             steps.skip("parity check skipped (--skip-parity)")
 
@@ -162,22 +169,21 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
             if not target.gpu:
                 log("      no GPU here: TensorRT-RTX builds for the listed targets and may log CUDA driver "
                     "errors while doing so; they do not affect the engine")
-            engine = steps.run(f"Building the {target.runtime} {target.version} engine", _build_engine, opts,
-                               target, ckpt, shape, stage, rope, engine_rope, log)
-            files += [stage / name for name in engine.pop("files")]
+            engine, engine_files = steps.run(f"Building the {target.runtime} {target.version} engine", _build_engine,
+                                             opts, target, ckpt, shape, stage, rope, engine_rope, log)
+            files += [stage / name for name in engine_files]
         else:
-            engine = {"built": False, "runtime": target.runtime, "reason": target.skip_reason}
+            engine = no_engine(target.runtime, target.skip_reason)
             steps.skip(f"TensorRT engine skipped: {target.skip_reason}")
 
         ckpt.processor.save_pretrained(stage)  # the exact preprocessing, for serving
-        extra = [stage / n for n in ("preprocessor_config.json", "overflow_report.json", "parity.json")
-                 if (stage / n).exists()]
-        manifest = _manifest(opts, ckpt, shape, rope, files + extra, parity, engine, steps,
-                             precision.recipe if precision else {"compute": "fp32"}, graph_error)
-        write_json(stage / MANIFEST_NAME, manifest)
-    log(f"wrote {out}/ ({', '.join(sorted(manifest['artifacts']))}, {MANIFEST_NAME})")
-    return BuildResult(out, manifest, None if parity is None else parity.passed,
-                       sorted(manifest["artifacts"]))
+        extra = [stage / n for n in (PREPROCESSOR_CONFIG, OVERFLOW_REPORT_NAME, PARITY_NAME) if (stage / n).exists()]
+        manifest = write_manifest(stage, _manifest(opts, ckpt, shape, rope, files + extra, parity, engine, steps,
+                                                   precision.recipe if precision else {"compute": "fp32"},
+                                                   graph_error))
+    recorded = sorted(Manifest(manifest).artifacts)
+    log(f"wrote {out}/ ({', '.join(recorded)}, {MANIFEST_NAME})")
+    return BuildResult(out, manifest, None if parity is None else parity.passed, recorded)
 
 
 def _cpu_quantized(opts: BuildOptions) -> bool:
@@ -212,21 +218,19 @@ def _apply_precision(opts: BuildOptions, ckpt, shape: ExportShape, onnx_path: Pa
 
 
 def _build_engine(opts: BuildOptions, target, ckpt, shape: ExportShape, stage: Path, rope: str,
-                  engine_rope: str, log) -> dict:
+                  engine_rope: str, log) -> tuple[dict, list[str]]:
     """Build model.plan; a failure is recorded (engine.failed, the reason) instead of discarding the
-    ONNX artifacts, which are complete and checked by now. Returns the manifest's engine entry, with
-    "files": the files this step added."""
+    ONNX artifacts, which are complete and checked by now. Returns the manifest's engine entry and the
+    files this step added."""
     import traceback
 
     graph, files = stage / ONNX_NAME, []
     if engine_rope != rope:
-        graph = _engine_graph(stage / ONNX_NAME, stage / engines.ENGINE_ONNX_NAME, engine_rope)
+        graph = _engine_graph(stage / ONNX_NAME, stage / ENGINE_ONNX_NAME, engine_rope)
         files.append(graph.name)
     shapes = engines.profiles(INPUT_NAME, (shape.height, shape.width), shape.dynamic_resolution,
                               ckpt.patch_size, opts.max_batch, _native_budget(opts, ckpt, shape))
-    common = {"runtime": target.runtime, "version": target.version, "onnx": graph.name,
-              "rope_lowering": engine_rope, "gpu": target.gpu}
-    plan = stage / engines.PLAN_NAME
+    plan = stage / PLAN_NAME
     try:
         facts = engines.build_engine(
             target, graph, plan, shapes,
@@ -238,9 +242,9 @@ def _build_engine(opts: BuildOptions, target, ckpt, shape: ExportShape, stage: P
         (stage / ENGINE_ERROR_NAME).write_text("".join(traceback.format_exception(exc)))
         reason = _one_line(exc)
         log(f"      engine build failed: {reason} (details: {ENGINE_ERROR_NAME}); the ONNX artifacts are kept")
-        return {"built": False, "failed": True, **common, "reason": reason, "files": files + [ENGINE_ERROR_NAME]}
-    return {"built": True, **common, **facts, "files": files + [plan.name],
-            "parity": "not measured here: running an engine needs a GPU (scripts/gpu_check.sh)"}
+        return (engine_entry(target, onnx=graph.name, rope_lowering=engine_rope, failure=reason),
+                files + [ENGINE_ERROR_NAME])
+    return engine_entry(target, onnx=graph.name, rope_lowering=engine_rope, facts=facts), files + [plan.name]
 
 
 def _native_budget(opts: BuildOptions, ckpt, shape: ExportShape) -> dict | None:
@@ -248,9 +252,6 @@ def _native_budget(opts: BuildOptions, ckpt, shape: ExportShape) -> dict | None:
     if not shape.dynamic_resolution:
         return None
     return engines.native_budget(ckpt.patch_size, **(opts.native_budget or {}))
-
-
-ENGINE_ERROR_NAME = "engine_error.txt"
 
 
 def _one_line(exc: BaseException) -> str:

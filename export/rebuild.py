@@ -24,8 +24,8 @@ from typing import Callable
 
 from export import engine as engines
 from export.core.errors import EngineUnavailableError, OptionError
-from export.core.folder import MANIFEST_NAME, ONNX_NAME, sha256, write_json
-from export.core.manifest import read_manifest
+from export.core.folder import MANIFEST_NAME, ONNX_NAME, PLAN_NAME, sha256
+from export.core.manifest import EngineEntry, Manifest, ManifestLike, engine_entry, read_manifest, write_manifest
 from export.precision.recipe import cpu_quantized
 
 
@@ -52,9 +52,9 @@ class ArtifactsChangedError(OptionError):
     """A recorded file is missing or differs from its manifest entry: the folder is not what was exported."""
 
 
-def verify_artifacts(folder: Path, manifest: dict) -> int:
+def verify_artifacts(folder: Path, manifest: ManifestLike) -> int:
     """Check every file the manifest records (size, then sha256); return how many; raise on the first mismatch."""
-    records = manifest.get("artifacts") or {}
+    records = Manifest.of(manifest).artifacts
     if not records:
         raise ArtifactsChangedError(f"{folder}/{MANIFEST_NAME} records no artifacts; re-export the folder with "
                                     "this version of python -m export.build_engine")
@@ -64,64 +64,61 @@ def verify_artifacts(folder: Path, manifest: dict) -> int:
         if not path.is_file():
             raise ArtifactsChangedError(f"{path} is missing but {MANIFEST_NAME} records it; {advice}")
         size = path.stat().st_size
-        if size != meta.get("bytes"):
-            raise ArtifactsChangedError(f"{path} is {size} bytes but {MANIFEST_NAME} records {meta.get('bytes')}: "
+        if size != meta.size:
+            raise ArtifactsChangedError(f"{path} is {size} bytes but {MANIFEST_NAME} records {meta.size}: "
                                         f"the file changed after export; {advice}")
         digest = sha256(path)
-        if digest != meta.get("sha256"):
+        if digest != meta.sha256:
             raise ArtifactsChangedError(f"{path} has sha256 {digest[:16]}... but {MANIFEST_NAME} records "
-                                        f"{str(meta.get('sha256'))[:16]}...: the file changed after export; {advice}")
+                                        f"{str(meta.sha256)[:16]}...: the file changed after export; {advice}")
     return len(records)
 
 
-def engine_shapes(manifest: dict, max_batch: int) -> dict | list[dict]:
+def engine_shapes(manifest: ManifestLike, max_batch: int) -> dict | list[dict]:
     """The optimization profile the export would build, from the manifest alone (no checkpoint)."""
-    iface, model = manifest["interface"], manifest["model"]
-    (input_name, info), = iface["inputs"].items()
-    h, w = info["shape"][2:]
-    dynamic = bool(iface.get("dynamic_resolution"))
-    if dynamic:  # the profile is centred on the size it was traced at (as pipeline.build does)
-        h, w = manifest["options"].get("image_size") or model["native_image_size"]
-    return engines.profiles(input_name, (int(h), int(w)), dynamic, int(model["patch_size"]), max_batch,
-                            iface.get("native_budget"))
+    m = Manifest.of(manifest)
+    h, w = m.input_shape[2:]
+    if m.dynamic_resolution:  # the profile is centred on the size it was traced at (as pipeline.build does)
+        h, w = m.traced_size
+    return engines.profiles(m.input_name, (int(h), int(w)), m.dynamic_resolution, m.patch_size, max_batch,
+                            m.native_budget)
 
 
-def _same_target(engine: dict, target: engines.EngineTarget, shapes: dict | list[dict],
+def _same_target(engine: EngineEntry, target: engines.EngineTarget, shapes: dict | list[dict],
                  opts: RebuildOptions) -> bool:
     """The recorded plan was built by this runtime and version, for this GPU (or RTX targets) and profile."""
-    if not engine.get("built") or engine.get("runtime") != target.runtime or engine.get("version") != target.version:
+    if not engine.built or engine.runtime != target.runtime or engine.version != target.version:
         return False
-    if engine.get("profiles") != shapes:
+    if engine.profiles != shapes:
         return False
-    if opts.optimization_level is not None and engine.get("builder_optimization_level") != opts.optimization_level:
+    if opts.optimization_level is not None and engine.optimization_level != opts.optimization_level:
         return False
     if target.runtime == "tensorrt-rtx":  # the targets build_engine would choose (engine.py), as recorded there
         ccs = opts.compute_capabilities or (None if target.gpu else list(engines.RTX_DEFAULT_CCS))
         wanted = ["current GPU"] if ccs is None else [f"{a}.{b}" for a, b in ccs]
-        if engine.get("compute_capabilities") != wanted:
+        if engine.compute_capabilities != wanted:
             return False
-    recorded = engine.get("gpu") or {}
+    recorded = engine.gpu
     return (recorded.get("name"), recorded.get("compute_capability")) == \
         (target.gpu.get("name"), target.gpu.get("compute_capability"))
 
 
-def _wanted_lowering(manifest: dict, target: engines.EngineTarget) -> str:
+def _wanted_lowering(manifest: Manifest, target: engines.EngineTarget) -> str:
     """The RoPE lowering the export would give this runtime's engine (its --rope, resolved as build does)."""
     from export.graph.lowering import resolve_rope
 
-    if manifest.get("rope_lowering") == "none":  # no RoPE in the model (CLIP-style, UNICOM)
+    if manifest.rope_lowering == "none":  # no RoPE in the model (CLIP-style, UNICOM)
         return "none"
-    return resolve_rope(manifest["options"].get("rope") or "auto", target.rope_runtime)
+    return resolve_rope(manifest.rope, target.rope_runtime)
 
 
-def _recorded_graph(manifest: dict, lowering: str) -> str | None:
+def _recorded_graph(manifest: Manifest, lowering: str) -> str | None:
     """The recorded graph already in `lowering`: engine.onnx when the export wrote one in it, model.onnx
     when it is in it itself; None: model.onnx must be lowered for this runtime first."""
-    engine = manifest.get("engine") or {}
-    engine_graph = engine.get("onnx")
-    if engine_graph and engine_graph in manifest["artifacts"] and engine.get("rope_lowering") == lowering:
-        return engine_graph
-    if manifest.get("rope_lowering") == lowering or lowering == "none":
+    engine = manifest.engine
+    if engine.onnx and engine.onnx in manifest.artifacts and engine.rope_lowering == lowering:
+        return engine.onnx
+    if manifest.rope_lowering == lowering or lowering == "none":
         return ONNX_NAME
     return None
 
@@ -148,16 +145,16 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
     manifest = read_manifest(folder)
     if opts.max_batch is not None and opts.max_batch < 1:
         raise OptionError(f"--max-batch {opts.max_batch} must be at least 1")
-    old = manifest.get("engine") or {}
-    runtime = opts.runtime or (old.get("runtime") if old.get("runtime") in engines.RUNTIMES else "tensorrt")
+    old = manifest.engine
+    runtime = opts.runtime or (old.runtime if old.runtime in engines.RUNTIMES else "tensorrt")
     if runtime not in engines.RUNTIMES:
         raise OptionError(f"--artifacts rebuilds an engine: --runtime {runtime} is not one; choose one of "
                           f"{', '.join(engines.RUNTIMES)}")
     if opts.compute_capabilities and runtime != "tensorrt-rtx":
         raise OptionError("--compute-capability chooses TensorRT-RTX targets; datacenter TensorRT builds for the "
                           "GPU it runs on: drop it, or use --runtime tensorrt-rtx")
-    if cpu_quantized(manifest.get("precision"), manifest["options"].get("quant_target")):
-        raise OptionError(f"{folder} holds a --quant-target cpu {manifest.get('precision')} graph for onnxruntime "
+    if cpu_quantized(manifest.precision, manifest.quant_target):
+        raise OptionError(f"{folder} holds a --quant-target cpu {manifest.precision} graph for onnxruntime "
                           "on CPUs, which TensorRT does not build; re-export with --quant-target tensorrt")
 
     log(f"[1/3] Checking {folder} against its {MANIFEST_NAME} ...")
@@ -166,16 +163,16 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
 
     target = engines.probe(runtime)
     if target.skip_reason is not None:
-        raise EngineUnavailableError(f"cannot build {folder}/{engines.PLAN_NAME} here: {target.skip_reason}; "
+        raise EngineUnavailableError(f"cannot build {folder}/{PLAN_NAME} here: {target.skip_reason}; "
                                      "the folder is unchanged")
-    max_batch = opts.max_batch or int(manifest["interface"].get("max_batch") or 32)
+    max_batch = opts.max_batch or manifest.max_batch
     shapes = engine_shapes(manifest, max_batch)
-    plan = folder / engines.PLAN_NAME
+    plan = folder / PLAN_NAME
     if plan.is_file() and _same_target(old, target, shapes, opts) and not opts.force:
-        where = target.gpu.get("name") or ", ".join(old.get("compute_capabilities") or []) or "this target"
+        where = target.gpu.get("name") or ", ".join(old.compute_capabilities) or "this target"
         log(f"[2/3] {plan} was built by {target.runtime} {target.version} for {where} with this profile: kept "
             "(pass --force to rebuild it anyway)")
-        return RebuildResult(folder, old, rebuilt=False)
+        return RebuildResult(folder, old.data, rebuilt=False)
 
     lowering = _wanted_lowering(manifest, target)
     recorded = _recorded_graph(manifest, lowering)
@@ -189,7 +186,7 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
             graph_name = f"{ONNX_NAME} (RoPE lowered to {lowering} at build time)"
         else:
             graph, graph_name = folder / recorded, recorded
-        tmp_plan = _temporary(folder, f".{engines.PLAN_NAME}.", ".tmp")
+        tmp_plan = _temporary(folder, f".{PLAN_NAME}.", ".tmp")
         temporaries.append(tmp_plan)
         log(f"[2/3] Building the {target.runtime} {target.version} engine from {graph_name} ...")
         start = time.perf_counter()
@@ -200,21 +197,14 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
         seconds = time.perf_counter() - start
         log(f"      done in {seconds:.1f} s")
         digest = sha256(tmp_plan)
-        engine = {"built": True, **facts, "onnx": graph_name, "rope_lowering": lowering, "gpu": target.gpu,
-                  "sha256": digest, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "rebuilt": True, "build_seconds": round(seconds, 2),
-                  "parity": "not measured here: running an engine needs a GPU (scripts/gpu_check.sh)"}
+        engine = engine_entry(target, onnx=graph_name, rope_lowering=lowering, facts=facts, sha256=digest,
+                              built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rebuilt=True,
+                              build_seconds=round(seconds, 2))
         log(f"[3/3] Publishing {plan.name} and recording it in {MANIFEST_NAME} ...")
-        updated = dict(manifest)
-        updated["engine"] = engine
-        history = list(manifest.get("engine_history") or [])
-        if old:  # what was there before, in short: the manifest stays the one record of this folder
-            history.append({k: old.get(k) for k in ("built", "runtime", "version", "gpu", "compute_capabilities",
-                                                    "profiles", "sha256", "built_at", "reason") if k in old})
-        updated["engine_history"] = history
-        updated["artifacts"] = {**manifest["artifacts"], plan.name: {"sha256": digest, "bytes": facts["bytes"]}}
+        # the old engine is kept in short in engine_history: the manifest stays the one record of this folder
+        updated = manifest.with_engine(engine, plan.name, digest, facts["bytes"])
         os.replace(tmp_plan, plan)  # the old plan stays until the new one is complete
-        write_json(folder / MANIFEST_NAME, updated)  # temp + rename
+        write_manifest(folder, updated)  # temp + rename
     finally:
         for path in temporaries:
             path.unlink(missing_ok=True)

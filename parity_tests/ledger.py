@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from export.core.cli import EXIT_FAILED, EXIT_OK, add_artifacts, add_served_model, add_url, command
+from export.core.folder import LEDGER_DIR, LEDGER_JSON, LEDGER_LAYERS_PNG, LEDGER_MD, LEDGER_STAGES_PNG
 from export.core.manifest import read_manifest
 from export.core.metrics import nn_agreement
 from export.engine.profiles import add_native_budget_arguments
@@ -142,16 +143,16 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
         groups = resolve_groups(opts.stages)
     except Exception as exc:
         raise LedgerInputError(str(exc)) from None
-    out = Path(opts.out) if opts.out is not None else artifacts / "ledger"
+    out = Path(opts.out) if opts.out is not None else artifacts / LEDGER_DIR
     out.mkdir(parents=True, exist_ok=True)
     work = out / "stages"
     if work.exists():
         shutil.rmtree(work)
     work.mkdir()
 
-    log(f"[1/5] Loading the PyTorch reference ({manifest['options'].get('model') or 'demo'}) ...")
+    log(f"[1/5] Loading the PyTorch reference ({manifest.checkpoint or 'demo'}) ...")
     ckpt = reference_checkpoint(manifest)
-    shape = export_shape(manifest, ckpt)
+    shape = export_shape(manifest)
     names = list(ckpt.family.output_names(shape.hidden_layer))
     pooled = ckpt.family.pooled_output
     table = ledger_thresholds(ckpt.family.tolerances, pooled)
@@ -182,7 +183,7 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
     log(f"[2/5] Making the stages ({', '.join(groups)}) in {work} ...")
     stages, facts = plan_stages(ckpt, shape, manifest, artifacts, work, groups, opts.url, log)
 
-    max_batch = int(manifest["interface"].get("max_batch") or 1)
+    max_batch = manifest.max_batch
     inv_batch = min(max_batch, opts.invariant_max_batch or INVARIANT_MAX_BATCH)
     ledger = Ledger(out)
     rows: list[dict] = []
@@ -228,8 +229,8 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
 
     ledger.data = {
         "artifacts": str(artifacts),
-        "model": manifest["model"],
-        "deployed_precision": manifest.get("precision"),
+        "model": manifest.model,
+        "deployed_precision": manifest.precision,
         "image_size": [shape.height, shape.width],
         "native": None if not native else {
             "factor": opts.resize_factor or 2 * ckpt.patch_size,
@@ -348,18 +349,18 @@ def _write(ledger: Ledger, rows: list[dict], layers: dict, plots: bool) -> list[
     files = []
     payload = {"passed": ledger.passed, **ledger.data,
                "checks": [c.to_json() for c in ledger.checks]}
-    (out / "parity.json").write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
-    files.append(out / "parity.json")
-    (out / "ledger.md").write_text(markdown(ledger))
-    files.append(out / "ledger.md")
+    (out / LEDGER_JSON).write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    files.append(out / LEDGER_JSON)
+    (out / LEDGER_MD).write_text(markdown(ledger))
+    files.append(out / LEDGER_MD)
     if plots:
         from export.check.plots import plot_layers, plot_stages
 
         title = f"{ledger.data['model'].get('source')} — deployed {ledger.data['deployed_precision']}"
         if rows:
-            files.append(plot_stages(rows, out / "stages.png", title))
+            files.append(plot_stages(rows, out / LEDGER_STAGES_PNG, title))
         if layers.get("stages"):
-            files.append(plot_layers(layers["stages"], out / "layers.png", "Per-layer divergence — " + title))
+            files.append(plot_layers(layers["stages"], out / LEDGER_LAYERS_PNG, "Per-layer divergence — " + title))
     return files
 
 

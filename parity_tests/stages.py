@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from export.core.errors import EngineUnavailableError
-from export.core.folder import ONNX_NAME
+from export.core.folder import ONNX_NAME, PLAN_NAME
+from export.core.manifest import Manifest, ManifestLike
 from export.graph.lowering import LOWERINGS
 from export.runners.base import Runner, ort_mode_for
 from export.runners.ort import OnnxRuntimeRunner
@@ -64,14 +65,14 @@ def resolve_groups(requested: list[str] | None) -> tuple[str, ...]:
     return tuple(g for g in STAGE_GROUPS if g in requested)
 
 
-def canonical_graph(ckpt, shape, manifest: dict, artifacts: Path, work: Path, log) -> tuple[Path, str]:
+def canonical_graph(ckpt, shape, manifest: Manifest, artifacts: Path, work: Path, log) -> tuple[Path, str]:
     """The canonical fp32 graph (RoPE2D nodes with their function body): the folder's own model.onnx
     when it is exactly that (fp32, custom lowering), else a fresh trace. Returns (path, how)."""
     from export.graph.trace import export_canonical
 
     own = artifacts / ONNX_NAME
-    if manifest.get("precision") == "fp32" and manifest.get("rope_lowering") in ("custom", "none") and own.exists():
-        return own, f"reused {own} (fp32, RoPE lowering {manifest.get('rope_lowering')})"
+    if manifest.precision == "fp32" and manifest.rope_lowering in ("custom", "none") and own.exists():
+        return own, f"reused {own} (fp32, RoPE lowering {manifest.rope_lowering})"
     path = work / "canonical" / ONNX_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     log(f"      tracing the canonical fp32 graph ({shape.height}x{shape.width}) ...")
@@ -79,19 +80,20 @@ def canonical_graph(ckpt, shape, manifest: dict, artifacts: Path, work: Path, lo
     return path, f"traced afresh into {path}"
 
 
-def plan_stages(ckpt, shape, manifest: dict, artifacts: Path, work: Path, groups, url: str | None,
+def plan_stages(ckpt, shape, manifest: ManifestLike, artifacts: Path, work: Path, groups, url: str | None,
                 log: Callable[[str], None]) -> tuple[list[Stage], dict]:
     """Make every requested stage's file in `work`; return the stages (skipped ones with a reason)
     and facts for the ledger (how the canonical graph was obtained, the recipes)."""
     from tqdm.auto import tqdm
 
-    deployed_precision = manifest.get("precision", "fp32")
+    manifest = Manifest.of(manifest)
+    deployed_precision = manifest.precision
     facts: dict = {}
     stages: list[Stage] = []
     if "deployed" in groups:
         stages.append(Stage("deployed", deployed_precision, "onnx",
                             f"{artifacts / ONNX_NAME} as exported ({deployed_precision}, "
-                            f"RoPE {manifest.get('rope_lowering')})", artifacts / ONNX_NAME,
+                            f"RoPE {manifest.rope_lowering})", artifacts / ONNX_NAME,
                             ort_mode=ort_mode_for(deployed_precision)))
     needs_canonical = any(g in groups for g in ("fp32", "fp16", "int8"))
     canonical = None
@@ -113,9 +115,7 @@ def plan_stages(ckpt, shape, manifest: dict, artifacts: Path, work: Path, groups
                                    "the plugin kernel itself runs only in TensorRT")
             stages.append(stage)
     facts["recipes"] = {}
-    options = manifest.get("options", {})
-    calibration = {"calib_images": options.get("calib_images"), "calib_method": options.get("calib_method") or "max",
-                   "calib_count": options.get("calib_count")}
+    calibration = manifest.calibration_options
     for precision in ("fp16", "int8"):
         if precision not in groups:
             continue
@@ -146,14 +146,11 @@ def plan_stages(ckpt, shape, manifest: dict, artifacts: Path, work: Path, groups
     return stages, facts
 
 
-def tensorrt_stage(artifacts: Path, manifest: dict) -> Stage:
+def tensorrt_stage(artifacts: Path, manifest: ManifestLike) -> Stage:
     """The folder's engine, skipped with the reason when it cannot run here (export.runners decides)."""
-    from export import engine as engines
-
-    precision = manifest.get("precision", "fp32")
-    engine = manifest.get("engine") or {}
-    plan = artifacts / engines.PLAN_NAME
-    stage = Stage("tensorrt", precision, "tensorrt", f"{plan} ({engine.get('runtime', 'tensorrt')})", plan)
+    manifest = Manifest.of(manifest)
+    plan = artifacts / PLAN_NAME
+    stage = Stage("tensorrt", manifest.precision, "tensorrt", f"{plan} ({manifest.engine.runtime})", plan)
     try:
         engine_runner_from_manifest(artifacts, manifest=manifest)  # not activated: only the checks
     except EngineUnavailableError as exc:

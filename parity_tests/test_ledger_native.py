@@ -56,7 +56,7 @@ def test_native_ledger_tokens_are_the_native_grid(dynamic_export):
     images = [p.image for p in held_out_photos(3)]
     opts = LedgerOptions(dynamic_export, native_max_pixels=BUDGET)
     inputs = native_inputs(ckpt, images, opts)
-    with TorchRunner(ckpt, export_shape(manifest, ckpt)) as runner:
+    with TorchRunner(ckpt, export_shape(manifest)) as runner:
         out = run_native(runner, inputs, {"last_hidden_state"})
     tokens = sum(1 + (x.shape[2] // 14) * (x.shape[3] // 14) for x in inputs)
     assert out["last_hidden_state"].shape == (tokens, 64) and out["pooler_output"].shape == (3, 64)

@@ -105,13 +105,14 @@ def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: i
 
 def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, str]]:
     """{backend: model.onnx} for every onnxruntime backend, and {backend: skip reason}."""
+    from export.core.folder import ONNX_NAME
     from export.graph.lowering import LOWERINGS
     from export.graph.trace import ExportShape, export_canonical
     from export.variants import lowered_graph, precision_graph
 
     h, w = ckpt.image_size
     shape = ExportShape(h, w)
-    canonical = work / "canonical" / "model.onnx"
+    canonical = work / "canonical" / ONNX_NAME
     canonical.parent.mkdir(parents=True, exist_ok=True)
     log(f"      tracing {h}x{w} ...")
     export_canonical(ckpt, shape, canonical)
@@ -123,13 +124,13 @@ def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, st
             continue
         name = f"ort-fp32-{lowering}"
         graphs[name] = canonical if lowering == "none" else lowered_graph(canonical, lowering,
-                                                                          work / name / "model.onnx")
+                                                                          work / name / ONNX_NAME)
     for precision in ("fp16", "int8"):
         log(f"      applying the {precision} recipe ...")
-        precision_graph(ckpt, shape, canonical, precision, work / f"ort-{precision}" / "model.onnx")
-        graphs[f"ort-{precision}"] = work / f"ort-{precision}" / "model.onnx"
+        precision_graph(ckpt, shape, canonical, precision, work / f"ort-{precision}" / ONNX_NAME)
+        graphs[f"ort-{precision}"] = work / f"ort-{precision}" / ONNX_NAME
     log("      int8 for CPUs (--quant-target cpu: uint8 activations, fp32 elsewhere) ...")
-    dst = work / "ort-int8-cpu" / "model.onnx"
+    dst = work / "ort-int8-cpu" / ONNX_NAME
     precision_graph(ckpt, shape, canonical, "int8", dst, quant_target="cpu")
     graphs["ort-int8-cpu"] = dst
     return graphs, skipped

@@ -53,10 +53,11 @@ def write_photos(folder: Path, count: int) -> Path:
 
 
 def demo_artifacts(tmp: Path) -> Path:
+    from export.core.folder import MANIFEST_NAME
     from export.pipeline import BuildOptions, build
 
     default = Path(__file__).resolve().parents[1] / "artifacts" / "demo"
-    if (default / "manifest.json").is_file():
+    if (default / MANIFEST_NAME).is_file():
         return default
     out = tmp / "demo"
     print(f"benchmark_embed: exporting the demo model into {out} (no artifacts/demo)", flush=True)
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = read_manifest(artifacts)
         images = write_photos(tmp / "photos", args.image_count)
         load_before = load()
-        print(f"benchmark_embed: {args.image_count} images, {manifest['model'].get('source') or 'demo'} "
-              f"({manifest['model'].get('hidden_size')} hidden, {manifest['model'].get('num_hidden_layers')} layers), "
+        print(f"benchmark_embed: {args.image_count} images, {manifest.source or 'demo'} "
+              f"({manifest.hidden_size} hidden, {manifest.num_hidden_layers} layers), "
               f"batch {args.batch_size}, {os.cpu_count()} cores, load average {load_before}", flush=True)
 
         def run(name: str, **kwargs) -> None:

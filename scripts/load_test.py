@@ -373,7 +373,9 @@ def served_vs_direct(served: Callable[[], float], direct: Callable[[], tuple[flo
 @command()
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from export.core.folder import ONNX_NAME, PREPROCESSOR_CONFIG
     from export.core.preprocessing import ClipPreprocessing, pixel_values_from_bytes
+    from triton_repo.layout import ENCODER, PREPROCESS
     from triton_repo.options import RepoOptions
     from triton_repo.repository import build_repository
     from triton_repo.server import TritonServer, free_port, model_statistics
@@ -401,10 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                                             instances=args.instances, intra_op_threads=args.threads),
                                 log=print).out
     info = _repo_info(repo) if repo is not None else None
-    onnx_path = Path(repo) / "encoder" / "1" / "model.onnx" if repo is not None else None
+    onnx_path = Path(repo) / ENCODER / "1" / ONNX_NAME if repo is not None else None
     pooled = info.get("pooled_output") if info else None
     report: dict = {"ensemble": args.served_model, "machine": machine_load()}
-    cfg = (ClipPreprocessing.from_file(Path(repo) / "preprocess" / "1" / "preprocessor_config.json")
+    cfg = (ClipPreprocessing.from_file(Path(repo) / PREPROCESS / "1" / PREPROCESSOR_CONFIG)
            if repo is not None else None)
     pixels = np.stack([pixel_values_from_bytes(b, cfg) for b in images]) if cfg is not None else None  # (N, 3, H, W)
     output = info.get("pooled_output", "pooler_output") if info else "pooler_output"

@@ -50,6 +50,7 @@ def run(args, log=print) -> dict:
 
     from export.check.features import feature_figure
     from export.core.errors import OptionError
+    from export.core.folder import FEATURES_PNG
     from export.core.images import pixel_values, sample_photos
     from export.core.interface import INPUT_NAME
     from export.core.manifest import read_manifest
@@ -61,9 +62,9 @@ def run(args, log=print) -> dict:
     from export.runners.select import runner_for_artifacts
 
     manifest = read_manifest(args.artifacts)
-    log(f"loading the PyTorch reference ({manifest['options'].get('model') or 'demo'}) ...")
+    log(f"loading the PyTorch reference ({manifest.checkpoint or 'demo'}) ...")
     ckpt = reference_checkpoint(manifest)
-    shape = export_shape(manifest, ckpt)
+    shape = export_shape(manifest)
     image = Image.open(args.image).convert("RGB") if args.image else sample_photos(1)[0]
     native = getattr(args, "native_max_pixels", None) is not None
     if native:
@@ -100,16 +101,17 @@ def run(args, log=print) -> dict:
         reference = reference_runner.infer({INPUT_NAME: pixels})[args.output]  # (1, S, C)
     runner: Runner
     if args.runner == "onnxruntime" and args.onnx:
-        runner = OnnxRuntimeRunner(args.onnx, ort_mode_for(manifest.get("precision", "fp32")),
+        runner = OnnxRuntimeRunner(args.onnx, ort_mode_for(manifest.precision),
                                    output_names=[args.output])
     else:  # the engine in the runtime that built it (manifest.json), or the served ensemble
         runner = runner_for_artifacts(args.artifacts, args.runner, output_names=[args.output], url=args.url,
                                       model=args.served_model, manifest=manifest)
-    label = f"{runner.name}, {manifest.get('precision')}"
+    label = f"{runner.name}, {manifest.precision}"
     with runner:
         deployed = runner.infer(image_feed(runner, pixels, [image]))[args.output]  # (1, S, C)
-    out = args.out or args.artifacts / f"features-{args.runner}-{'native-' if native else ''}{h}x{w}.png"
-    title = f"{manifest['model'].get('source')}: {args.output}"
+    out = args.out or args.artifacts / FEATURES_PNG.format(backend=args.runner, native="native-" if native else "",
+                                                           height=h, width=w)
+    title = f"{manifest.source}: {args.output}"
     facts = feature_figure(reference[0], deployed[0], pixels[0], ckpt.patch_size, ckpt.processor, out, label, title,
                            prefix_tokens=ckpt.family.prefix_tokens)
     facts.update(png=str(out), backend=args.runner, native=native, size=[h, w])  # "backend": the key it always had

@@ -25,6 +25,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from export.core.manifest import Manifest
 
 from export.core.cli import EXIT_FAILED, EXIT_OK, run_cli
 
@@ -74,17 +78,19 @@ def run_cell(model: str, precision: str, args) -> dict:
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     cell: dict = {"model": model, "precision": precision, "exit": code, "seconds": round(seconds, 1),
             "peak_rss_gib": round(int(rss.group(1)) / 1024**2, 2) if rss else None, "log": str(log)}
-    manifest_path = out / "manifest.json"
-    if code == 0 or manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+    from export.core.folder import MANIFEST_NAME
+    from export.core.manifest import read_manifest
+
+    if code == 0 or (out / MANIFEST_NAME).exists():
+        manifest = read_manifest(out)
         cell.update({
-            "steps_s": manifest.get("timings_s", {}),
-            "parity_passed": (manifest.get("parity") or {}).get("passed"),
-            "parity_worst": (manifest.get("parity") or {}).get("worst", {}),
-            "pooled_output": manifest.get("interface", {}).get("pooled_output") or "pooler_output",
-            "onnx_checker": manifest.get("onnx_checker"),
-            "artifact_bytes": {name: meta["bytes"] for name, meta in manifest.get("artifacts", {}).items()},
-            "calibration": (manifest.get("precision_recipe") or {}).get("calibration"),
+            "steps_s": manifest.timings_s,
+            "parity_passed": manifest.parity_passed,
+            "parity_worst": manifest.parity_worst,
+            "pooled_output": manifest.pooled_output,
+            "onnx_checker": manifest.onnx_checker,
+            "artifact_bytes": {name: record.size for name, record in manifest.artifacts.items()},
+            "calibration": manifest.precision_recipe.get("calibration"),
             "smoothing": _smoothing_summary(manifest),
         })
     else:
@@ -96,8 +102,8 @@ def run_cell(model: str, precision: str, args) -> dict:
     return cell
 
 
-def _smoothing_summary(manifest: dict):
-    smoothing = (manifest.get("precision_recipe") or {}).get("smoothing")
+def _smoothing_summary(manifest: Manifest):
+    smoothing = manifest.precision_recipe.get("smoothing")
     if not isinstance(smoothing, dict):
         return None
     return {k: v for k, v in smoothing.items() if not isinstance(v, (list, dict))}
@@ -132,6 +138,8 @@ def judge(cells: list[dict], weights: dict[str, int]) -> None:
 
 
 def markdown(cells: list[dict], weights: dict[str, int], meta: dict) -> str:
+    from export.core.folder import ONNX_NAME
+
     lines = [f"# Zoo matrix ({meta['date']})", "",
              f"`python scripts/zoo_matrix.py` on {meta['machine']}; `--random-weights --runtime none`, "
              f"calibration {meta['calib_count']} images; peak RSS from `/usr/bin/time -v`.", "",
@@ -146,7 +154,7 @@ def markdown(cells: list[dict], weights: dict[str, int], meta: dict) -> str:
             return "-" if v is None else f"{v:.0f} s"
 
         worst = (c.get("parity_worst") or {}).get(c.get("pooled_output") or "pooler_output", {}).get("min_cosine")
-        size = sum(v for k, v in (c.get("artifact_bytes") or {}).items() if k.startswith("model.onnx"))
+        size = sum(v for k, v in (c.get("artifact_bytes") or {}).items() if k.startswith(ONNX_NAME))
         if c.get("within_bounds"):
             result = "PASSED"
         elif c["exit"] == 0 and c.get("parity_passed"):

@@ -66,13 +66,13 @@ def photos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(artifacts, photos) -> dict[str, np.ndarray]:
     """{absolute path: PyTorch's pooled output (E,)} for every decodable image, the served preprocessing's pixels."""
-    from export.core.manifest import pooled_output, read_manifest
+    from export.core.manifest import read_manifest
     from export.core.preprocessing import CONFIG_NAME, ClipPreprocessing, ImageDecodeError, pixel_values_from_bytes
     from export.runners.select import runner_for_artifacts
 
     manifest = read_manifest(artifacts)
     cfg = ClipPreprocessing.from_file(artifacts / CONFIG_NAME)
-    out = pooled_output(manifest)
+    out = manifest.pooled_output
     refs = {}
     with runner_for_artifacts(artifacts, "torch", output_names=[out], manifest=manifest) as torch_runner:
         for path in sorted(photos.rglob("*.*")):

@@ -196,7 +196,7 @@ def test_num_heads_flag_reaches_the_export_and_its_reference(tiny_pt, tmp_path):
     out = tmp_path / "four-heads"
     assert main(["--model", str(tiny_pt), "--num-heads", "4", "--out", str(out), "--runtime", "none"]) == 0
     manifest = read_manifest(out)
-    assert manifest["options"]["num_heads"] == 4 and manifest["model"]["num_attention_heads"] == 4
+    assert manifest.num_heads == 4 and manifest.model["num_attention_heads"] == 4
     assert json.loads((out / "parity.json").read_text())["passed"]
     assert reference_checkpoint(manifest).config.num_attention_heads == 4
 

@@ -9,7 +9,6 @@ from typing import Callable
 
 from export.core.folder import PLAN_NAME, staged_output
 from export.core.interface import IMAGE_INPUT
-from export.core.manifest import pooled_output
 from export.core.preprocessing import pixel_values_from_bytes
 from triton_repo import config as tc
 from triton_repo.export_folder import profile_count, read_artifacts
@@ -72,7 +71,7 @@ def build_crop(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
 
             plan_profiles = profile_count(engine_shapes(art.manifest, max_batch))
         else:
-            plan_profiles = profile_count(art.engine.get("profiles"))
+            plan_profiles = profile_count(art.engine.profiles)
         result.models[ENCODER] = place_encoder(stage, spec, art, iface, opts, max_batch=max_batch, pixels=pixels,
                                                profiles=plan_profiles, plan_in_pod=bool(no_plan))
 
@@ -102,7 +101,7 @@ def build_crop(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
                                                            opts.normalize, plan_in_pod=no_plan))
         write_repo_info(stage, opts, art, ensemble=name, preprocess=PREPROCESS, backend=spec.name,
                         max_batch=max_batch, image_size=list(iface.image_size), outputs=list(iface.output_names),
-                        pooled_output=pooled_output(art.manifest), normalized=opts.normalize)
+                        pooled_output=art.manifest.pooled_output, normalized=opts.normalize)
     steps = f"{PREPROCESS} -> {ENCODER} [{spec.name}]" + (f" -> {NORMALIZE}" if opts.normalize else "")
     log(f"wrote {opts.out}/ ({name} = {steps}, max batch {max_batch})")
     return result

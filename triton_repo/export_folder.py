@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.core.errors import OptionError, require
-from export.core.folder import MANIFEST_NAME, ONNX_NAME, PLAN_NAME
-from export.core.preprocessing import CONFIG_NAME as PREPROCESSOR_CONFIG, ClipPreprocessing
+from export.core.folder import MANIFEST_NAME, ONNX_NAME, PLAN_NAME, PREPROCESSOR_CONFIG
+from export.core.manifest import EngineEntry, Manifest, read_manifest
+from export.core.preprocessing import ClipPreprocessing
 from export.engine.profiles import profile_max_batch
 
 
 @dataclass(frozen=True)
 class Artifacts:
     folder: Path
-    manifest: dict
+    manifest: Manifest
     onnx: Path
     plan: Path | None
     preprocessor: ClipPreprocessing
 
     @property
-    def engine(self) -> dict:
-        return self.manifest.get("engine") or {}
+    def engine(self) -> EngineEntry:
+        return self.manifest.engine
 
     @property
     def engine_max_batch(self) -> int | None:
-        return profile_max_batch(self.engine.get("profiles") or {})
+        return profile_max_batch(self.engine.profiles or {})
 
     def nodes_without_body(self) -> list[str]:
         """`domain.op_type` of each custom node in model.onnx that plain onnxruntime cannot run.
@@ -54,7 +54,7 @@ def read_artifacts(folder: Path) -> Artifacts:
     missing = [n for n in (MANIFEST_NAME, ONNX_NAME, PREPROCESSOR_CONFIG) if not (folder / n).is_file()]
     if missing:
         raise OptionError(f"--artifacts {folder} lacks {', '.join(missing)}; {hint}")
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest = read_manifest(folder)
     plan = folder / PLAN_NAME
     return Artifacts(folder, manifest, folder / ONNX_NAME, plan if plan.is_file() else None,
                      ClipPreprocessing.from_file(folder / PREPROCESSOR_CONFIG))

@@ -111,7 +111,7 @@ def start_script(encoder: str, runtime: str, max_batch: int, mount: str = MOUNT)
 
 def resources(art: Artifacts, gpus: int) -> dict:
     """Memory from the model's size (a TensorRT build holds the weights about three times), at least 4 GiB."""
-    weights = sum(int(meta.get("bytes", 0)) for meta in (art.manifest.get("artifacts") or {}).values())
+    weights = sum(int(record.size or 0) for record in art.manifest.artifacts.values())
     memory = f"{max(4, math.ceil(3 * weights / 1024**3))}Gi"
     requests: dict[str, str] = {"cpu": "2", "memory": memory}
     limits: dict[str, str] = {"cpu": "4", "memory": memory}
@@ -169,7 +169,7 @@ def write_kserve(options: KServeOptions, *, stage: Path, out: Path, ensemble: st
     check_options(options)
     folder = kserve_dir(out)
     if spec.needs_engine:  # the export folder, hard-linked: the start-up step rebuilds the plan from it
-        for name in [MANIFEST_NAME, *sorted(art.manifest.get("artifacts") or {})]:
+        for name in [MANIFEST_NAME, *sorted(art.manifest.artifacts)]:
             link_or_copy(art.folder / name, stage / encoder / ARTIFACTS_DIR / name)
     isvc = inference_service(options, ensemble=ensemble, encoder=encoder, spec=spec, art=art, max_batch=max_batch)
     with staged_output(folder, force) as kstage:

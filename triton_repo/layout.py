@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from export.core import preprocessing
 from export.core.errors import OptionError
-from export.core.preprocessing import CONFIG_NAME as PREPROCESSOR_CONFIG
+from export.core.folder import PREPROCESSOR_CONFIG
 from triton_repo import config as tc
 from triton_repo.export_folder import Artifacts
 from triton_repo.forms import EncoderForm
@@ -131,5 +131,5 @@ def write_repo_info(stage: Path, opts: RepoOptions, art: Artifacts, *, ensemble:
     info = {"ensemble": ensemble, "encoder": ENCODER, "preprocess": preprocess, "backend": backend,
             "max_batch": max_batch, "image_size": image_size, "outputs": outputs, "pooled_output": pooled_output,
             "normalized": normalized, "artifacts": str(Path(opts.artifacts).resolve()),
-            "model": art.manifest.get("model", {}), **extra}
+            "model": art.manifest.model, **extra}
     (stage / REPO_INFO).write_text(json.dumps(info, indent=2) + "\n")

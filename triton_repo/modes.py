@@ -34,7 +34,6 @@ import numpy as np
 
 from export import engine as engines
 from export.core.errors import OptionError
-from export.core.manifest import prefix_tokens
 from triton_repo.interface import EncoderInterface, TensorSpec
 from triton_repo.resolve import encoder_interface as crop_interface
 
@@ -109,7 +108,7 @@ def check_pinpoints(pinpoints, tile: int) -> tuple[tuple[int, int], ...]:
 
 def native_size(art: Artifacts) -> int:
     """s, the checkpoint's native (square) size: the tile size of anyres."""
-    h, w = art.manifest["model"].get("native_image_size") or art.manifest["options"].get("image_size")
+    h, w = art.manifest.native_image_size
     if h != w:
         raise OptionError(f"--preprocess anyres cuts square tiles, but the checkpoint's native size is {h}x{w}; "
                           "use --preprocess crop or native")
@@ -126,14 +125,12 @@ def plan(opts: RepoOptions, art: Artifacts) -> RaggedPlan:
     if opts.normalize:
         raise OptionError(f"--normalize applies to the crop ensemble; with --preprocess {mode} normalize the "
                           "pooled rows on the client, or drop --normalize")
-    patch = int(art.manifest["model"]["patch_size"])
-    dynamic = bool(art.manifest["interface"].get("dynamic_resolution"))
-    s = native_size(art) if mode == ANYRES else int(art.manifest["model"]["native_image_size"][0])
-    prefix = prefix_tokens(art.manifest)
+    patch = art.manifest.patch_size
+    dynamic = art.manifest.dynamic_resolution
+    s = native_size(art) if mode == ANYRES else art.manifest.native_image_size[0]
+    prefix = art.manifest.prefix_tokens
     if mode == ANYRES:
-        shape = art.manifest["interface"]["inputs"]
-        (_, info), = shape.items()
-        h, w = info["shape"][2:]
+        h, w = art.manifest.input_shape[2:]
         if not dynamic and (h, w) != (s, s):
             raise OptionError(f"--preprocess anyres encodes {s}x{s} tiles (the checkpoint's native size), but "
                               f"{art.folder} was exported at {h}x{w}; re-export without --image-size (or with "
@@ -172,17 +169,15 @@ def native_pixels(processor, image, patch: int, max_pixels: int | None = None, m
 def encoder_interface(art: Artifacts, spec: EncoderForm, rp: RaggedPlan) -> EncoderInterface:
     """The encoder's tensors: anyres as the crop ensemble's (s x s); native with any height and width."""
     if rp.mode == ANYRES and art.preprocessor.output_size is not None \
-            and not art.manifest["interface"].get("dynamic_resolution"):
+            and not art.manifest.dynamic_resolution:
         return crop_interface(art, spec)
-    iface = art.manifest["interface"]
-    (input_name, _), = iface["inputs"].items()
     fixed = rp.mode == ANYRES
     sequence = (rp.tile_size // rp.patch) ** 2 + rp.prefix if fixed else -1
     dims = (3, rp.tile_size, rp.tile_size) if fixed else (3, -1, -1)
     outputs = tuple(TensorSpec(name, tuple(d if isinstance(d, int) else (sequence if d == "sequence" else -1)
-                                           for d in out["shape"][1:]))
-                    for name, out in iface["outputs"].items())
-    return EncoderInterface(TensorSpec(input_name, dims), outputs, (rp.tile_size, rp.tile_size))
+                                           for d in shape[1:]))
+                    for name, shape in art.manifest.output_shapes.items())
+    return EncoderInterface(TensorSpec(art.manifest.input_name, dims), outputs, (rp.tile_size, rp.tile_size))
 
 
 def engine_profiles(rp: RaggedPlan, input_name: str, max_batch: int) -> list[dict]:
@@ -201,7 +196,7 @@ def check_engine_profile(art: Artifacts, spec: EncoderForm, rp: RaggedPlan, inpu
     """An engine form serves the mode only if its optimization profiles hold every shape the mode sends."""
     if not spec.needs_engine:
         return
-    profiles = art.engine.get("profiles") or {}
+    profiles = art.engine.profiles or {}
     candidates = [p[input_name] for p in (profiles if isinstance(profiles, list) else [profiles]) if input_name in p]
     if rp.mode == ANYRES:
         needed = [(1, 3, rp.tile_size, rp.tile_size)]

@@ -9,7 +9,6 @@ from typing import Callable
 
 from export.core import preprocessing as pre
 from export.core.folder import staged_output
-from export.core.manifest import pooled_output
 from triton_repo import config as tc
 from triton_repo.export_folder import profile_count, read_artifacts
 from triton_repo.layout import (
@@ -56,13 +55,13 @@ def build_ragged(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
         pixels = tiles[0]  # (3, s, s): the whole image
     else:
         pixels = pre.native_pixel_values_from_bytes(jpeg, art.preprocessor, rp.factor, rp.min_pixels, rp.max_pixels)
-    pooled = pooled_output(art.manifest)
+    pooled = art.manifest.pooled_output
     served = tuple(o for o in iface.outputs if rp.mode == ANYRES or o.name != pooled)
     result = RepoResult(Path(opts.out), spec.name, max_batch)
     with staged_output(Path(opts.out), opts.force) as stage:
         result.models[ENCODER] = place_encoder(
             stage, spec, art, iface, opts, max_batch=max_batch, pixels=pixels,
-            profiles=profile_count(art.engine.get("profiles")),
+            profiles=profile_count(art.engine.profiles),
             # two same-sized native images merged into a batch of 2 fit no native profile (one image each)
             dynamic_batching=not (spec.needs_engine and rp.mode == NATIVE))
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from export.core.folder import PLAN_NAME
-from export.core.manifest import pooled_output
 from triton_repo.export_folder import Artifacts
 from triton_repo.forms import EncoderForm
 from triton_repo.interface import EncoderInterface, TensorSpec
@@ -18,12 +17,12 @@ def repository_readme(name: str, spec: EncoderForm, iface: EncoderInterface, max
                       repo: Path, normalized: bool = False, plan_in_pod: str | None = None) -> str:
     """The crop ensemble's README (plan_in_pod: --kserve without a plan, resolve.unserved_plan)."""
     outputs = ", ".join(f"`{o.name}` {list(o.dims)}" for o in iface.outputs)
-    pooled = pooled_output(art.manifest)
+    pooled = art.manifest.pooled_output
     width = next((o.dims[-1] for o in iface.outputs if o.name == pooled), "?")
     normalize_row = (f"| `{NORMALIZE}` | `{pooled}` -> `{pooled}` / its L2 norm, per image | python |\n"
                      if normalized else "")
     h, w = iface.image_size
-    production = spec.readme.format(engine_version=art.engine.get("version") or "?")
+    production = spec.readme.format(engine_version=art.engine.version or "?")
     if plan_in_pod:  # --kserve without a plan Triton can load (unserved_plan)
         production = (f"The encoder is a TensorRT engine that the KServe start-up step builds on each serving node "
                       f"({plan_in_pod}): `{ENCODER}/1/` holds no `{PLAN_NAME}` until then, so serve this repository "

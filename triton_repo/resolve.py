@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from export.core.errors import OptionError
 from export.core.folder import MANIFEST_NAME, PLAN_NAME
-from export.core.manifest import pooled_output, prefix_tokens
 from export.engine.profiles import profile_max_batch
 from triton_repo.export_folder import Artifacts
 from triton_repo.forms import BACKENDS, FORMS, EncoderForm, form
@@ -21,10 +20,10 @@ def refusal(spec: EncoderForm, art: Artifacts, *, built_in_pod: bool = False) ->
     if spec.needs_engine and built_in_pod:
         return _pod_build_refusal(art, others)
     if spec.needs_engine:
-        # Manifests older than TensorRT-RTX support name no runtime: theirs was datacenter TensorRT.
-        runtime = art.engine.get("runtime") or spec.engine_runtimes[0]
+        # Manifests older than TensorRT-RTX support name no runtime: theirs was datacenter TensorRT (the fallback).
+        runtime = art.engine.runtime
         missing = (f"--backend {spec.name} needs {art.folder}/{PLAN_NAME} and its optimization profile in the "
-                   f"manifest ({art.engine.get('reason') or 'no engine was built'}); build the engine on a GPU "
+                   f"manifest ({art.engine.reason or 'no engine was built'}); build the engine on a GPU "
                    f"machine, or use --backend {others}")
         if art.plan is None:
             return missing
@@ -50,12 +49,12 @@ def _pod_build_refusal(art: Artifacts, others: str) -> str | None:
     """Why the KServe start-up step (export.rebuild.rebuild_engine) would refuse to build a plan from `art`."""
     from export.precision.recipe import cpu_quantized
 
-    if not art.manifest.get("artifacts"):
+    if not art.manifest.artifacts:
         return (f"--kserve builds the plan in the pod from the files {art.folder}/{MANIFEST_NAME} records, and "
                 "it records none; re-export the folder with this version of `python -m export.build_engine`")
-    precision = art.manifest.get("precision")
+    precision = art.manifest.precision
     # rebuild_engine refuses this graph too (export/rebuild.py): it is shaped for onnxruntime on CPUs
-    if cpu_quantized(precision, (art.manifest.get("options") or {}).get("quant_target")):
+    if cpu_quantized(precision, art.manifest.quant_target):
         return (f"{art.folder} holds a --quant-target cpu {precision} graph for onnxruntime on CPUs, which the pod's "
                 f"start-up step cannot build into a TensorRT plan; re-export with --quant-target tensorrt, or use "
                 f"--backend {others}")
@@ -86,7 +85,7 @@ def resolve_form(backend: str | None, art: Artifacts, *, built_in_pod: bool = Fa
 def resolve_max_batch(requested: int | None, spec: EncoderForm, art: Artifacts, *, built_in_pod: bool = False) -> int:
     """built_in_pod (--kserve): for an engine form, the max batch of the plan the start-up step builds with
     `--max-batch <this>` (kserve.start_script), so a larger --max-batch than the export's is passed through."""
-    manifest_max = int(art.manifest.get("interface", {}).get("max_batch") or 8)
+    manifest_max = art.manifest.max_batch
     if requested is not None and requested < 1:
         raise OptionError(f"--max-batch {requested} must be at least 1")
     if not spec.needs_engine:
@@ -121,20 +120,18 @@ def unserved_plan(spec: EncoderForm, art: Artifacts, max_batch: int) -> str | No
     if not spec.needs_engine:
         return None
     if art.plan is None:
-        return f"{art.folder} has no {PLAN_NAME}: {art.engine.get('reason') or 'no engine was built'}"
-    runtime = art.engine.get("runtime") or spec.engine_runtimes[0]  # as in refusal()
+        return f"{art.folder} has no {PLAN_NAME}: {art.engine.reason or 'no engine was built'}"
+    runtime = art.engine.runtime  # as in refusal()
     if runtime not in spec.engine_runtimes:
         return f"{art.folder}/{PLAN_NAME} was built with {runtime}, which {spec.serves_with} cannot load"
-    if art.engine.get("profiles") != engine_shapes(art.manifest, max_batch):  # rebuild's own test (_same_target)
+    if art.engine.profiles != engine_shapes(art.manifest, max_batch):  # rebuild's own test (_same_target)
         return f"the optimization profile of {art.folder}/{PLAN_NAME} is not the one for max batch {max_batch}"
     return None
 
 
 def encoder_interface(art: Artifacts, spec: EncoderForm) -> EncoderInterface:
     """Triton dims (no batch axis) from the manifest; symbolic axes become -1."""
-    iface = art.manifest["interface"]
-    (input_name, input_info), = iface["inputs"].items()
-    dims = tuple(d if isinstance(d, int) else -1 for d in input_info["shape"][1:])  # (3, H, W)
+    dims = tuple(d if isinstance(d, int) else -1 for d in art.manifest.input_shape[1:])  # (3, H, W)
     crop = art.preprocessor.output_size
     if crop is None:
         raise OptionError("the preprocessor config has no fixed output size (no center crop); "
@@ -144,19 +141,19 @@ def encoder_interface(art: Artifacts, spec: EncoderForm) -> EncoderInterface:
                           f"re-export with --image-size {crop[0]} {crop[1]} or fix preprocessor_config.json")
     sequence = -1
     if spec.needs_engine:  # engines have one resolution: give TensorRT the exact sequence length
-        patch = art.manifest["model"]["patch_size"]
-        sequence = (crop[0] // patch) * (crop[1] // patch) + prefix_tokens(art.manifest)  # (class token +) patches
+        patch = art.manifest.patch_size
+        sequence = (crop[0] // patch) * (crop[1] // patch) + art.manifest.prefix_tokens  # (class token +) patches
     outputs = tuple(
         TensorSpec(name, tuple(d if isinstance(d, int) else (sequence if d == "sequence" else -1)
-                               for d in out["shape"][1:]))
-        for name, out in iface["outputs"].items()
+                               for d in shape[1:]))
+        for name, shape in art.manifest.output_shapes.items()
     )
-    return EncoderInterface(TensorSpec(input_name, dims), outputs, crop)
+    return EncoderInterface(TensorSpec(art.manifest.input_name, dims), outputs, crop)
 
 
 def pooled_spec(art: Artifacts, iface: EncoderInterface) -> TensorSpec:
     """The encoder output --normalize applies to: the manifest's pooled output, one vector per image."""
-    name = pooled_output(art.manifest)
+    name = art.manifest.pooled_output
     spec = next((o for o in iface.outputs if o.name == name), None)
     if spec is None or len(spec.dims) != 1 or spec.dims[0] < 1:
         raise OptionError(f"--normalize: the artifacts have no pooled output {name!r} of one vector per image; "

@@ -1,7 +1,20 @@
-"""Output folder handling: stage everything in a temporary sibling folder, then rename into place.
+"""The export folder: the name of every file in it, and how it is written (staged in a temporary sibling
+folder, then renamed into place).
 
 An interrupted run leaves the previous output untouched (or nothing); an existing output is
-replaced only with --force.
+replaced only with --force. What the files hold is recorded in manifest.json (export.core.manifest).
+
+    model.onnx                the portable graph (RoPE as the custom op with its function body, or as asked)
+    model.onnx.data           its weights, when they exceed EXTERNAL_DATA_THRESHOLD
+    engine.onnx               the graph handed to the engine builder, when its RoPE lowering differs
+    model.plan                the TensorRT / TensorRT-RTX engine
+    engine_error.txt          why the engine build failed (the ONNX artifacts are kept)
+    preprocessor_config.json  the checkpoint's image processor
+    parity.json               the parity check against PyTorch (not with --skip-parity)
+    overflow_report.json      what the fp16/int8/fp8 recipe kept in fp32 and why
+    manifest.json             what the folder holds and how it was made
+    ledger/                   the parity ledger's default output (python -m parity_tests)
+    features-*.png            scripts/visualize_features.py's default output
 """
 
 from __future__ import annotations
@@ -18,7 +31,28 @@ from typing import Iterator
 from export.core.errors import OutputExistsError
 
 ONNX_NAME = "model.onnx"
-DATA_SUFFIX = ".data"
+DATA_SUFFIX = ".data"  # model.onnx.data: external weights beside a graph of the same name
+# The graph handed to the builder when it needs a RoPE lowering that plain onnxruntime cannot run
+# (the AOT plugin); model.onnx itself always stays portable.
+ENGINE_ONNX_NAME = "engine.onnx"
+PLAN_NAME = "model.plan"
+ENGINE_ERROR_NAME = "engine_error.txt"
+# The checkpoint's image processor, beside model.onnx (export.core.preprocessing.CONFIG_NAME: that file stands alone).
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# Written beside model.onnx by the int8/fp8 recipe (export/precision/recipe.py) and removed before publishing.
+SMOOTHED_ONNX_NAME = "smoothed.onnx"
+QDQ_ONNX_NAME = "qdq.onnx"
+PARITY_NAME = "parity.json"
+OVERFLOW_REPORT_NAME = "overflow_report.json"
+MANIFEST_NAME = "manifest.json"
+# The parity ledger's output (parity_tests/ledger.py), in DIR/ledger/ unless --out says otherwise.
+LEDGER_DIR = "ledger"
+LEDGER_JSON = PARITY_NAME  # the ledger's own record, under the export's name for one
+LEDGER_MD = "ledger.md"
+LEDGER_STAGES_PNG = "stages.png"
+LEDGER_LAYERS_PNG = "layers.png"
+# scripts/visualize_features.py's default output ({native}: "native-" in native mode, else "").
+FEATURES_PNG = "features-{backend}-{native}{height}x{width}.png"
 PROTOBUF_LIMIT = 2 * 1024**3
 # Weights above this stay in model.onnx.data beside model.onnx (protobuf cannot hold > 2 GB);
 # below it model.onnx is one self-contained file. Margin for the graph itself.
@@ -104,13 +138,3 @@ def write_json(path: Path, data) -> None:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
 
-
-MANIFEST_NAME = "manifest.json"
-# The checkpoint's image processor, beside model.onnx (export.core.preprocessing.CONFIG_NAME: that file stands alone).
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
-
-
-PLAN_NAME = "model.plan"
-# The graph handed to the builder when it needs a RoPE lowering that plain onnxruntime cannot run
-# (the AOT plugin); model.onnx itself always stays portable.
-ENGINE_ONNX_NAME = "engine.onnx"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from export.core.errors import OptionError
 from export.core.interface import INPUT_AXES, INPUT_NAME, OUTPUT_AXES
+from export.core.manifest import Manifest, ManifestLike
 from export.models.loading import Checkpoint
 
 
@@ -149,10 +150,8 @@ def _name_axes(model) -> None:
                 dim.dim_param = f"dim{i}"
 
 
-def export_shape(manifest: dict, ckpt):
+def export_shape(manifest: ManifestLike) -> ExportShape:
     """The ExportShape the folder's model.onnx was traced with."""
-    from export.graph.trace import ExportShape
-
-    size = manifest["options"].get("image_size") or manifest["model"].get("native_image_size") or ckpt.image_size
-    iface = manifest["interface"]
-    return ExportShape(int(size[0]), int(size[1]), bool(iface.get("dynamic_resolution")), iface.get("hidden_layer"))
+    m = Manifest.of(manifest)
+    height, width = m.traced_size
+    return ExportShape(height, width, m.dynamic_resolution, m.hidden_layer)

@@ -15,6 +15,7 @@ from typing import Any
 from export.core.errors import CheckpointError
 from export.core.folder import PREPROCESSOR_CONFIG
 from export.core.interface import CLIP_MEAN, CLIP_STD
+from export.core.manifest import Manifest, ManifestLike
 from export.models.families import ModelFamily, family_for_model_type, family_for_weights_file
 from export.models.zoo import DEMO, DEMO_SEED, ZooEntry, release_named, zoo_entry
 
@@ -234,13 +235,12 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:200] if text else ""
 
 
-def reference_checkpoint(manifest: dict):
+def reference_checkpoint(manifest: ManifestLike):
     """The PyTorch model the folder was exported from, as its manifest names it."""
     from export.models.loading import load_checkpoint
 
-    options = manifest["options"]
-    return load_checkpoint(options.get("model"), random_weights=bool(options.get("random_weights")),
-                           num_heads=options.get("num_heads"))
+    m = Manifest.of(manifest)
+    return load_checkpoint(m.checkpoint, random_weights=m.random_weights, num_heads=m.num_heads)
 
 
 class _Deferred:

@@ -12,6 +12,7 @@ import contextlib
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
+from export.core.folder import DATA_SUFFIX
 from export.precision.islands import FP32_ISLANDS
 
 
@@ -74,11 +75,11 @@ def convert_file(src: Path, dst: Path, *, fp16: bool, keep_fp32_nodes: Iterable[
     if not external:
         onnx.save(model, str(dst))
         return model
-    tmp = dst.with_name(dst.name + ".data.partial")
+    tmp = dst.with_name(dst.name + DATA_SUFFIX + ".partial")
     try:
-        _stream_external_data(model, src.parent, tmp, dst.name + ".data")
+        _stream_external_data(model, src.parent, tmp, dst.name + DATA_SUFFIX)
         onnx.save(model, str(dst))
-        tmp.replace(dst.with_name(dst.name + ".data"))
+        tmp.replace(dst.with_name(dst.name + DATA_SUFFIX))
     finally:
         tmp.unlink(missing_ok=True)
     return model

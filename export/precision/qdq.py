@@ -21,6 +21,8 @@ import contextlib
 import logging
 from pathlib import Path
 
+from export.core.folder import DATA_SUFFIX
+
 CALIBRATION_METHODS = ("max", "entropy", "percentile")
 
 
@@ -146,7 +148,7 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], dtype: str = "int8", m
         cache.unlink(missing_ok=True)
         if written != target:
             written.unlink(missing_ok=True)
-            written.with_name(written.name + ".data").unlink(missing_ok=True)
+            written.with_name(written.name + DATA_SUFFIX).unlink(missing_ok=True)
     scheme = ("fp8 E4M3, per-tensor scales max |x| / 448 (Q/DQ)" if fp8 else
               "uint8 activations with zero points, symmetric int8 per-channel weights (Q/DQ)"
               if unsigned_activations else

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.core.errors import OptionError
+from export.core.folder import DATA_SUFFIX, QDQ_ONNX_NAME, SMOOTHED_ONNX_NAME
 from export.precision.islands import FP16_MAX, FP32_ISLANDS, HEADROOM
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
@@ -74,7 +75,7 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
     if not feeds:
         raise ValueError(f"--precision {precision} needs calibration images (feeds)")
     source = path
-    data = path.with_name(path.name + ".data")
+    data = path.with_name(path.name + DATA_SUFFIX)
     large = data.exists() and data.stat().st_size > external_data_threshold
     if precision in QUANTIZED:
         source = _quantize(path, precision, feeds, calib_method, quant_target, large, result, log)
@@ -84,8 +85,8 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
     kept = [f.node for f in result.overflow]
     # Streams external weights: a > 2 GB model is never held whole, nor serialized as one protobuf.
     model = convert_file(source, path, fp16=rest == "fp16", keep_fp32_nodes=kept)
-    for leftover in (path.with_name("qdq.onnx"), path.with_name("qdq.onnx.data"),
-                     path.with_name("smoothed.onnx"), path.with_name("smoothed.onnx.data")):
+    for leftover in (path.with_name(QDQ_ONNX_NAME), path.with_name(QDQ_ONNX_NAME + DATA_SUFFIX),
+                     path.with_name(SMOOTHED_ONNX_NAME), path.with_name(SMOOTHED_ONNX_NAME + DATA_SUFFIX)):
         leftover.unlink(missing_ok=True)
     # Folds the weights back into model.onnx when they now fit under the threshold.
     save_onnx(onnx.load(str(path), load_external_data=False), path, threshold=external_data_threshold)
@@ -140,7 +141,7 @@ def _quantize(path: Path, precision: str, feeds: list[dict], calib_method: str, 
     _log_overflow(result.overflow, log)
 
     # Smoothing (smooth.py): LayerNorm outlier channels migrate into the next weights before Q/DQ.
-    smoothed = path.with_name("smoothed.onnx")  # written only when a LayerNorm has outlier channels
+    smoothed = path.with_name(SMOOTHED_ONNX_NAME)  # written only when a LayerNorm has outlier channels
     result.recipe["smoothing"], factors = smooth_with_factors(path, feeds, dtype=precision, dst=smoothed,
                                                               stats=run.stats, log=log)
     float_model = smoothed if result.recipe["smoothing"]["smoothed"] else path
@@ -148,7 +149,7 @@ def _quantize(path: Path, precision: str, feeds: list[dict], calib_method: str, 
     if calibrated:
         calibration = {name: run.stats[name] for name in calibrated}
         calibration.update({name: run.stats[name].divided(s) for name, s in factors.items()})
-    qdq = path.with_name("qdq.onnx")
+    qdq = path.with_name(QDQ_ONNX_NAME)
     result.recipe[precision] = quantize_qdq(float_model, qdq, feeds, precision, calib_method, large=large,
                                             unsigned_activations=quant_target == "cpu", stats=calibration,
                                             log=log)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from export.core.folder import DATA_SUFFIX, SMOOTHED_ONNX_NAME
+
 # Migration strength: 0.5 splits the quantization difficulty evenly between activations and weights
 # (SmoothQuant's default for most models; larger moves more of it into the weights).
 ALPHA = 0.5
@@ -134,7 +136,7 @@ def smooth_with_factors(path: Path, feeds: list[dict], *, dtype: str = "int8", d
     from export.precision.stats import collect_stats
 
     path = Path(path)
-    dst = Path(dst) if dst is not None else path.with_name("smoothed.onnx")
+    dst = Path(dst) if dst is not None else path.with_name(SMOOTHED_ONNX_NAME)
     model = onnx.load(str(path), load_external_data=False)
     targets, skipped = smoothable(model)
     report: dict[str, Any] = {
@@ -209,7 +211,7 @@ class _Rewriter:
         self.model, self.base_dir, self.dst = model, Path(base_dir), Path(dst)
         self.inits = {t.name: t for t in model.graph.initializer}
         self.external = any(uses_external_data(t) for t in model.graph.initializer)
-        self.data = self.dst.with_name(self.dst.name + ".data")
+        self.data = self.dst.with_name(self.dst.name + DATA_SUFFIX)
         self.data.unlink(missing_ok=True)
         self.offset = 0
         self.uses: dict[str, int] = {}

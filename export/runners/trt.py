@@ -8,6 +8,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from export.core.errors import EngineUnavailableError, MissingDependencyError, OptionError
+from export.core.folder import MANIFEST_NAME, PLAN_NAME
+from export.core.manifest import EngineEntry, Manifest, ManifestLike, read_manifest
 from export.runners.base import Runner
 
 
@@ -55,34 +57,35 @@ class TensorRTRunner(Runner):
         runner.deactivate()
 
 
-def engine_runtime(manifest: dict, artifacts: Path) -> str:
+def engine_runtime(manifest: ManifestLike, artifacts: Path) -> str:
     """The runtime that must open the folder's model.plan: manifest.json engine.runtime. Raises
     EngineUnavailableError when no engine was built."""
     from export.engine.target import RUNTIMES
 
-    engine = manifest.get("engine") or {}
-    runtime = engine.get("runtime")
-    if not engine.get("built"):
+    engine = Manifest.of(manifest).engine
+    runtime = engine.runtime
+    if not engine.built:
         raise EngineUnavailableError(
-            f"no engine in {artifacts}: {engine.get('reason') or 'none was built'}; build one with "
+            f"no engine in {artifacts}: {engine.reason or 'none was built'}; build one with "
             "python -m export.build_engine --runtime tensorrt (on a GPU) or --runtime tensorrt-rtx")
     if runtime not in RUNTIMES:
-        raise EngineUnavailableError(f"{artifacts}/manifest.json names engine runtime {runtime!r}, not one of "
+        raise EngineUnavailableError(f"{artifacts}/{MANIFEST_NAME} names engine runtime {runtime!r}, not one of "
                                      f"{', '.join(RUNTIMES)}; re-export the folder with this version")
     return runtime
 
 
-def engine_problem(engine: dict, target) -> str | None:
+def engine_problem(engine: EngineEntry | dict, target) -> str | None:
     """Why an engine described by the manifest's `engine` entry cannot run where `target`
     (export.engine.probe(engine runtime)) was probed; None when it can."""
-    runtime = engine.get("runtime")
+    engine = engine if isinstance(engine, EngineEntry) else EngineEntry(engine)
+    runtime = engine.runtime
     if target.version is None:
         return f"the engine was built with {runtime}: {target.skip_reason}"
     if not _importable("polygraphy"):
         return f"polygraphy is not installed; install the extra: pip install 'mvt-deploy[{runtime}]'"
     if not target.gpu:
-        return f"model.plan is a {runtime} engine: it runs only on an NVIDIA GPU and none is visible here"
-    built_for = [cc for cc in engine.get("compute_capabilities") or [] if cc and cc != "current GPU"]
+        return f"{PLAN_NAME} is a {runtime} engine: it runs only on an NVIDIA GPU and none is visible here"
+    built_for = [cc for cc in engine.compute_capabilities if cc and cc != "current GPU"]
     here = target.gpu.get("compute_capability")
     if built_for and here and here not in built_for:
         hint = f" --compute-capability {here}" if runtime == "tensorrt-rtx" else ""
@@ -99,20 +102,19 @@ def _importable(module: str) -> bool:
 
 
 def engine_runner_from_manifest(artifacts: Path, output_names: Iterable[str] | None = None,
-                                manifest: dict | None = None) -> TensorRTRunner:
+                                manifest: ManifestLike | None = None) -> TensorRTRunner:
     """A TensorRTRunner for DIR/model.plan in the runtime that built it, or EngineUnavailableError
     saying why it cannot run here and what to do."""
     from export import engine as engines
-    from export.core.manifest import output_names as manifest_outputs, read_manifest
 
     artifacts = Path(artifacts)
-    manifest = manifest if manifest is not None else read_manifest(artifacts)
-    runtime = engine_runtime(manifest, artifacts)
-    plan = artifacts / engines.PLAN_NAME
+    m = Manifest.of(manifest) if manifest is not None else read_manifest(artifacts)
+    runtime = engine_runtime(m, artifacts)
+    plan = artifacts / PLAN_NAME
     if not plan.is_file():
-        raise EngineUnavailableError(f"{artifacts}/manifest.json lists an engine but {plan} is missing; "
+        raise EngineUnavailableError(f"{artifacts}/{MANIFEST_NAME} lists an engine but {plan} is missing; "
                                      f"rebuild the folder (python -m export.build_engine --runtime {runtime})")
-    problem = engine_problem(manifest["engine"], engines.probe(runtime))
+    problem = engine_problem(m.engine, engines.probe(runtime))
     if problem:
         raise EngineUnavailableError(f"{plan} cannot run here: {problem}")
-    return TensorRTRunner(plan, runtime, output_names or manifest_outputs(manifest) or None)
+    return TensorRTRunner(plan, runtime, output_names or m.output_names or None)
