@@ -22,7 +22,7 @@ from export.core.manifest import Manifest, ManifestLike
 RUNTIME_CHOICES = ("auto", "onnxruntime", "tensorrt")
 # The served ensemble's `normalize` step (triton_repo/backend_models/normalize.py) divides by
 # max(||x||_2, EPS). That file imports triton_python_backend_utils at the top, so it cannot be
-# imported here: this is the same definition, kept beside it by tests/test_embed.py's comparison
+# imported here: this is the same definition, kept beside it by tests/embed/test_embed.py's comparison
 # with torch.nn.functional.normalize (which the served step is documented to equal).
 NORMALIZE_EPS = 1e-12
 

@@ -13,7 +13,7 @@ TensorRT's AOT launcher passes inputs, extra scalars and outputs only, so a kern
 more parameters would have cuLaunchKernel read past the argument array. This kernel needs no
 scratch (metadata sizes are 0; checked below), so the two unused trailing parameters are removed
 from the PTX `.entry` after checking that the body never loads them; `params` then equals
-KERNEL_ARGS exactly and `tests/test_kernels_aot.py` asserts it.
+KERNEL_ARGS exactly and `tests/mvt_kernels/test_kernels_aot.py` asserts it.
 
 Triton cannot compile while TRITON_INTERPRET=1 is set in the process; run interpreter work and
 AOT compilation in separate processes.

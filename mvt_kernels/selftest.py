@@ -3,7 +3,7 @@
     TRITON_INTERPRET=1 python -m mvt_kernels.selftest --device cpu --json   # CPU, the interpreter
     python -m mvt_kernels.selftest --device cuda                           # a GPU
 
-tests/test_kernels_interpret.py runs the CPU form in a child process (interpreter mode and
+tests/mvt_kernels/test_kernels_interpret.py runs the CPU form in a child process (interpreter mode and
 ahead-of-time compilation do not mix in one process) and asserts per case; scripts/gpu_check.py
 runs the same cases on CUDA. CASES is plain data, importable without torch or triton.
 

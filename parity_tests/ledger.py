@@ -191,7 +191,7 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
     log(f"[3/5] Running {sum(s.skip_reason is None for s in stages)} stages on the photographs ...")
     for stage in tqdm(stages, desc="      stages", leave=False):
         if native and stage.kind == "triton" and not stage.skip_reason:
-            # the served crop ensemble preprocesses to its own size (tests/test_triton_anyres.py covers native)
+            # the served crop ensemble preprocesses to its own size (tests/triton_repo/test_triton_anyres.py: native)
             stage.skip_reason = "native mode compares pixel-fed stages; the served ensemble crops"
         if stage.skip_reason:
             continue

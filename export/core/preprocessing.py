@@ -45,7 +45,7 @@ CONFIG_NAME = "preprocessor_config.json"
 # 64 megapixels: an 8000 x 8000 photo passes; PIL's own default warns at 89 M and refuses at 179 M.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 # CLIP's normalization, as export.core.interface states it: this file stands alone in a Triton model folder
-# (tests/test_triton_preprocessing.py checks that the two agree).
+# (tests/export/test_triton_preprocessing.py checks that the two agree).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 

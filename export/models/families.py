@@ -1,7 +1,7 @@
 """One spec per model family: how to build, load and trace it, its interface and its tolerances.
 
 Generic code (loading, tracing, parity) asks the spec; it never branches on a family.
-Add a family by writing a `ModelFamily` and listing it in FAMILIES; tests/test_families.py checks
+Add a family by writing a `ModelFamily` and listing it in FAMILIES; tests/export/test_families.py checks
 that every family has a tiny test model.
 """
 

@@ -1,7 +1,7 @@
 """Tiny random checkpoints of every family, saved with save_pretrained like real ones.
 
 Tests, the benchmark and the load test load them back through export.models.loading, the same code users
-run (timm's tiny-model idea); tests/test_families.py checks every family has one.
+run (timm's tiny-model idea); tests/export/test_families.py checks every family has one.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """python -m export.build_engine --artifacts DIR: rebuild model.plan from an export folder (no checkpoint).
 
 A real TensorRT-RTX rebuild on this CPU; datacenter TensorRT through a fake builder that records what
-it was given (as tests/test_cli.py fakes a failing build), since TensorRT needs a GPU.
+it was given (as tests/export/test_cli.py fakes a failing build), since TensorRT needs a GPU.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import pytest
 
 from mvt_kernels.selftest import CASES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="OpenAI Triton is not installed (pip install triton==3.7.1)")

@@ -35,7 +35,7 @@ grpcclient = import_or_skip("tritonclient.grpc")
 InferenceServerException = import_or_skip("tritonclient.utils").InferenceServerException
 
 MIN_COSINE = 0.9999
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")

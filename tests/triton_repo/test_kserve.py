@@ -1,7 +1,7 @@
 """`python -m triton_repo.build ... --kserve`: the InferenceService, validated against KServe's own CRD schema
 (tests/data/kserve/README.md), and the start-up step that rebuilds the plan where it runs.
 
-The tensorrt form is generated from a FAKE plan (as in tests/test_triton_config.py): only its presence and
+The tensorrt form is generated from a FAKE plan (as in tests/triton_repo/test_triton_config.py): only its presence and
 profile matter to the generator; the start-up step is run for real with TensorRT-RTX on this CPU. It is also
 generated from a CPU export without any plan (`--runtime none`, the `artifacts` fixture): the pod builds it.
 """
@@ -34,7 +34,7 @@ yaml = pytest.importorskip("yaml", reason="pip install 'mvt-deploy[kserve]'")
 jsonschema = pytest.importorskip("jsonschema", reason="pip install 'mvt-deploy[kserve]'")
 import_or_skip("tritonclient.grpc.model_config_pb2")  # the repository generator needs the serve extra
 
-SCHEMA = Path(__file__).parent / "data" / "kserve" / "inferenceservice-v1beta1.schema.json.gz"
+SCHEMA = Path(__file__).parents[1] / "data" / "kserve" / "inferenceservice-v1beta1.schema.json.gz"
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None and importlib.util.find_spec("polygraphy") is not None
 
 
@@ -222,7 +222,7 @@ def _run_start_step(repo: Path, isvc: dict, runtime: str, *extra: str) -> subpro
     bindir = Path(sys.executable).parent  # python3 of the test environment, as the image's would be
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(["/bin/sh", "-c", script, "mvt-start", "echo", "SERVED", "--model-store=/mnt/models"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
+                          capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[2])
 
 
 def test_start_step_without_tensorrt_fails_before_serving(plan_artifacts, tmp_path):

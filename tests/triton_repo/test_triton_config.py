@@ -166,19 +166,19 @@ def test_preferred_batch_sizes():
 def test_cli(artifacts, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "triton_repo.build", "--artifacts", str(artifacts), "--out",
                            str(tmp_path / "repo"), "--backend", "python", "--name", "embed", "--max-batch", "4"],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     assert parse_config(tmp_path / "repo/embed/config.pbtxt").max_batch_size == 4
     proc = subprocess.run([sys.executable, "-m", "triton_repo.build", "--artifacts", str(artifacts), "--out",
                            str(tmp_path / "repo3"), "--name", "../x"],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 2 and "not a valid model name" in proc.stderr
 
 
 @pytest.mark.parametrize("module", ["triton_repo.build", "triton_repo.serve"])
 def test_help_needs_no_server(module):
     proc = subprocess.run([sys.executable, "-m", module, "-h"], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     assert "usage" in proc.stdout
 
@@ -273,7 +273,7 @@ def test_plugin_form_graph_still_serves_its_engine(plugin_form_artifacts, plan_a
 def test_cli_refuses_a_plugin_form_graph_with_exit_2(plugin_form_artifacts, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "triton_repo.build", "--artifacts", str(plugin_form_artifacts),
                            "--out", str(tmp_path / "repo"), "--backend", "python"],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 2, proc.stderr
     assert "onnxruntime cannot run" in proc.stderr and "--backend tensorrt" in proc.stderr
 
@@ -332,6 +332,6 @@ def test_unicom_engine_sequence_has_no_class_token(unicom_artifacts, tmp_path):
 def test_cli_normalize_flag(unicom_artifacts, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "triton_repo.build", "--artifacts", str(unicom_artifacts), "--out",
                            str(tmp_path / "repo"), "--backend", "python", "--normalize"],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     assert "-> normalize" in proc.stdout and (tmp_path / "repo/normalize/config.pbtxt").is_file()

@@ -24,7 +24,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 MIN_COSINE = 0.9999  # the bar: every vector against PyTorch's on the same image
 BAD = {"corrupt.jpg": "cannot decode image", "empty.png": "empty image"}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 from export.core.errors import OptionError
 from triton_repo.modes import ANYRES, NATIVE, check_pinpoints, parse_pinpoints
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MIN_COSINE = 0.9999
 TILE, PATCH = 56, 14  # the tiny checkpoint's native size and patch
 NATIVE_BUDGET = (28 * 28, 112 * 112)  # small budget: grids up to 8 x 8 patches keep the server test fast

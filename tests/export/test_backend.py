@@ -25,7 +25,7 @@ from export.runners.select import runner_for_artifacts
 from export.runners.triton_client import TritonRunner
 from export.runners.trt import TensorRTRunner, engine_problem, engine_runner_from_manifest, engine_runtime
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 H200 = {"name": "NVIDIA H200", "compute_capability": "9.0"}
 RTX_4090 = {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}
 

@@ -16,7 +16,7 @@ BLOCK = ("import sys\nfor m in ('tritonclient', 'tritonclient.grpc', 'google.pro
 
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", BLOCK + code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
 
 
 def test_modules_import_without_optional_dependencies():
@@ -46,7 +46,7 @@ def test_missing_client_skips_but_fails_where_the_server_is_required(tmp_path):
     test.write_text("from triton_repo.testing import import_or_skip\n"
                     "import_or_skip('mvt_no_such_client.http')\n"
                     "def test_never_runs():\n    pass\n")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     results = {}
     for flag in ("0", "1"):
         env = {**os.environ, "MVT_REQUIRE_TRITON_SERVER": flag, "PYTHONPATH": str(root)}
