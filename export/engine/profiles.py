@@ -134,3 +134,28 @@ def profile_covers(profile: dict, shape: tuple[int, ...]) -> bool:
 
 def _ceil_to(value: float, multiple: int) -> int:
     return max(multiple, int(math.ceil(value / multiple)) * multiple)
+
+
+def choose_profile(profiles: list[dict], shapes: dict[str, tuple[int, ...]], current: int | None = None) -> int | None:
+    """The optimization profile to run `shapes` ({input: shape}) in, or None when no profile holds them.
+
+    `profiles` is the engine's list of {input: {min, opt, max}} (index = TensorRT's profile index). The active
+    profile is kept when it holds the shapes (switching costs a synchronization and, with per-profile
+    allocation, a reallocation); otherwise the holding profile with the smallest max volume wins, since its
+    context memory is the smallest (ties: the lower index)."""
+    def holds(i: int) -> bool:
+        return all(name in profiles[i] and profile_covers(profiles[i][name], tuple(shape))
+                   for name, shape in shapes.items())
+
+    if current is not None and 0 <= current < len(profiles) and holds(current):
+        return current
+    fits = [i for i in range(len(profiles)) if holds(i)]
+    if not fits:
+        return None
+    return min(fits, key=lambda i: (sum(math.prod(p["max"]) for p in profiles[i].values()), i))
+
+
+def describe_profiles(profiles: list[dict], name: str) -> str:
+    """One line per profile of input `name`: 'profile 0: min [1, 3, 224, 224] ... max [8, 3, 336, 336]'."""
+    return "; ".join(f"profile {i}: min {list(p[name]['min'])}, max {list(p[name]['max'])}"
+                     for i, p in enumerate(profiles) if name in p)
