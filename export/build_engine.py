@@ -111,6 +111,9 @@ def parser() -> argparse.ArgumentParser:
                    help="TensorRT builder optimization level (default: TensorRT's, 3)")
     p.add_argument("--timing-cache", type=Path, metavar="FILE",
                    help="TensorRT timing cache, reused across builds (default: ~/.cache/mvt-deploy/)")
+    p.add_argument("--tf32", action="store_true",
+                   help="let float32 layers run in TF32 on the GPU (faster; default: off, true float32, the "
+                        "precision parity judges; the manifest's engine.tf32 says which)")
     p.add_argument("--skip-parity", action="store_true", help="do not run the onnxruntime parity check")
     add_force(p, what="the --out folder (with --artifacts: rebuild a plan that already fits this target)")
     return p
@@ -138,7 +141,8 @@ __all__ = ["EXIT_BAD_INPUT", "EXIT_ENGINE_FAILED", "EXIT_OK", "EXIT_PARITY_FAILE
 
 
 # Options that shape the export itself: with --artifacts the folder already fixed them.
-ENGINE_OPTIONS = ("artifacts", "runtime", "compute_capabilities", "opt_level", "timing_cache", "max_batch", "force")
+ENGINE_OPTIONS = ("artifacts", "runtime", "compute_capabilities", "opt_level", "timing_cache", "max_batch", "force",
+                  "tf32")
 
 
 def _rebuild(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -155,7 +159,7 @@ def _rebuild(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     opts = RebuildOptions(args.artifacts, runtime=args.runtime,
                           compute_capabilities=_capabilities(args.compute_capabilities),
                           optimization_level=args.opt_level, timing_cache=args.timing_cache,
-                          max_batch=args.max_batch, force=args.force)
+                          max_batch=args.max_batch, force=args.force, tf32=True if args.tf32 else None)
     try:
         rebuild_engine(opts)
     except MvtError:
@@ -184,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         quant_target=args.quant_target, force=args.force, random_weights=args.random_weights,
         parity=not args.skip_parity, runtime=args.runtime, optimization_level=args.opt_level,
         timing_cache=args.timing_cache, compute_capabilities=_capabilities(args.compute_capabilities),
+        tf32=args.tf32,
     )
     result = build(opts)  # an MvtError: bad input, nothing written (command() reports it, exit 2)
     if result.parity_passed is False:

@@ -68,6 +68,7 @@ class BuildOptions:
     compute_capabilities: list[tuple[int, int]] | None = None  # TensorRT-RTX targets; None: GPU or all
     optimization_level: int | None = None  # TensorRT builder optimization level (0-5)
     timing_cache: Path | None = None  # None: ~/.cache/mvt-deploy, per runtime and version
+    tf32: bool = False  # float32 layers may run in TF32 (faster; parity is judged in true float32)
 
 
 @dataclass
@@ -112,6 +113,11 @@ def validate_options(opts: BuildOptions) -> None:
                           "--dynamic-resolution or drop them")
     if opts.calib_images is not None and not Path(opts.calib_images).is_dir():
         raise OptionError(f"--calib-images {opts.calib_images} is not a folder")
+    if opts.timing_cache is not None and Path(opts.timing_cache).is_dir():
+        raise OptionError(f"--timing-cache {opts.timing_cache} is a folder; give a file path, e.g. "
+                          f"{Path(opts.timing_cache) / 'timing.cache'}")
+    if opts.compute_capabilities and opts.runtime == "tensorrt-rtx":
+        engines.check_rtx_targets(engines.EngineTarget("tensorrt-rtx", None, None), opts.compute_capabilities)
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult:
@@ -198,7 +204,10 @@ def _engine_target(opts: BuildOptions) -> engines.EngineTarget:
     if _cpu_quantized(opts):  # only reached with the default runtime: validate_options refuses an explicit one
         return engines.EngineTarget(runtime, None, f"the --quant-target cpu {opts.precision} graph is for "
                                     "onnxruntime on CPUs; use --quant-target tensorrt for an engine")
-    return engines.probe(runtime)
+    target = engines.probe(runtime)
+    if target.runtime == "tensorrt-rtx" and not target.skip_reason:
+        engines.check_rtx_targets(target, opts.compute_capabilities)  # an H100 (9.0) refused here, not after tracing
+    return target
 
 
 def _apply_precision(opts: BuildOptions, ckpt, shape: ExportShape, onnx_path: Path, log):
@@ -236,6 +245,7 @@ def _build_engine(opts: BuildOptions, target, ckpt, shape: ExportShape, stage: P
             target, graph, plan, shapes,
             timing_cache=opts.timing_cache or engines.default_timing_cache(target),
             optimization_level=opts.optimization_level, compute_capabilities=opts.compute_capabilities,
+            tf32=opts.tf32,
         )
     except Exception as exc:  # TensorRT/Polygraphy raise many kinds; the ONNX must survive all of them
         plan.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ class RebuildOptions:
     timing_cache: Path | None = None  # None: ~/.cache/mvt-deploy, per runtime and version
     max_batch: int | None = None  # None: the export's (manifest interface.max_batch)
     force: bool = False  # rebuild even when the plan was built for this very target
+    tf32: bool | None = None  # None: as the export chose (manifest engine.tf32; off when not recorded)
 
 
 @dataclass
@@ -93,6 +94,8 @@ def _same_target(engine: EngineEntry, target: engines.EngineTarget, shapes: dict
         return False
     if opts.optimization_level is not None and engine.optimization_level != opts.optimization_level:
         return False
+    if _tf32(engine, opts) != bool((engine.data.get("tf32") or {}).get("enabled")):
+        return False
     if target.runtime == "tensorrt-rtx":  # the targets build_engine would choose (engine.py), as recorded there
         ccs = opts.compute_capabilities or (None if target.gpu else list(engines.RTX_DEFAULT_CCS))
         wanted = ["current GPU"] if ccs is None else [f"{a}.{b}" for a, b in ccs]
@@ -101,6 +104,11 @@ def _same_target(engine: EngineEntry, target: engines.EngineTarget, shapes: dict
     recorded = engine.gpu
     return (recorded.get("name"), recorded.get("compute_capability")) == \
         (target.gpu.get("name"), target.gpu.get("compute_capability"))
+
+
+def _tf32(engine: EngineEntry, opts: RebuildOptions) -> bool:
+    """TF32 for the rebuilt plan: --tf32, else what the recorded engine used."""
+    return opts.tf32 if opts.tf32 is not None else bool((engine.data.get("tf32") or {}).get("enabled"))
 
 
 def _wanted_lowering(manifest: Manifest, target: engines.EngineTarget) -> str:
@@ -193,7 +201,8 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
         facts = engines.build_engine(
             target, graph, tmp_plan, shapes,
             timing_cache=opts.timing_cache or engines.default_timing_cache(target),
-            optimization_level=opts.optimization_level, compute_capabilities=opts.compute_capabilities)
+            optimization_level=opts.optimization_level, compute_capabilities=opts.compute_capabilities,
+            tf32=_tf32(old, opts))
         seconds = time.perf_counter() - start
         log(f"      done in {seconds:.1f} s")
         digest = sha256(tmp_plan)

@@ -1,7 +1,13 @@
 """Ahead-of-time PTX of `rope2d_kernel` for a GPU target, runnable on a machine without a GPU.
 
-    k = compile_rope2d_ptx("fp16", head_dim=104, cc=90)
+    k = compile_rope2d_ptx("fp16", head_dim=104, cc=90, ptx_version=driver_ptx_version())
     k.name, k.ptx, k.num_warps, k.shared, k.params   # what a launcher needs
+
+PTX ISA version. Triton writes `.version` from the ptxas it bundles (8.7-9.1 across Triton 3.3-3.7),
+not from the driver that will load the PTX; a driver older than that ptxas refuses it with
+CUDA_ERROR_UNSUPPORTED_PTX_VERSION (R535 is CUDA 12.2, PTX 8.2; R550 is CUDA 12.4, PTX 8.4).
+driver_ptx_version() asks libcuda which CUDA the installed driver supports and maps it with Triton's
+own table (`ptx_get_version`), and compile_rope2d_ptx lowers `.version` to it.
 
 The PTX serves launchers that pass exactly the kernel's arguments (KERNEL_ARGS in launch.py:
 inputs, scalars, outputs) and nothing else: TensorRT's AOT plugin and the cupy check.
@@ -42,6 +48,7 @@ class AotKernel:
     dtype: str
     cc: int
     triton_version: str
+    ptx_version: str  # the PTX ISA `.version` of `ptx`, e.g. "8.4"
 
     @property
     def block_x(self) -> int:
@@ -67,8 +74,11 @@ def _divisibility_attrs(fn) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def compile_rope2d_ptx(dtype: str, head_dim: int, cc: int = 90, block_rows: int | None = None,
-                       num_warps: int | None = None) -> AotKernel:
-    """Compile `rope2d_kernel` for x dtype `dtype` ("fp32"|"fp16"|"bf16"), head dim D, sm_<cc>."""
+                       num_warps: int | None = None, ptx_version: int | None = None) -> AotKernel:
+    """Compile `rope2d_kernel` for x dtype `dtype` ("fp32"|"fp16"|"bf16"), head dim D, sm_<cc>.
+
+    ptx_version: the PTX ISA as Triton spells it (84 = 8.4), at most what the loading driver supports
+    (driver_ptx_version()); None: the bundled ptxas' newest, which only a driver as new loads."""
     if dtype not in DTYPES:
         raise ValueError(f"rope2d AOT: dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -82,7 +92,10 @@ def compile_rope2d_ptx(dtype: str, head_dim: int, cc: int = 90, block_rows: int 
     cfg = block_config(head_dim, block_rows, num_warps)
     src = triton.compiler.ASTSource(fn=rope2d_kernel, signature=_signature(dtype), constexprs=cfg.constexprs(),
                                     attrs=_divisibility_attrs(rope2d_kernel))
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg.num_warps})
+    options: dict = {"num_warps": cfg.num_warps}
+    if ptx_version is not None:
+        options["ptx_version"] = ptx_version
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     meta = compiled.metadata
     for field in ("global_scratch_size", "profile_scratch_size"):
         if getattr(meta, field, 0):
@@ -91,7 +104,56 @@ def compile_rope2d_ptx(dtype: str, head_dim: int, cc: int = 90, block_rows: int 
     ptx = strip_unused_trailing_params(compiled.asm["ptx"], meta.name, len(KERNEL_ARGS))
     return AotKernel(name=meta.name, ptx=ptx, params=tuple(entry_params(ptx, meta.name)),
                      num_warps=meta.num_warps, shared=meta.shared, config=cfg, dtype=dtype, cc=cc,
-                     triton_version=triton.__version__)
+                     triton_version=triton.__version__, ptx_version=ptx_isa(ptx))
+
+
+def ptx_isa(ptx: str) -> str:
+    """The `.version` directive of a PTX text, e.g. "8.4"."""
+    m = re.search(r"^\s*\.version\s+(\d+\.\d+)", ptx, flags=re.MULTILINE)
+    if m is None:
+        raise ValueError("PTX has no .version directive")
+    return m.group(1)
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """(major, minor) of the CUDA the installed driver supports (cuDriverGetVersion), None without one.
+
+    Through ctypes and libcuda.so.1, so it works where torch is absent (the serving image's rebuild)."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return version.value // 1000, (version.value % 1000) // 10  # 12040 -> (12, 4)
+
+
+def ptx_version_for_cuda(cuda: tuple[int, int]) -> int:
+    """The newest PTX ISA (Triton's spelling, 84 = 8.4) a driver supporting CUDA `cuda` loads, by Triton's
+    own table (backends/nvidia/compiler.py ptx_get_version)."""
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    return ptx_get_version(f"{cuda[0]}.{cuda[1]}")
+
+
+def bundled_ptx_version(cc: int = 80) -> int:
+    """The newest PTX ISA the ptxas bundled with Triton assembles (Triton's default `.version`)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return ptx_version_for_cuda(tuple(int(v) for v in get_ptxas(cc).version.split(".")[:2]))  # type: ignore[arg-type]
+
+
+def driver_ptx_version() -> int | None:
+    """The PTX ISA to emit: the driver's (ptx_version_for_cuda of cuDriverGetVersion), capped at what the bundled
+    ptxas assembles (a CUDA 13 driver with Triton's CUDA 12.8 ptxas: 8.7); None without a driver (Triton's
+    default). $MVT_PTX_VERSION (e.g. 84) overrides it: a plan built for a fleet whose oldest driver is known."""
+    if os.environ.get("MVT_PTX_VERSION"):
+        return int(os.environ["MVT_PTX_VERSION"])
+    cuda = driver_cuda_version()
+    return None if cuda is None else min(ptx_version_for_cuda(cuda), bundled_ptx_version())
 
 
 # ----------------------------------------------------------------------------------------------

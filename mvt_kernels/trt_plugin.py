@@ -30,7 +30,7 @@ from mvt_kernels.names import PLUGIN_ID
 
 DEFAULT_CC = 80  # sm_80 PTX is forward compatible (the driver JIT-compiles it for sm_90 and later)
 
-_registered = False
+_registered: Union[dict, None] = None  # what the registered plugin compiles for (register_trt_plugin's return)
 
 
 def tensorrt_skip_reason() -> Union[str, None]:
@@ -75,23 +75,28 @@ def trt_dtype_name(trt, dtype) -> str:
     return names[dtype]
 
 
-def register_trt_plugin(cc: Union[int, None] = None) -> None:
-    """Register PLUGIN_ID (`mvt::RoPE2D`) with TensorRT's plugin registry (once per process).
+def register_trt_plugin(cc: Union[int, None] = None) -> dict:
+    """Register PLUGIN_ID (`mvt::RoPE2D`) with TensorRT's plugin registry (once per process); return what
+    the engine will embed: {"plugin", "code": "ptx", "cc", "ptx_version", "driver_cuda"} (the manifest
+    records it). The PTX ISA version is the driver's (mvt_kernels.aot.driver_ptx_version), so the plan
+    loads on the driver that built it and on newer ones.
 
     Raises RuntimeError with the reason when TensorRT (>= 10.9) is not importable.
     """
     global _registered
-    if _registered:
-        return
+    if _registered is not None:
+        return dict(_registered)
     reason = tensorrt_skip_reason()
     if reason is not None:
         raise RuntimeError(reason)
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    from mvt_kernels.aot import compile_rope2d_ptx
+    from mvt_kernels.aot import compile_rope2d_ptx, driver_cuda_version, driver_ptx_version
 
     cc = target_cc(cc)
+    ptx_version = driver_ptx_version()
+    cuda = driver_cuda_version()
 
     @trtp.register(PLUGIN_ID)
     def _rope2d_desc(x: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc) -> trtp.TensorDesc:
@@ -110,13 +115,17 @@ def register_trt_plugin(cc: Union[int, None] = None) -> None:
         batch, seq, heads, dim = (x.shape_expr[i] for i in range(4))  # (B, S, H, D) symbolic
         if not dim.is_constant:
             raise ValueError(f"{PLUGIN_ID}: the head dim (axis 3 of x) must be static; the kernel is compiled per D")
-        kernel = compile_rope2d_ptx(trt_dtype_name(trt, x.dtype), dim.constant_value(), cc)
+        kernel = compile_rope2d_ptx(trt_dtype_name(trt, x.dtype), dim.constant_value(), cc,
+                                    ptx_version=ptx_version)
         extras = scalar_args(seq, heads, seq * heads, heads)  # contiguous x: row strides S*H and H
         launch = plugin_launch_params(trtp, kernel, batch, seq, heads)
         args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in extras])
         return kernel.name, kernel.ptx, launch, args
 
-    _registered = True
+    _registered = {"plugin": PLUGIN_ID, "code": "ptx", "cc": cc,
+                   "ptx_version": None if ptx_version is None else f"{ptx_version // 10}.{ptx_version % 10}",
+                   "driver_cuda": None if cuda is None else f"{cuda[0]}.{cuda[1]}"}
+    return dict(_registered)
 
 
 def plugin_launch_params(trtp, kernel, batch, seq, heads):

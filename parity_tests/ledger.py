@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from export.core.cli import EXIT_FAILED, EXIT_OK, add_artifacts, add_served_model, add_url, command
+from export.core.errors import ShapeOutsideProfilesError
 from export.core.folder import LEDGER_DIR, LEDGER_JSON, LEDGER_LAYERS_PNG, LEDGER_MD, LEDGER_STAGES_PNG
 from export.core.manifest import read_manifest
 from export.core.metrics import nn_agreement
@@ -112,15 +113,39 @@ def native_inputs(ckpt, images: list, opts: LedgerOptions) -> list[np.ndarray]:
                           opts.resize_factor) for image in images]
 
 
-def run_native(runner: Runner, inputs: list[np.ndarray], token_outputs: set[str]) -> dict[str, np.ndarray]:
+def run_native(runner: Runner, inputs: list[np.ndarray], token_outputs: set[str],
+               skipped: dict[int, str] | None = None) -> dict[str, np.ndarray]:
     """Every photo alone (the sizes differ): token outputs as all tokens of every photo [sum L, C], the others
-    one row per photo [N, ...]."""
+    one row per photo [N, ...]. With `skipped` given, a photo whose size none of an engine's optimization
+    profiles holds is left out and recorded there ({index: reason}) instead of failing the stage."""
     parts: dict[str, list] = {}
-    for x in inputs:  # (1, 3, h', w')
-        for name, value in runner.infer(image_feed(runner, x)).items():
+    for i, x in enumerate(inputs):  # (1, 3, h', w')
+        try:
+            out = runner.infer(image_feed(runner, x))
+        except ShapeOutsideProfilesError as exc:
+            if skipped is None:
+                raise
+            skipped[i] = str(exc)
+            continue
+        for name, value in out.items():
             value = np.asarray(value, dtype=np.float32)
             parts.setdefault(name, []).append(value[0] if name in token_outputs else value)
     return {name: np.concatenate(v) for name, v in parts.items()}
+
+
+def native_subset(reference: dict[str, np.ndarray], inputs: list[np.ndarray], keep: list[int],
+                  token_outputs: set[str], patch: int) -> dict[str, np.ndarray]:
+    """run_native's output restricted to the photos `keep` (token outputs: their tokens, in order)."""
+    tokens = [x.shape[2] * x.shape[3] // (patch * patch) for x in inputs]  # patch tokens per photo
+    out = {}
+    for name, value in reference.items():
+        if name not in token_outputs:
+            out[name] = value[keep]
+            continue
+        extra = (len(value) - sum(tokens)) // len(inputs)  # class/register tokens per photo (0 or 1)
+        bounds = np.cumsum([0] + [t + extra for t in tokens])
+        out[name] = np.concatenate([value[bounds[i]:bounds[i + 1]] for i in keep])
+    return out
 
 
 def native_invariant_batch(inputs: list[np.ndarray]) -> np.ndarray:
@@ -196,10 +221,20 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
         if stage.skip_reason:
             continue
         with contextlib.ExitStack() as active:  # the runner is deactivated whatever happens
+            expected = reference
             try:
                 runner = active.enter_context(make_runner(stage, names, artifacts, opts.url, opts.triton_model))
-                actual = (run_native(runner, inputs, token_outputs) if native
-                          else run_on_photos(runner, pixels, images, min(REFERENCE_CHUNK, max_batch)))
+                if native:
+                    skipped: dict[int, str] = {}
+                    actual = run_native(runner, inputs, token_outputs, skipped)
+                    if skipped:  # an engine's profiles may not hold every native size: measure the rest
+                        first = next(iter(skipped.values()))
+                        stage.notes.append(f"{len(skipped)} of {len(inputs)} photos skipped, no optimization "
+                                           f"profile holds their size (first: {first})")
+                        keep = [i for i in range(len(inputs)) if i not in skipped]
+                        expected = native_subset(reference, inputs, keep, token_outputs, ckpt.patch_size)
+                else:
+                    actual = run_on_photos(runner, pixels, images, min(REFERENCE_CHUNK, max_batch))
             except Exception as exc:  # a stage that cannot run is a failure, said in one line
                 first = str(exc).splitlines()[0][:300] if str(exc) else ""
                 stage.notes.append(f"could not run: {type(exc).__name__}: {first}")
@@ -209,15 +244,19 @@ def run_ledger(opts: LedgerOptions, log: Callable[[str], None] = print) -> Ledge
                 if name not in actual:
                     stage.notes.append(f"{name} is not served by this stage")
                     continue
-                m = measure(reference[name], actual[name])
-                if name == pooled:
-                    m.update(nn_agreement(reference[name], actual[name]))
+                m = measure(expected[name], actual[name])
+                if name == pooled and len(actual[name]) >= 3:
+                    m.update(nn_agreement(expected[name], actual[name]))
                 rows.append({"stage": stage.name, "output": name, **m})
                 for metric, threshold in thresholds(table, stage.precision, name).items():
                     if metric in m:
                         ledger.checks.append(LedgerCheck(stage.name, name, metric, m[metric], threshold,
                                                          stage.enforced))
-            results = check_invariants(runner, pixels, images, inv_batch)
+            try:
+                results = check_invariants(runner, pixels, images, inv_batch)
+            except ShapeOutsideProfilesError as exc:  # native engines take one image at a time
+                stage.notes.append(f"batch invariants skipped: {str(exc).splitlines()[0]}")
+                continue
         invariants[stage.name] = [r.to_json() for r in results]
         for r in results:
             for metric, threshold in thresholds(table, stage.precision, "invariants").items():

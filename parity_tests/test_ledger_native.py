@@ -71,3 +71,19 @@ def test_native_ledger_needs_a_dynamic_resolution_export(dynamic_export, tmp_pat
     (fixed / "manifest.json").write_text(json.dumps(manifest))
     assert main(["--artifacts", str(fixed), "--native-max-pixels", str(BUDGET), "--no-plots"]) == 2
     assert "--dynamic-resolution" in capsys.readouterr().err
+
+
+def test_native_subset_keeps_the_tokens_and_rows_of_the_photos_an_engine_ran():
+    """A TensorRT stage skips native sizes no optimization profile holds; the reference is cut to match."""
+    import numpy as np
+
+    from parity_tests.ledger import native_subset
+
+    inputs = [np.zeros((1, 3, 28, 42)), np.zeros((1, 3, 56, 14)), np.zeros((1, 3, 14, 14))]  # 6, 4, 1 patches
+    tokens = [6 + 1, 4 + 1, 1 + 1]  # + a class token each
+    hidden = np.concatenate([np.full((t, 2), i, np.float32) for i, t in enumerate(tokens)])  # [sum L, C]
+    pooled = np.arange(3, dtype=np.float32)[:, None]  # [N, 1]
+    out = native_subset({"last_hidden_state": hidden, "pooler_output": pooled}, inputs, [0, 2],
+                        {"last_hidden_state"}, patch=14)
+    assert out["pooler_output"].ravel().tolist() == [0, 2]
+    assert out["last_hidden_state"][:, 0].tolist() == [0] * 7 + [2] * 2

@@ -29,6 +29,10 @@ class EngineUnavailableError(MvtError):
     """An engine (model.plan) that cannot run here: none built, another runtime, no GPU, another GPU."""
 
 
+class ShapeOutsideProfilesError(MvtError):
+    """An input shape that none of an engine's optimization profiles holds."""
+
+
 def require(module: str, extra: str):
     """Import an optional dependency, or fail with the one line that says which extra to install."""
     import importlib

@@ -18,6 +18,8 @@ from export.engine.profiles import (  # noqa: F401
     add_native_budget_arguments,
     anyres_profile,
     batch_profile,
+    choose_profile,
+    describe_profiles,
     native_budget,
     native_profiles,
     native_side_range,
@@ -29,10 +31,14 @@ from export.engine.profiles import (  # noqa: F401
 from export.engine.target import (  # noqa: F401
     NO_ENGINE,
     RTX_DEFAULT_CCS,
+    RTX_SUPPORTED_CCS,
     RUNTIME_CHOICES,
     RUNTIMES,
     EngineTarget,
+    check_rtx_targets,
     default_timing_cache,
     gpu_info,
+    prepare_timing_cache,
     probe,
+    rtx_supported_ccs,
 )

@@ -5,16 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from export.core.errors import OptionError
-from export.engine.target import RTX_DEFAULT_CCS, EngineTarget, _select_polygraphy_runtime
+from export.engine.target import (
+    RTX_DEFAULT_CCS,
+    EngineTarget,
+    _select_polygraphy_runtime,
+    check_rtx_targets,
+    prepare_timing_cache,
+)
 from mvt_kernels.names import PLUGIN_ID
 
 
 def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes: dict | list[dict], *,
                  timing_cache: Path | None = None, optimization_level: int | None = None,
-                 compute_capabilities: list[tuple[int, int]] | None = None) -> dict:
+                 compute_capabilities: list[tuple[int, int]] | None = None, tf32: bool = False) -> dict:
     """Build a strongly typed engine for `shapes` ({input: {min, opt, max}}, or a list of such optimization
-    profiles: native_profiles); return build facts (the profiles recorded as given)."""
+    profiles: native_profiles); return build facts (the profiles recorded as given).
+
+    tf32: let float32 GEMMs and convolutions run in TF32. Off by default (Polygraphy's CreateConfig clears
+    TensorRT's flag unless asked): fp32 engines and the fp32 islands of fp16/int8 graphs then compute in
+    true float32, the precision parity judges them at; TF32 is faster on Ampere and later."""
     _select_polygraphy_runtime(target.runtime)
+    if target.runtime == "tensorrt-rtx":
+        check_rtx_targets(target, compute_capabilities)
+    timing_cache = prepare_timing_cache(timing_cache)
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
     trt_profiles = []
@@ -26,18 +39,24 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
     common = dict(profiles=trt_profiles, builder_optimization_level=optimization_level,
                   load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None)
     facts: dict = {"runtime": target.runtime, "version": target.version, "profiles": shapes,
-                   "builder_optimization_level": optimization_level}
+                   "builder_optimization_level": optimization_level,
+                   "tf32": {"enabled": tf32, "note": ("float32 math may run in TF32 (--tf32)" if tf32 else
+                            "float32 layers compute in true float32 (TF32 off; --tf32 turns it on)")}}
     if target.runtime == "tensorrt-rtx":
         from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
 
         if compute_capabilities is None and not target.gpu:
             compute_capabilities = list(RTX_DEFAULT_CCS)
-        config = CreateConfigRTX(use_gpu=compute_capabilities is None, compute_capabilities=compute_capabilities,
-                                 **common)
+        from polygraphy.backend.trt import PostprocessConfig
+
+        rtx_config = CreateConfigRTX(use_gpu=compute_capabilities is None, compute_capabilities=compute_capabilities,
+                                     **common)
+        # CreateConfigRTX takes no tf32 and leaves TensorRT-RTX's default (TF32 on): set the flag as asked.
+        config = PostprocessConfig(rtx_config, lambda builder, network, cfg: _set_tf32(cfg, tf32))
         facts["compute_capabilities"] = (["current GPU"] if compute_capabilities is None
                                          else [f"{a}.{b}" for a, b in compute_capabilities])
     else:
-        config = CreateConfig(**common)
+        config = CreateConfig(tf32=tf32, **common)  # Polygraphy clears TensorRT's flag unless tf32
         facts["compute_capabilities"] = [target.gpu.get("compute_capability")]
     if _has_plugin_nodes(onnx_path):
         if target.runtime == "tensorrt-rtx":
@@ -45,8 +64,11 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
                               "plugins; use --rope onnx23, custom or decomposed")
         from mvt_kernels.trt_plugin import register_trt_plugin
 
-        register_trt_plugin()  # the RoPE plugin with its ahead-of-time PTX, embedded in the engine
-        facts["plugins"] = [f"{PLUGIN_ID} (AOT, Triton PTX)"]
+        # The RoPE plugin with its ahead-of-time PTX, embedded in the engine; the PTX ISA is the driver's.
+        plugin = register_trt_plugin()
+        facts["plugins"] = [f"{PLUGIN_ID} (AOT, Triton PTX {plugin['ptx_version'] or 'default'} for "
+                            f"sm_{plugin['cc']})"]
+        facts["rope_plugin"] = plugin
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     # Serialized bytes, never a deserialized engine: that would need a GPU, and TensorRT-RTX builds
     # on machines without one.
@@ -56,6 +78,12 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
         f.write(memoryview(serialized))
     facts["bytes"] = plan_path.stat().st_size
     return facts
+
+
+def _set_tf32(config, enabled: bool) -> None:
+    from polygraphy.backend.trt.util import trt  # the module Polygraphy bound: tensorrt or tensorrt_rtx
+
+    (config.set_flag if enabled else config.clear_flag)(trt.BuilderFlag.TF32)
 
 
 def _has_plugin_nodes(onnx_path: Path) -> bool:

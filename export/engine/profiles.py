@@ -108,9 +108,11 @@ def native_profiles(input_name: str, factor: int, min_pixels: int, max_pixels: i
     out, ratio = [], 1.0 / MAX_ASPECT_RATIO
     while ratio < MAX_ASPECT_RATIO:
         top = min(ratio * band, float(MAX_ASPECT_RATIO))
-        # h/w = r and h*w <= budget -> h <= sqrt(budget * r), w <= sqrt(budget / r); + one factor of rounding
-        h_max = min(hi_side, _ceil_to(math.sqrt(budget * top), factor) + factor)
-        w_max = min(hi_side, _ceil_to(math.sqrt(budget / ratio), factor) + factor)
+        # h'/w' = r and h'*w' <= budget -> h' <= sqrt(budget * r), w' <= sqrt(budget / r). smart_resize
+        # floors onto the factor grid when it shrinks, so a ceil covers it; the box then holds at most
+        # sqrt(band) x the budget (2x for the default band), the least a box over a band of ratios can.
+        h_max = min(hi_side, _ceil_to(math.sqrt(budget * top), factor))
+        w_max = min(hi_side, _ceil_to(math.sqrt(budget / ratio), factor))
         h_opt = min(h_max, _ceil_to(math.sqrt(budget * math.sqrt(ratio * top)) / 2, factor))
         w_opt = min(w_max, _ceil_to(math.sqrt(budget / math.sqrt(ratio * top)) / 2, factor))
         out.append({input_name: {"min": [1, 3, lo_side, lo_side], "opt": [1, 3, h_opt, w_opt],

@@ -17,6 +17,9 @@ NO_ENGINE = "none"  # --runtime none: export and check the ONNX only
 RUNTIME_CHOICES = RUNTIMES + (NO_ENGINE,)
 # TensorRT-RTX targets when no GPU is visible: every RTX-class architecture it builds for.
 RTX_DEFAULT_CCS = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0))
+# What TensorRT-RTX can target at all (tensorrt_rtx.ComputeCapability in 1.7: SM75 SM80 SM86 SM89 SM120
+# SM121); no Hopper (9.0) or datacenter Blackwell (10.0): datacenter TensorRT serves those.
+RTX_SUPPORTED_CCS = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,52 @@ def _gpu_info_from_nvidia_smi() -> dict:
         return {}
     name, capability, driver = fields
     return {"name": name, "compute_capability": capability, "cuda": None, "driver": driver or None}
+
+
+def rtx_supported_ccs() -> tuple[tuple[int, int], ...]:
+    """The compute capabilities the installed TensorRT-RTX targets (its ComputeCapability enum), else
+    RTX_SUPPORTED_CCS."""
+    try:
+        import tensorrt_rtx
+
+        names = [n for n in dir(tensorrt_rtx.ComputeCapability) if n.startswith("SM") and n[2:].isdigit()]
+    except Exception:  # not installed, or an enum without SM names
+        return RTX_SUPPORTED_CCS
+    found = tuple(sorted((int(n[2:-1]), int(n[-1])) for n in names))
+    return found or RTX_SUPPORTED_CCS
+
+
+def check_rtx_targets(target: EngineTarget, compute_capabilities: list[tuple[int, int]] | None) -> None:
+    """Refuse, before any work, a TensorRT-RTX build for an architecture it does not support: the GPU here
+    when no --compute-capability is given (an H100 is 9.0), or a given one."""
+    supported = rtx_supported_ccs()
+    listed = ", ".join(f"{a}.{b}" for a, b in supported)
+    if compute_capabilities:
+        bad = [f"{a}.{b}" for a, b in compute_capabilities if (a, b) not in supported]
+        if bad:
+            raise OptionError(f"--runtime tensorrt-rtx cannot target compute capability {', '.join(bad)}; it "
+                              f"supports {listed}. Use --runtime tensorrt for datacenter GPUs (9.0, 10.0)")
+        return
+    here = target.gpu.get("compute_capability")
+    if here:
+        major, minor = (int(v) for v in str(here).split(".")[:2])
+        if (major, minor) not in supported:
+            raise OptionError(
+                f"--runtime tensorrt-rtx builds for this GPU ({target.gpu.get('name')}, compute capability "
+                f"{here}) by default, which TensorRT-RTX does not support ({listed}); use --runtime tensorrt "
+                "here, or name RTX targets with --compute-capability X.Y")
+
+
+def prepare_timing_cache(path: Path | None) -> Path | None:
+    """The timing cache file, its folder created: Polygraphy locks and writes it only after the build, so a
+    missing folder would fail once the engine is finished. Refuses a path that is a folder."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OptionError(f"--timing-cache {path} is a folder; give a file path, e.g. {path / 'timing.cache'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _select_polygraphy_runtime(runtime: str) -> None:

@@ -7,17 +7,26 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from export.core.errors import EngineUnavailableError, MissingDependencyError, OptionError
+from export.core.errors import EngineUnavailableError, MissingDependencyError, OptionError, ShapeOutsideProfilesError
 from export.core.folder import MANIFEST_NAME, PLAN_NAME
 from export.core.manifest import EngineEntry, Manifest, ManifestLike, read_manifest
 from export.runners.base import Runner
+
+# Device memory for the shapes of each call (Polygraphy: IExecutionContext.updateDeviceMemorySizeForShapes),
+# not "static" (Polygraphy's default: the largest of all profiles, up to ~2.4x the native pixel budget) nor
+# "profile" (the active profile's max shapes). The buffer only grows, so a run's peak is its largest input.
+ALLOCATION_STRATEGY = "runtime"
 
 
 class TensorRTRunner(Runner):
     """A serialized engine through Polygraphy's TrtRunner (GPU only). `runtime` selects Polygraphy's
     binding: "tensorrt" (datacenter) or "tensorrt-rtx"; an engine opens only in the runtime that built
     it, so take it from the manifest (engine_runner_from_manifest). Polygraphy binds one runtime per
-    process: activating the other one raises."""
+    process: activating the other one raises.
+
+    Each infer runs in the optimization profile that holds its input shapes (export.engine.choose_profile,
+    keeping the active one when it fits); shapes no profile holds raise ShapeOutsideProfilesError with
+    the profiles' ranges."""
 
     def __init__(self, plan, runtime: str = "tensorrt", output_names: Iterable[str] | None = None):
         from export.engine.target import RUNTIMES
@@ -27,6 +36,13 @@ class TensorRTRunner(Runner):
         self.plan, self.runtime = Path(plan), runtime
         super().__init__(f"{runtime} ({self.plan.name})", output_names)
         self._runner: Any = None
+        self.profiles: list[dict] = []  # the engine's, read at activation: [{input: {min, opt, max}}]
+        self.profile: int | None = None  # the active profile index
+
+    @property
+    def trt_runner(self) -> Any:
+        """The active Polygraphy TrtRunner (None before activate): its engine, context and stream."""
+        return self._runner
 
     def activate_impl(self) -> None:
         from export.engine.target import _select_polygraphy_runtime
@@ -41,11 +57,31 @@ class TensorRTRunner(Runner):
         except ImportError:
             raise MissingDependencyError(f"polygraphy is not installed; install the extra: pip install "
                                          f"'mvt-deploy[{self.runtime}]'") from None
-        runner = TrtRunner(EngineFromBytes(BytesFromPath(str(self.plan))), name=self.name)
+        runner = TrtRunner(EngineFromBytes(BytesFromPath(str(self.plan))), name=self.name,
+                           allocation_strategy=ALLOCATION_STRATEGY)
         runner.activate()
         self._runner = runner
+        self.profiles = engine_profiles(runner.engine)
+        self.profile = 0  # Polygraphy leaves a new context in profile 0
+
+    def select_profile(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        """Make the profile that holds `shapes` ({input: shape}) active; return its index."""
+        from export.engine.profiles import choose_profile, describe_profiles
+
+        index = choose_profile(self.profiles, shapes, self.profile)
+        if index is None:
+            name = next(iter(shapes))
+            raise ShapeOutsideProfilesError(
+                f"{self.plan.name}: input {name} {list(shapes[name])} fits none of its optimization profiles "
+                f"({describe_profiles(self.profiles, name)}); resize the input into one, or rebuild with a wider "
+                "profile (--image-size, --dynamic-resolution, --max-batch)")
+        if index != self.profile:
+            self._runner.set_profile(index)
+            self.profile = index
+        return index
 
     def infer_impl(self, feed):
+        self.select_profile({name: tuple(np.shape(v)) for name, v in feed.items()})
         out = self._runner.infer({k: np.ascontiguousarray(v) for k, v in feed.items()})
         if self.output_names is None:
             self.output_names = list(out)
@@ -54,7 +90,25 @@ class TensorRTRunner(Runner):
 
     def deactivate_impl(self) -> None:
         runner, self._runner = self._runner, None
+        self.profile = None
         runner.deactivate()
+
+
+def engine_profiles(engine: Any) -> list[dict]:
+    """[{input: {"min", "opt", "max"}}] per optimization profile of a deserialized ICudaEngine (TensorRT 10
+    name-based API: get_tensor_profile_shape(name, index) -> (min, opt, max))."""
+    from polygraphy.backend.trt.util import trt  # the module Polygraphy bound: tensorrt or tensorrt_rtx
+
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    out = []
+    for index in range(engine.num_optimization_profiles):
+        profile = {}
+        for name in inputs:
+            lo, opt, hi = engine.get_tensor_profile_shape(name, index)
+            profile[name] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
+        out.append(profile)
+    return out
 
 
 def engine_runtime(manifest: ManifestLike, artifacts: Path) -> str:

@@ -41,11 +41,13 @@ def test_tensorrt_rtx_builds_an_engine_on_cpu(tiny_folders, tmp_path, precision)
     out = tmp_path / precision
     proc = _cli("--model", tiny_folders["mlcd-rope2d"], "--out", out, "--precision", precision,
                 "--runtime", "tensorrt-rtx", "--compute-capability", "8.9", "--max-batch", "4",
-                "--timing-cache", tmp_path / "timing.cache")
+                "--timing-cache", tmp_path / "cache" / "timing.cache",  # a folder that does not exist yet
+                *(["--tf32"] if precision == "fp32" else []))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     eng = manifest["engine"]
     assert eng["built"] and eng["runtime"] == "tensorrt-rtx" and eng["compute_capabilities"] == ["8.9"]
+    assert eng["tf32"]["enabled"] is (precision == "fp32")
     assert eng["profiles"]["pixel_values"]["max"] == [4, 3, 56, 56]
     # auto: model.onnx keeps the portable custom op; the engine got native RotaryEmbedding (engine.onnx)
     assert manifest["rope_lowering"] == "custom"
@@ -56,7 +58,7 @@ def test_tensorrt_rtx_builds_an_engine_on_cpu(tiny_folders, tmp_path, precision)
     plan = out / "model.plan"
     assert plan.stat().st_size == eng["bytes"] > 10_000
     assert manifest["artifacts"]["model.plan"]["bytes"] == plan.stat().st_size
-    assert (tmp_path / "timing.cache").exists()
+    assert (tmp_path / "cache" / "timing.cache").exists()
 
 
 @needs_rtx

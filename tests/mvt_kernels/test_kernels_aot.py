@@ -144,3 +144,43 @@ def test_unknown_dtype_is_explained():
 
     with pytest.raises(ValueError, match="fp32, fp16, bf16"):
         compile_rope2d_ptx("fp8", 64, 90)
+
+
+# ------------------------------------------------------------------------------------------------
+# PTX ISA version: the driver's, not the bundled ptxas' (R535 = CUDA 12.2 loads PTX <= 8.2)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("cuda", "isa"), [((12, 2), "8.2"), ((12, 4), "8.4"), ((12, 8), "8.7")])
+def test_ptx_version_follows_the_driver(cuda, isa):
+    from mvt_kernels.aot import (
+        assemble_check,
+        bundled_ptx_version,
+        bundled_ptxas,
+        compile_rope2d_ptx,
+        ptx_isa,
+        ptx_version_for_cuda,
+    )
+
+    assert ptx_version_for_cuda((13, 0)) == 90  # a CUDA 13 driver loads 9.0; the bundled ptxas caps what we emit
+    version = min(ptx_version_for_cuda(cuda), bundled_ptx_version())
+    if version != ptx_version_for_cuda(cuda):
+        pytest.skip(f"this Triton's ptxas stops at {version}")
+    assert f"{version // 10}.{version % 10}" == isa
+    k = compile_rope2d_ptx("fp16", 64, 90, ptx_version=version)
+    assert ptx_isa(k.ptx) == k.ptx_version == isa
+    if os.path.exists(bundled_ptxas()):
+        assemble_check(k.ptx, 90)  # still valid PTX at the lower ISA
+
+
+@needs_compiler
+def test_default_ptx_version_is_the_bundled_ptxas_one_and_the_override_wins(monkeypatch):
+    from mvt_kernels.aot import compile_rope2d_ptx, driver_cuda_version, driver_ptx_version
+
+    assert compile_rope2d_ptx("fp32", 64, 80).ptx_version >= "8.0"
+    monkeypatch.setenv("MVT_PTX_VERSION", "83")
+    assert driver_ptx_version() == 83
+    monkeypatch.delenv("MVT_PTX_VERSION")
+    cuda = driver_cuda_version()  # None on a machine without libcuda (this CI), else (major, minor)
+    assert cuda is None or (cuda[0] >= 11 and 0 <= cuda[1] < 10)
+    assert (driver_ptx_version() is None) == (cuda is None)
