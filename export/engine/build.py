@@ -28,7 +28,13 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
     if target.runtime == "tensorrt-rtx":
         check_rtx_targets(target, compute_capabilities)
     timing_cache = prepare_timing_cache(timing_cache)
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineBytesFromNetwork,
+        NetworkFromOnnxPath,
+        PostprocessConfig,
+        Profile,
+    )
 
     trt_profiles = []
     for one in (shapes if isinstance(shapes, list) else [shapes]):
@@ -47,17 +53,18 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
 
         if compute_capabilities is None and not target.gpu:
             compute_capabilities = list(RTX_DEFAULT_CCS)
-        from polygraphy.backend.trt import PostprocessConfig
-
-        rtx_config = CreateConfigRTX(use_gpu=compute_capabilities is None, compute_capabilities=compute_capabilities,
-                                     **common)
-        # CreateConfigRTX takes no tf32 and leaves TensorRT-RTX's default (TF32 on): set the flag as asked.
-        config = PostprocessConfig(rtx_config, lambda builder, network, cfg: _set_tf32(cfg, tf32))
+        base = CreateConfigRTX(use_gpu=compute_capabilities is None, compute_capabilities=compute_capabilities,
+                               **common)
         facts["compute_capabilities"] = (["current GPU"] if compute_capabilities is None
                                          else [f"{a}.{b}" for a, b in compute_capabilities])
     else:
-        config = CreateConfig(tf32=tf32, **common)  # Polygraphy clears TensorRT's flag unless tf32
+        base = CreateConfig(tf32=tf32, **common)
         facts["compute_capabilities"] = [target.gpu.get("compute_capability")]
+    # CreateConfigRTX takes no tf32 and leaves TensorRT-RTX's default (TF32 on), so the flag is set here for
+    # both; and activation memory that follows the input shapes (see _configure).
+    resize = _activation_resize_feature()
+    config = PostprocessConfig(base, lambda builder, network, cfg: _configure(cfg, tf32, resize))
+    facts["runtime_activation_resize"] = resize is not None
     if _has_plugin_nodes(onnx_path):
         if target.runtime == "tensorrt-rtx":
             raise OptionError("--rope plugin needs datacenter TensorRT (10.9+): TensorRT-RTX cannot load Python "
@@ -78,6 +85,21 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
         f.write(memoryview(serialized))
     facts["bytes"] = plan_path.stat().st_size
     return facts
+
+
+def _activation_resize_feature():
+    """PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10 where the TensorRT has it (10.10+, TensorRT-RTX 1.x), else
+    None. With it IExecutionContext.updateDeviceMemorySizeForShapes sizes activations for the shapes at hand
+    (TensorRTRunner's allocation); without it, for the profile's maximum."""
+    from polygraphy.backend.trt.util import trt
+
+    return getattr(getattr(trt, "PreviewFeature", None), "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+
+
+def _configure(config, tf32: bool, resize) -> None:
+    _set_tf32(config, tf32)
+    if resize is not None:
+        config.set_preview_feature(resize, True)
 
 
 def _set_tf32(config, enabled: bool) -> None:

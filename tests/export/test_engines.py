@@ -48,6 +48,7 @@ def test_tensorrt_rtx_builds_an_engine_on_cpu(tiny_folders, tmp_path, precision)
     eng = manifest["engine"]
     assert eng["built"] and eng["runtime"] == "tensorrt-rtx" and eng["compute_capabilities"] == ["8.9"]
     assert eng["tf32"]["enabled"] is (precision == "fp32")
+    assert eng["runtime_activation_resize"] is True  # TensorRT-RTX 1.7 has the preview feature
     assert eng["profiles"]["pixel_values"]["max"] == [4, 3, 56, 56]
     # auto: model.onnx keeps the portable custom op; the engine got native RotaryEmbedding (engine.onnx)
     assert manifest["rope_lowering"] == "custom"
