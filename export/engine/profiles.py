@@ -85,12 +85,13 @@ NATIVE_ASPECT_BAND = 4.0
 def native_side_range(factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """(shortest, longest) side smart_resize(h, w, factor, min_pixels, max_pixels) can produce: multiples of
     factor, at least factor. h' * w' <= max_pixels and an aspect ratio of at most MAX_ASPECT_RATIO (smart_resize
-    refuses more) bound the longest side by sqrt(MAX_ASPECT_RATIO * max_pixels), plus one factor of rounding."""
+    refuses more) bound the longest side by sqrt(MAX_ASPECT_RATIO * max_pixels): smart_resize floors onto the
+    factor grid when it shrinks and ceils only up to sqrt(MAX_ASPECT_RATIO * min_pixels) when it grows."""
     from export.core.preprocessing import MAX_ASPECT_RATIO
 
     budget = max(max_pixels, factor * factor)
-    longest = _ceil_to(math.sqrt(MAX_ASPECT_RATIO * budget), factor) + factor
-    return factor, max(longest, _ceil_to(math.sqrt(MAX_ASPECT_RATIO * min_pixels), factor) + factor)
+    longest = _ceil_to(math.sqrt(MAX_ASPECT_RATIO * budget), factor)
+    return factor, max(longest, _ceil_to(math.sqrt(MAX_ASPECT_RATIO * min_pixels), factor))
 
 
 def native_profiles(input_name: str, factor: int, min_pixels: int, max_pixels: int, max_batch: int = 1,

@@ -132,7 +132,8 @@ def test_datacenter_tensorrt_rebuild_records_the_engine(folder, datacenter, tmp_
     # TensorRT 10.13 takes the AOT plugin: model.onnx (portable) was lowered into a temporary graph
     assert call["plugin_nodes"] > 0 and call["onnx"].name.startswith(".rebuild-")
     assert call["shapes"] == {"pixel_values": {"min": [1, 3, 56, 56], "opt": [1, 3, 56, 56], "max": [2, 3, 56, 56]}}
-    assert call["kwargs"] == {"timing_cache": cache, "optimization_level": 4, "compute_capabilities": None}
+    assert call["kwargs"] == {"timing_cache": cache, "optimization_level": 4, "compute_capabilities": None,
+                              "tf32": False}  # the export's choice, recorded (none: off)
     assert result.rebuilt
     manifest = _manifest(folder)
     engine = manifest["engine"]
