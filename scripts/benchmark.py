@@ -11,7 +11,10 @@ Backends:
     ort-fp16             the fp16 recipe (fp16 compute, fp32 islands)
     ort-int8             the int8 recipe as deployed to TensorRT: Q/DQ on linear layers, fp16 elsewhere
     ort-int8-cpu         the int8 recipe with --quant-target cpu: uint8 activations, fp32 elsewhere
-    tensorrt             the fp32 graph's engine (onnx23 lowering), where TensorRT and a GPU exist
+    tensorrt             the fp32 graph's engine where TensorRT and a GPU exist, its RoPE lowered as the export
+                         lowers it for that TensorRT (`--rope auto`: onnx23 from 10.15, the AOT plugin 10.9-10.14,
+                         decomposed below); timed on device buffers with CUDA events, the host<->device copies
+                         reported apart (export/runners/trt_timing.py)
 
 onnxruntime runs with its default (full) optimizations, as a CPU deployment would. Timing: every
 backend is warmed up, then the repeats are interleaved (backend A, B, C, A, B, C, ...) so that load
@@ -41,23 +44,20 @@ from typing import Any
 import numpy as np
 
 from export.core.cli import EXIT_OK, command, fail, run_cli
+from export.core.gpus import gpu_peaks
 from export.models.flops import flops_per_image
 
 SHORT: dict[str, Any] = {"batch_sizes": [1, 2], "repeats": 2, "warmup": 1}
 DEFAULT_BATCH_SIZES = [1, 2, 4, 8]
-# Dense fp16 tensor-core peak in TFLOPS (vendor datasheets), for the "fraction of peak" figure.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
-                   "T4": 65.0, "RTX 4090": 165.0, "RTX 6000 Ada": 364.0}
 GOALS = {"ort-fp32": 1.5, "ort-int8": 2.5, "pooled_cosine": 0.99}  # the issue's goals (mid-size model, batch 4)
+TENSORRT = "tensorrt"  # the TensorRT row's backend name
 
 
 def gpu_peak(name: str | None) -> float | None:
-    if not name:
-        return None
-    for key, tflops in sorted(GPU_PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-        if key.lower() in name.lower():
-            return tflops * 1e12
-    return None
+    """Dense fp16 tensor-core FLOP/s of the GPU named exactly `name` (export.core.gpus), for the "fraction of
+    peak" figure; None when unknown."""
+    peaks = gpu_peaks(name)
+    return None if peaks is None else peaks.fp16_tflops * 1e12
 
 
 # ---------------------------------------------------------------------------------------------- backends
@@ -86,25 +86,50 @@ def ort_backend(path: Path, threads: int, outputs: tuple[str, ...]):
     return OnnxRuntimeRunner(path, "optimized", output_names=outputs, threads=threads, allow_spinning=False)
 
 
-def tensorrt_backend(onnx_path: Path, work: Path, size, patch: int, max_batch: int, log, outputs: tuple[str, ...]):
-    """Build an engine for the fp32 graph and return (runner, gpu info); raises when it cannot run."""
+def tensorrt_lowering(rope_runtime: tuple[str, str] | None, has_rope: bool) -> str:
+    """The RoPE lowering of the benchmark's TensorRT graph: the export's rule for that (runtime, version)
+    (export.graph.lowering.resolve_rope("auto", ...): onnx23 from TensorRT 10.15 and on TensorRT-RTX, the AOT
+    plugin on 10.9-10.14, decomposed below), "none" for a model without RoPE."""
+    from export.graph.lowering import resolve_rope
+
+    return resolve_rope("auto", rope_runtime) if has_rope else "none"
+
+
+def tensorrt_backend(canonical: Path, has_rope: bool, work: Path, size, patch: int, max_batch: int, log,
+                     outputs: tuple[str, ...]):
+    """Build an engine for the fp32 canonical graph, lowered for this TensorRT; return (runner, facts: gpu,
+    TensorRT version, RoPE lowering). Raises when it cannot run."""
     from export import engine as engines
     from export.core.interface import INPUT_NAME
     from export.runners.trt import TensorRTRunner
+    from export.variants import lowered_graph
 
     target = engines.probe("tensorrt")
     if target.skip_reason:
         raise RuntimeError(target.skip_reason)
-    plan = work / "tensorrt" / engines.PLAN_NAME
-    plan.parent.mkdir(parents=True, exist_ok=True)
-    log("      building the TensorRT engine ...")
+    lowering = tensorrt_lowering(target.rope_runtime, has_rope)
+    folder = work / TENSORRT
+    folder.mkdir(parents=True, exist_ok=True)
+    graph = canonical if lowering == "none" else lowered_graph(canonical, lowering, folder / engines.ENGINE_ONNX_NAME)
+    plan = folder / engines.PLAN_NAME
+    log(f"      building the TensorRT {target.version} engine (RoPE: {lowering}) ...")
     shapes = engines.profiles(INPUT_NAME, tuple(size), False, patch, max_batch)
-    engines.build_engine(target, onnx_path, plan, shapes, timing_cache=engines.default_timing_cache(target))
-    return TensorRTRunner(plan, target.runtime, outputs), target.gpu
+    engines.build_engine(target, graph, plan, shapes, timing_cache=engines.default_timing_cache(target))
+    from export.runners.trt_timing import TIMING
+
+    facts = {"gpu": target.gpu, "version": target.version, "rope_lowering": lowering, "timing": TIMING}
+    return TensorRTRunner(plan, target.runtime, outputs), facts
+
+
+def canonical_path(work: Path) -> Path:
+    from export.core.folder import ONNX_NAME
+
+    return work / "canonical" / ONNX_NAME
 
 
 def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, str]]:
-    """{backend: model.onnx} for every onnxruntime backend, and {backend: skip reason}."""
+    """{backend: model.onnx} for every onnxruntime backend, and {backend: skip reason}; the traced graph itself
+    is at canonical_path(work)."""
     from export.core.folder import ONNX_NAME
     from export.graph.lowering import LOWERINGS
     from export.graph.trace import ExportShape, export_canonical
@@ -112,7 +137,7 @@ def prepare_graphs(ckpt, work: Path, log) -> tuple[dict[str, Path], dict[str, st
 
     h, w = ckpt.image_size
     shape = ExportShape(h, w)
-    canonical = work / "canonical" / ONNX_NAME
+    canonical = canonical_path(work)
     canonical.parent.mkdir(parents=True, exist_ok=True)
     log(f"      tracing {h}x{w} ...")
     export_canonical(ckpt, shape, canonical)
@@ -156,19 +181,23 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
     runners = {"torch-eager": torch_backend(ckpt, threads)}
     for name, path in graphs.items():
         runners[name] = ort_backend(path, threads, bench_outputs(ckpt.family))
-    gpu = {}
-    if tensorrt and (not backends or "tensorrt" in backends):
-        fp32_graph = graphs.get("ort-fp32-onnx23") or graphs.get("ort-fp32-none")
+    gpu: dict = {}
+    trt_facts: dict | None = None
+    device_timer = None
+    if tensorrt and (not backends or TENSORRT in backends):
         try:
-            if fp32_graph is None:
-                raise RuntimeError("no fp32 graph to build the engine from")
-            trt_runner, gpu = tensorrt_backend(fp32_graph, work, (h, w), ckpt.patch_size, max(batch_sizes), log,
-                                               bench_outputs(ckpt.family))
-            runners["tensorrt"] = trt_runner.activate()  # now: an engine that cannot run is a reason too
+            trt_runner, trt_facts = tensorrt_backend(canonical_path(work), ckpt.family.has_rope, work, (h, w),
+                                                     ckpt.patch_size, max(batch_sizes), log,
+                                                     bench_outputs(ckpt.family))
+            gpu = trt_facts["gpu"]
+            runners[TENSORRT] = trt_runner.activate()  # now: an engine that cannot run is a reason too
+            from export.runners.trt_timing import DeviceTimer
+
+            device_timer = DeviceTimer(trt_runner)
         except Exception as exc:  # no TensorRT / no GPU: a reason, not a crash
-            skipped["tensorrt"] = f"{type(exc).__name__}: {_first_line(exc)}"
+            skipped[TENSORRT] = f"{type(exc).__name__}: {_first_line(exc)}"
     else:
-        skipped["tensorrt"] = "not requested (--no-tensorrt or --backends)"
+        skipped[TENSORRT] = "not requested (--no-tensorrt or --backends)"
     if backends:
         runners = {k: v for k, v in runners.items() if k == "torch-eager" or k in backends}
 
@@ -193,12 +222,31 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
             for name, runner in runners.items():
                 for _ in range(warmup):
                     outputs[name] = runner.infer(feed)
+            if device_timer is not None:  # the engine on device buffers, for this batch's shapes
+                try:
+                    device_timer.prepare(feed)
+                    for _ in range(warmup):
+                        device_timer.measure()
+                except Exception as exc:  # the row falls back to the host clock around infer, and says why
+                    assert trt_facts is not None
+                    trt_facts["timing"] = (f"host clock around TensorRTRunner.infer, copies included (device timing "
+                                           f"failed: {type(exc).__name__}: {_first_line(exc)})")
+                    device_timer = None
             times: dict[str, list[float]] = {name: [] for name in runners}
+            host_seconds: list[float] = []  # TensorRTRunner.infer by the host clock: numpy in, numpy out
+            device_samples = []
             for _ in range(repeats):
                 for name, runner in runners.items():  # interleaved: contention hits every backend alike
                     start = time.perf_counter()
-                    outputs[name] = runner.infer(feed)
-                    times[name].append(time.perf_counter() - start)
+                    result = runner.infer(feed)
+                    elapsed = time.perf_counter() - start
+                    outputs[name] = result
+                    if name == TENSORRT and device_timer is not None:
+                        host_seconds.append(elapsed)
+                        sample = device_timer.measure()  # the row's time: the engine alone
+                        device_samples.append(sample)
+                        elapsed = sample.compute_ms / 1e3
+                    times[name].append(elapsed)
             ref = outputs["torch-eager"]
             base = statistics.median(times["torch-eager"])
             for name in runners:
@@ -210,7 +258,14 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
                        "tokens_min_cosine": _min_cosine(ref[tokens], outputs[name][tokens])}
                 row["tflops_achieved"] = round(flops["total"] * row["images_per_s"] / 1e12, 4)
                 row["fraction_of_gpu_peak"] = round(flops["total"] * row["images_per_s"] / peak, 4) \
-                    if (peak and name == "tensorrt") else None
+                    if (peak and name == TENSORRT) else None
+                if name == TENSORRT and device_timer is not None and device_samples:
+                    from export.runners.trt_timing import summarize
+
+                    row["device_timing"] = summarize(device_samples, host_seconds)
+                    # the device-buffer run computed what infer did: a wrong binding would show here
+                    row["device_timing"]["max_abs_vs_infer"] = float(np.abs(
+                        device_timer.outputs()[pooled] - outputs[name][pooled]).max())
                 results.append(row)
             accuracy = {r["backend"]: r["pooled_min_cosine"] for r in results if r["batch"] == b}
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -225,6 +280,9 @@ def benchmark(model: str | None, batch_sizes: list[int], repeats: int, warmup: i
                      "cpu_count": os.cpu_count(), "load_average_before": load_before,
                      "load_average_after": load_after},
         "gpu": gpu or None,
+        "tensorrt": None if trt_facts is None else {"version": trt_facts["version"],
+                                                    "rope_lowering": trt_facts["rope_lowering"],
+                                                    "timing": trt_facts["timing"]},
         "gpu_peak_flops": peak,
         "fraction_of_gpu_peak": "per TensorRT row" if peak else "not measured: no GPU here",
         "skipped": skipped,
@@ -284,6 +342,30 @@ def table(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {cos:.6f} |")
     for name, reason in report["skipped"].items():
         lines.append(f"| {name} | skipped: {reason} |")
+    transfers = tensorrt_table(report)
+    return "\n".join(lines) + (f"\n\n{transfers}" if transfers else "")
+
+
+def tensorrt_table(report: dict) -> str:
+    """Markdown: the TensorRT row's engine time beside the host<->device copies it leaves out, per batch size;
+    empty when no engine was timed."""
+    rows = [r for r in report["results"] if r["backend"] == TENSORRT and r.get("device_timing")]
+    if not rows:
+        return ""
+    facts = report.get("tensorrt") or {}
+    lines = [f"{TENSORRT} (TensorRT {facts.get('version')}, RoPE {facts.get('rope_lowering')}): "
+             f"{facts.get('timing') or 'engine on device buffers'}",
+             "",
+             "| batch | engine ms | H2D ms (MB, GB/s) | D2H ms (MB, GB/s) | copies / (engine + copies) | "
+             "infer from numpy, ms |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["device_timing"]
+        share = "" if t["transfer_share"] is None else f"{100 * t['transfer_share']:.0f}%"
+        host = "" if t["host_ms"] is None else f"{t['host_ms']:.2f}"
+        lines.append(f"| {r['batch']} | {t['engine_ms']:.2f} | {t['h2d_ms']:.2f} ({t['h2d_MB']:.1f}, "
+                     f"{t['h2d_GBps'] or 0:.1f}) | {t['d2h_ms']:.2f} ({t['d2h_MB']:.1f}, {t['d2h_GBps'] or 0:.1f}) | "
+                     f"{share} | {host} |")
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the wheels scripts/gpu_check.sh needs beyond torch/triton/cupy (transformers and its
+# Download the wheels scripts/gpu_check.sh needs beyond torch and triton (transformers and its
 # small dependencies) into scripts/gpu_wheels/, to carry to a GPU machine without internet.
 #   PYVER     target Python version, e.g. 3.12 (default: this interpreter's)
 #   TRANSFORMERS_SPEC  default: transformers==5.24.*

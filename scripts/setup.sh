@@ -6,7 +6,8 @@
 # `pip install -e '.[onnx,dev]'`. scripts/update_lock.sh moves the locks to the newest releases.
 #   MVT_LOCK      the lock to install (default: locks/dev.txt; scripts/update_lock.sh tries candidates)
 #   PYTHON        interpreter to base .venv on (default: python3; must be 3.11 for the lock)
-#   TORCH_SPEC    a torch to install over the locked one (for example a CUDA build on a GPU machine)
+#   TORCH_SPEC    a torch to install over the locked one, e.g. torch==2.13.0 (PyPI's CUDA build) on a GPU machine
+#   TORCH_INDEX_URL  the index TORCH_SPEC comes from (default PyPI), e.g. PyTorch's wheels for an older driver's CUDA
 #   WITH_SERVER=0 skip the Triton server environment (.server-venv, scripts/setup_server_env.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,13 @@ uv pip sync --quiet --python .venv/bin/python --require-hashes "${find_links[@]}
          "wheel index (or UV_FIND_LINKS to a folder holding the wheel)" >&2
     exit 1
 }
-[ -z "${TORCH_SPEC:-}" ] || uv pip install --quiet --python .venv/bin/python "$TORCH_SPEC"
+# TORCH_SPEC replaces the locked CPU torch (on a GPU machine: PyPI's Linux torch is the CUDA build). It comes from
+# PyPI or TORCH_INDEX_URL, never from the CPU wheels the sync used (their 2.13.0+cpu sorts above 2.13.0), and is
+# reinstalled: the locked 2.13.0+cpu already satisfies `torch==2.13.0` (PEP 440 ignores the local label).
+if [ -n "${TORCH_SPEC:-}" ]; then
+    env -u UV_EXTRA_INDEX_URL -u UV_FIND_LINKS .venv/bin/uv pip install --quiet --python .venv/bin/python \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} --reinstall-package torch "$TORCH_SPEC"
+fi
 # No build isolation: setuptools comes from the lock too.
 uv pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
 echo "setup: .venv ready from $lock ($(.venv/bin/python -c 'import torch, transformers, onnxruntime as o; print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime {o.__version__}")'))"

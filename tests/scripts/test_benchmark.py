@@ -83,3 +83,52 @@ def test_help_needs_no_heavy_dependency(target):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
+
+
+@pytest.mark.parametrize("runtime, version, lowering", [
+    ("tensorrt", "10.8.0.43", "decomposed"),  # no AOT plugins, no RotaryEmbedding
+    ("tensorrt", "10.9.0.34", "plugin"),
+    ("tensorrt", "10.12.0.36", "plugin"),  # the parser has no RotaryEmbedding before 10.15
+    ("tensorrt", "10.14.1.48", "plugin"),
+    ("tensorrt", "10.15.1.29", "onnx23"),
+    ("tensorrt-rtx", "1.7.1.116", "onnx23"),
+])
+def test_the_tensorrt_row_is_lowered_as_the_export_lowers_it(runtime, version, lowering):
+    from export.graph.lowering import resolve_rope
+
+    script = _script()
+    assert script.tensorrt_lowering((runtime, version), has_rope=True) == lowering
+    assert lowering == resolve_rope("auto", (runtime, version))  # one rule, the export's
+    assert script.tensorrt_lowering((runtime, version), has_rope=False) == "none"  # CLIP-style: nothing to lower
+
+
+def test_fraction_of_peak_uses_the_exact_board():
+    script = _script()
+    assert script.gpu_peak("NVIDIA H100 PCIe") == 756e12  # not the SXM's 989
+    assert script.gpu_peak("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
+    assert script.gpu_peak("NVIDIA L40") is None and script.gpu_peak(None) is None  # not the L4, not a guess
+
+
+def test_the_tensorrt_row_shows_the_copies_it_leaves_out():
+    """Layout of the report from given GPU timings: the row's latency is the engine's; the copies and the
+    numpy-in, numpy-out time are beside it."""
+    from export.runners.trt_timing import TIMING, EngineTiming, summarize
+
+    script = _script()
+    samples = [EngineTiming(h2d_ms=10.0, compute_ms=40.0, d2h_ms=20.0, h2d_bytes=120_000_000, d2h_bytes=210_000_000)]
+    timing = summarize(samples, [0.075])
+    results = [
+        {"backend": "torch-eager", "batch": 32, "median_ms": 4000.0, "images_per_s": 8.0, "speedup_vs_torch": 1.0,
+         "pooled_min_cosine": 1.0},
+        {"backend": "tensorrt", "batch": 32, "median_ms": 40.0, "images_per_s": 800.0, "speedup_vs_torch": 100.0,
+         "pooled_min_cosine": 0.9999, "device_timing": timing},
+    ]
+    report = {"settings": {"batch_sizes": [32]}, "results": results, "skipped": {},
+              "pooled_min_cosine_at_largest_batch": {"torch-eager": 1.0, "tensorrt": 0.9999},
+              "tensorrt": {"version": "10.12.0.36", "rope_lowering": "plugin", "timing": TIMING}}
+    text = script.table(report)
+    assert "| tensorrt | 800.0 (40.0) | 100.00x | 0.999900 |" in text
+    assert "tensorrt (TensorRT 10.12.0.36, RoPE plugin): CUDA events around execute_async_v3" in text
+    assert "| 32 | 40.00 | 10.00 (120.0, 12.0) | 20.00 (210.0, 10.5) | 43% | 75.00 |" in text
+    no_engine = dict(report, results=results[:1], skipped={"tensorrt": "no GPU"}, tensorrt=None)
+    assert script.tensorrt_table(no_engine) == "" and "| tensorrt | skipped: no GPU |" in script.table(no_engine)
