@@ -10,7 +10,7 @@ driver_ptx_version() asks libcuda which CUDA the installed driver supports and m
 own table (`ptx_get_version`), and compile_rope2d_ptx lowers `.version` to it.
 
 The PTX serves launchers that pass exactly the kernel's arguments (KERNEL_ARGS in launch.py:
-inputs, scalars, outputs) and nothing else: TensorRT's AOT plugin and the cupy check.
+inputs, scalars, outputs) and nothing else: TensorRT's AOT plugin and the GPU check's driver launch.
 
 Scratch parameters. Triton 3.3+ appends `global_scratch` and (3.5+) `profile_scratch` pointer
 parameters to every kernel; Triton's own launcher passes them (driver.py `launch(...,

@@ -296,12 +296,9 @@ def plugin_kernel(cc: int, dtype: str, dim: int):
     does."""
     from mvt_kernels import aot
 
-    # The PTX ISA the driver accepts (mvt_kernels.aot.driver_ptx_version, where that exists): the plugin compiles
-    # at it, and a PTX newer than the driver fails cuModuleLoadData with CUDA_ERROR_UNSUPPORTED_PTX_VERSION.
-    driver_ptx_version = getattr(aot, "driver_ptx_version", None)
-    ptx_version = driver_ptx_version() if driver_ptx_version is not None else None
-    options = {} if ptx_version is None else {"ptx_version": ptx_version}
-    return aot.compile_rope2d_ptx(dtype, dim, cc, **options)
+    # The PTX ISA the driver accepts, as the plugin compiles it: a PTX newer than the driver fails
+    # cuModuleLoadData with CUDA_ERROR_UNSUPPORTED_PTX_VERSION.
+    return aot.compile_rope2d_ptx(dtype, dim, cc, ptx_version=aot.driver_ptx_version())
 
 
 def _aot_launcher(torch, cc: int, dtype: str, dim: int, loader: str):
@@ -353,9 +350,8 @@ def check_aot(torch, cc: int, loader: str | None, skip_reason: str | None):
             ref = rope2d_reference(x, cos, sin)
             err = (y.float() - ref.float()).abs()
             ratio = (err / (RTOL[tname] * ref.float().abs() + ATOL[tname])).max().item()
-            isa = getattr(kernel, "ptx_version", None)  # AotKernel.ptx_version where mvt_kernels records it
             report("PASS" if ratio <= 1 else "FAIL", what,
-                   f"{f'PTX {isa}, ' if isa else ''}{len(kernel.params)} params, "
+                   f"PTX {kernel.ptx_version}, {len(kernel.params)} params, "
                    f"max|err| {err.max().item():.3g}, err/tol {ratio:.3f}")
         except Exception as exc:
             report("FAIL", what, f"{type(exc).__name__}: {exc}")

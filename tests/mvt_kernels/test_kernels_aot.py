@@ -85,7 +85,7 @@ def test_ptx_compiles_with_exactly_the_launch_arguments(cc, dtype, dim):
     assert k.name == "rope2d_kernel"
     assert re.search(rf"\.visible\s+\.entry\s+{k.name}\s*\(", k.ptx)
     assert f".target sm_{cc}" in k.ptx
-    # What TensorRT and the cupy launcher pass: 3 input pointers, 4 i32 scalars, 1 output pointer.
+    # What TensorRT and the GPU check's launcher pass: 3 input pointers, 4 i32 scalars, 1 output pointer.
     assert len(k.params) == len(KERNEL_ARGS)
     assert k.params == (".u64",) * 3 + (".u32",) * 4 + (".u64",)
     assert entry_params(k.ptx, k.name) == list(k.params)
