@@ -1,8 +1,8 @@
 """Launch geometry of the 2D-RoPE kernel, in plain Python: one place for every launcher.
 
-The torch launcher (mvt_kernels/rope_triton.py), the ahead-of-time PTX launcher used by the GPU check
-(the CUDA driver, in scripts/gpu_check.py) and the TensorRT plugin (mvt_kernels/trt_plugin.py) all take the tile size, grid and scalar
-arguments from here, so the three cannot drift apart. Nothing here imports torch or triton.
+The torch launcher (mvt_kernels/rope_triton.py), the ahead-of-time PTX launcher of the GPU check (the CUDA
+driver, in scripts/gpu_check.py) and the TensorRT plugin (mvt_kernels/trt_plugin.py) all take the tile size,
+grid and scalar arguments from here, so the three cannot drift apart. Nothing here imports torch or triton.
 
 Work decomposition, for x [B, S, H, D] viewed as B images of S*H "rows" (one row = one head
 vector of D elements, split into halves x1 | x2 of D/2 each):
