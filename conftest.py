@@ -45,3 +45,13 @@ def exported(tiny_folders, tmp_path_factory):
         return cache[name]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """Parallel runs (pyproject: -n auto --dist loadgroup) send each test to any worker, except tests of a module
+    that shares a module- or class-scoped fixture (a served repository, an export): those stay on one worker,
+    so the fixture is built once. Files of many slow independent exports then spread over the workers."""
+    for item in items:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d.scope in ("module", "class", "package") for fixture in defs.values() for d in fixture):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
