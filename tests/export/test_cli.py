@@ -119,7 +119,6 @@ def test_failed_engine_build_keeps_the_onnx_and_says_why(tiny_folders, tmp_path,
     one line and exits 3."""
     import export.engine as engines
     import export.pipeline as pipeline
-
     from export.graph import lowering
 
     target = engines.EngineTarget("tensorrt", "10.13.0", None, {"name": "simulated GPU", "compute_capability": "9.0"})
