@@ -10,6 +10,13 @@ fact comes from manifest.json, and every file the manifest records is checked ag
 size first; a folder that does not match is refused and left as it is. The new plan is written beside
 the old one and renamed over it only when complete; the manifest (rewritten atomically) records it.
 
+The RoPE lowering is chosen for the TensorRT at hand (export.graph.lowering.engine_lowering): the export's
+`--rope` as the export would resolve it here, unless that does not build here, as the AOT plugin does not
+without triton and torch (the KServe serving image has neither): then RotaryEmbedding (TensorRT >= 10.15) or
+the decomposed form. A graph lowered here is kept as engine-<lowering>.onnx beside the export's graphs
+(which stay as they are), recorded with its sha256, and the engine entry names it and its lowering
+(`rope_lowering`, and `rope_lowering_note` when it is not the export's choice).
+
 `python -m export.build_engine --artifacts DIR` is the CLI.
 """
 
@@ -24,7 +31,7 @@ from typing import Callable
 
 from export import engine as engines
 from export.core.errors import EngineUnavailableError, OptionError
-from export.core.folder import MANIFEST_NAME, ONNX_NAME, PLAN_NAME, sha256
+from export.core.folder import MANIFEST_NAME, ONNX_NAME, PLAN_NAME, rebuilt_engine_onnx, sha256
 from export.core.manifest import EngineEntry, Manifest, ManifestLike, engine_entry, read_manifest, write_manifest
 from export.precision.recipe import cpu_quantized
 
@@ -111,21 +118,25 @@ def _tf32(engine: EngineEntry, opts: RebuildOptions) -> bool:
     return opts.tf32 if opts.tf32 is not None else bool((engine.data.get("tf32") or {}).get("enabled"))
 
 
-def _wanted_lowering(manifest: Manifest, target: engines.EngineTarget) -> str:
-    """The RoPE lowering the export would give this runtime's engine (its --rope, resolved as build does)."""
-    from export.graph.lowering import resolve_rope
+def _wanted_lowering(manifest: Manifest, target: engines.EngineTarget) -> tuple[str, str | None]:
+    """The RoPE lowering to build this runtime's engine from: the export's --rope resolved as build does, unless
+    that does not build here (graph.lowering.engine_lowering: the AOT plugin without triton and torch, as in
+    the KServe image); and why it differs (None: it does not)."""
+    from export.graph.lowering import engine_lowering
 
-    if manifest.rope_lowering == "none":  # no RoPE in the model (CLIP-style, UNICOM)
-        return "none"
-    return resolve_rope(manifest.rope, target.rope_runtime)
+    if manifest.rope_lowering == "none" or target.rope_runtime is None:  # no RoPE (CLIP-style, UNICOM)
+        return "none", None
+    return engine_lowering(manifest.rope, target.rope_runtime)
 
 
 def _recorded_graph(manifest: Manifest, lowering: str) -> str | None:
-    """The recorded graph already in `lowering`: engine.onnx when the export wrote one in it, model.onnx
-    when it is in it itself; None: model.onnx must be lowered for this runtime first."""
+    """The recorded graph already in `lowering`: the engine's graph when it is in it (engine.onnx, or one an
+    earlier rebuild wrote), model.onnx when it is in it itself; None: model.onnx must be lowered first."""
     engine = manifest.engine
     if engine.onnx and engine.onnx in manifest.artifacts and engine.rope_lowering == lowering:
         return engine.onnx
+    if rebuilt_engine_onnx(lowering) in manifest.artifacts:
+        return rebuilt_engine_onnx(lowering)
     if manifest.rope_lowering == lowering or lowering == "none":
         return ONNX_NAME
     return None
@@ -137,13 +148,19 @@ def _temporary(folder: Path, prefix: str, suffix: str) -> Path:
     return Path(name)
 
 
-def _lower_into(folder: Path, lowering: str, path: Path) -> None:
+def _lower_into(folder: Path, manifest: Manifest, lowering: str, path: Path) -> None:
     """model.onnx with its RoPE in `lowering`, saved as `path` beside it (the weights stay shared in
-    model.onnx.data, whose location is relative)."""
+    model.onnx.data, whose location is relative). model.onnx holds the canonical RoPE2D nodes (--rope auto,
+    custom and plugin; an older plugin-form model.onnx is turned back into them by lower_rope); a graph
+    exported with another lowering has none left to lower."""
     import onnx
 
     from export.graph.lowering import lower_rope
 
+    if manifest.rope_lowering not in ("custom", "plugin"):
+        raise OptionError(f"{folder}/{ONNX_NAME} has its RoPE as {manifest.rope_lowering} (--rope "
+                          f"{manifest.rope}), which cannot be lowered to {lowering} for this TensorRT; re-export "
+                          "with --rope auto (the portable custom op), which every runtime's lowering starts from")
     model = onnx.load(str(folder / ONNX_NAME), load_external_data=False)
     onnx.save(lower_rope(model, lowering), str(path))
 
@@ -182,16 +199,20 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
             "(pass --force to rebuild it anyway)")
         return RebuildResult(folder, old.data, rebuilt=False)
 
-    lowering = _wanted_lowering(manifest, target)
+    lowering, why = _wanted_lowering(manifest, target)
+    if why:
+        log(f"      RoPE: {why}")
     recorded = _recorded_graph(manifest, lowering)
     temporaries: list[Path] = []  # removed whatever happens: the recorded artifacts stay as they are
     try:
+        new_graph = None  # (temporary, name): a graph lowered here, published beside the others on success
         if recorded is None:
-            log(f"      lowering {ONNX_NAME}'s RoPE to {lowering} for this runtime (a temporary graph)")
+            graph_name = rebuilt_engine_onnx(lowering)
+            log(f"      lowering {ONNX_NAME}'s RoPE to {lowering} for this runtime ({graph_name})")
             graph = _temporary(folder, ".rebuild-", ".onnx")
             temporaries.append(graph)
-            _lower_into(folder, lowering, graph)
-            graph_name = f"{ONNX_NAME} (RoPE lowered to {lowering} at build time)"
+            _lower_into(folder, manifest, lowering, graph)
+            new_graph = (graph, graph_name)
         else:
             graph, graph_name = folder / recorded, recorded
         tmp_plan = _temporary(folder, f".{PLAN_NAME}.", ".tmp")
@@ -206,12 +227,17 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
         seconds = time.perf_counter() - start
         log(f"      done in {seconds:.1f} s")
         digest = sha256(tmp_plan)
+        extra = {"rope_lowering_note": why} if why else {}
         engine = engine_entry(target, onnx=graph_name, rope_lowering=lowering, facts=facts, sha256=digest,
                               built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rebuilt=True,
-                              build_seconds=round(seconds, 2))
+                              build_seconds=round(seconds, 2), **extra)
         log(f"[3/3] Publishing {plan.name} and recording it in {MANIFEST_NAME} ...")
         # the old engine is kept in short in engine_history: the manifest stays the one record of this folder
         updated = manifest.with_engine(engine, plan.name, digest, facts["bytes"])
+        if new_graph is not None:  # recorded like every artifact: the next rebuild checks and reuses it
+            tmp_graph, name = new_graph
+            updated["artifacts"][name] = {"sha256": sha256(tmp_graph), "bytes": tmp_graph.stat().st_size}
+            os.replace(tmp_graph, folder / name)  # a new name: the export's graphs stay as they are
         os.replace(tmp_plan, plan)  # the old plan stays until the new one is complete
         write_manifest(folder, updated)  # temp + rename
     finally:

@@ -19,6 +19,13 @@ CONFIG_NAME = "config.pbtxt"
 # A short wait lets concurrent requests meet in one batch; Triton also batches whatever queued
 # while an execution ran, so a busy server batches with no delay at all.
 MAX_QUEUE_DELAY_US = 1000
+# Triton's TensorRT backend creates one execution context per profile the instance group names, each allocated
+# kSTATIC by default: for the largest of all profiles ("Default static allocation with the maximum size across all
+# profiles", NvInferRuntime.h). ON_PROFILE_CHANGE sizes each context for its own profile once it is set. Spelled
+# as tensorrt_backend's ModelState::ParseParameters reads it (src/model_state.cc, r25.05 on: "STATIC" or
+# "ON_PROFILE_CHANGE", anything else fails the load); r25.04 and older ignore the parameter (triton_repo/versions.py).
+ALLOCATION_STRATEGY = "execution_context_allocation_strategy"
+ON_PROFILE_CHANGE = "ON_PROFILE_CHANGE"
 
 
 def model_config_pb2():
@@ -73,7 +80,8 @@ def encoder_config(backend: str | EncoderForm, interface: EncoderInterface, *, n
     only (model_config.proto, ModelInstanceGroup.profile: "If not specified, the server will select the
     first optimization profile by default"; tensorrt_backend src/instance_state.cc
     InitOptimizationProfiles), and a shape outside it fails. Named, it picks per request the profile
-    nearest the request's shape among those that hold it (GetMostOptimizedProfile).
+    nearest the request's shape among those that hold it (GetMostOptimizedProfile), and each context is
+    allocated on profile change (ALLOCATION_STRATEGY), so that it holds its own profile's activations only.
     dynamic_batching: off where merged requests could fall outside every profile (native mode on an engine:
     its native-resolution profiles take one image)."""
     spec = backend if isinstance(backend, EncoderForm) else form(backend)
@@ -88,6 +96,7 @@ def encoder_config(backend: str | EncoderForm, interface: EncoderInterface, *, n
     _common(cfg, name, max_batch, instances, spec.kind, warmup, pb2, dynamic_batching=dynamic_batching)
     if spec.needs_engine and profiles > 1:  # the field is for the TensorRT backend only (an error elsewhere)
         cfg.instance_group[0].profile.extend(str(i) for i in range(profiles))
+        cfg.parameters[ALLOCATION_STRATEGY].string_value = ON_PROFILE_CHANGE
     _io(cfg.input.add(), interface.input, pb2)
     for out in interface.outputs:
         _io(cfg.output.add(), out, pb2)

@@ -66,14 +66,15 @@ def build_crop(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
         result.models[PREPROCESS] = tc.write_config(pre_cfg, pre)
 
         # the plan Triton loads: the recorded one, or (no_plan) the one the pod's start-up step builds
+        shapes: dict | list[dict] | None
         if no_plan:
             from export.rebuild import engine_shapes
 
-            plan_profiles = profile_count(engine_shapes(art.manifest, max_batch))
+            shapes = engine_shapes(art.manifest, max_batch)
         else:
-            plan_profiles = profile_count(art.engine.profiles)
+            shapes = art.engine.profiles
         result.models[ENCODER] = place_encoder(stage, spec, art, iface, opts, max_batch=max_batch, pixels=pixels,
-                                               profiles=plan_profiles, plan_in_pod=bool(no_plan))
+                                               profiles=profile_count(shapes), plan_in_pod=bool(no_plan))
 
         normalize = None
         if opts.normalize:
@@ -98,7 +99,8 @@ def build_crop(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
             write_kserve(opts.kserve, stage=stage, out=Path(opts.out), ensemble=name, encoder=ENCODER, spec=spec,
                          art=art, max_batch=max_batch, force=opts.force, log=log, plan_in_pod=no_plan)
         (stage / "README.md").write_text(repository_readme(name, spec, iface, max_batch, art, Path(opts.out),
-                                                           opts.normalize, plan_in_pod=no_plan))
+                                                           opts.normalize, plan_in_pod=no_plan, profiles=shapes,
+                                                           instances=opts.instances))
         write_repo_info(stage, opts, art, ensemble=name, preprocess=PREPROCESS, backend=spec.name,
                         max_batch=max_batch, image_size=list(iface.image_size), outputs=list(iface.output_names),
                         pooled_output=art.manifest.pooled_output, normalized=opts.normalize)

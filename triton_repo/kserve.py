@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Callable
 
 from export.core.errors import OptionError, require
 from export.core.folder import MANIFEST_NAME, PLAN_NAME
+from triton_repo import versions
 from triton_repo.layout import link_or_copy
 from triton_repo.options import PLACEHOLDER_IMAGE, PLACEHOLDER_URI, KServeOptions  # with RepoOptions, which holds one
 
@@ -67,7 +68,8 @@ def isvc_name(name: str) -> str:
     return label[:63].rstrip("-")
 
 
-def check_options(options: KServeOptions) -> None:
+def check_options(options: KServeOptions, form: str | None = None) -> None:
+    """Refuse what KServe or the serving image cannot take (form: the encoder form, for its minimum Triton)."""
     if options.min_replicas < 0:
         raise OptionError(f"--min-replicas {options.min_replicas} must be 0 or more")
     if options.max_replicas < max(1, options.min_replicas):
@@ -85,6 +87,15 @@ def check_options(options: KServeOptions) -> None:
     if options.name is not None and isvc_name(options.name) != options.name:
         raise OptionError(f"InferenceService name {options.name} is not a DNS-1035 label; use "
                           f"{isvc_name(options.name)}")
+    release = versions.image_release(options.image)
+    if release is not None:  # KServe's own runtime image is one (tritonserver:23.05-py3, its resources.yaml)
+        minimum = versions.minimum_release(form)
+        older = (f"; and {release} is older than the {minimum} this output needs (docs/serving.md)"
+                 if minimum and versions.release_key(release) < versions.release_key(minimum) else "")
+        raise OptionError(f"--image {options.image} is a stock Triton image, without pillow and numpy<2 for the "
+                          f"preprocess step (nor, for engines, what the start-up step runs){older}: build "
+                          "kserve/Dockerfile (its TRITON_IMAGE build argument takes a Triton release) and pass the "
+                          "image it makes")
 
 
 def start_script(encoder: str, runtime: str, max_batch: int, mount: str = MOUNT) -> str:
@@ -166,7 +177,7 @@ def write_kserve(options: KServeOptions, *, stage: Path, out: Path, ensemble: st
     from export.core.folder import staged_output
 
     yaml = require("yaml", "kserve")
-    check_options(options)
+    check_options(options, spec.name)
     folder = kserve_dir(out)
     if spec.needs_engine:  # the export folder, hard-linked: the start-up step rebuilds the plan from it
         for name in [MANIFEST_NAME, *sorted(art.manifest.artifacts)]:
@@ -195,58 +206,55 @@ def to_yaml(yaml, data: dict) -> str:
     return yaml.dump(data, Dumper=Dumper, sort_keys=False, width=120)
 
 
-# The Dockerfile's choice of TensorRT bindings (POSIX sh, so it runs under the image's /bin/sh): the package for
-# the image's CUDA major unless TENSORRT_PACKAGE names one. NGC images set CUDA_VERSION; those from 25.08 on are
-# CUDA 13 (Triton release notes), where the CUDA 12 bindings would build plans for another CUDA than the server's.
-TRT_PACKAGE_SELECT = ('TENSORRT_PKG="${TENSORRT_PACKAGE:-tensorrt-cu${CUDA_VERSION%%.*}}" && '
-                      '{ [ "${TENSORRT_PKG}" != "tensorrt-cu" ] || { echo "the image sets no CUDA_VERSION: pass '
-                      '--build-arg TENSORRT_PACKAGE=tensorrt-cu12 (CUDA 12 images) or tensorrt-cu13 (CUDA 13: 25.08 '
-                      'and later)"; exit 1; }; }')
+_RELEASES = f"{versions.minimum_release('tensorrt')}-{versions.LAST_CUDA12_RELEASE}"
 
 
 def dockerfile(spec: EncoderForm, folder: Path) -> str:
-    """The serving image: KServe's Triton runtime image plus what this repository's models need."""
+    """The serving image: a Triton release from NGC plus what this repository's models need."""
     engine = spec.needs_engine
+    base = versions.TRITON_IMAGE.format(release=versions.DEFAULT_TRITON_RELEASE)
+    minimum = versions.minimum_release(spec.name)
     header = f"""\
 # The serving image: a Triton release from NGC plus what this repository needs (KServe's stock runtime
 # image has no pillow for the preprocess step). Build it from an mvt-deploy checkout:
-#   docker build -f {folder}/Dockerfile --build-arg TRITON_IMAGE=nvcr.io/nvidia/tritonserver:<yy.mm>-py3 \\
+#   docker build -f {folder}/Dockerfile -t <registry>/mvt-deploy-tritonserver:<yy.mm> .
+# TRITON_IMAGE defaults to {base}{f"; {spec.name} needs {minimum} or later" if minimum else ""}
+# (docs/serving.md: minimum Triton).
 """
     if engine:
-        header += """\
-#       --build-arg TENSORRT_VERSION=<that release's TensorRT> -t <registry>/mvt-deploy-tritonserver:<yy.mm> .
-# TENSORRT_VERSION must be the TensorRT inside TRITON_IMAGE (NGC's release notes list it): the plan the
-# start-up step builds with these Python bindings is loaded by Triton's TensorRT backend, and a plan runs
-# only on the TensorRT release that built it. TensorRT >= 10.15 takes the native RotaryEmbedding lowering
-# (10.9-10.14 need the AOT plugin, which also needs the Triton compiler: use a newer image).
-# The bindings' CUDA major follows the image's CUDA_VERSION (tensorrt-cu12 up to 25.07, tensorrt-cu13 from
-# 25.08, which is CUDA 13); --build-arg TENSORRT_PACKAGE=tensorrt-cu<N> overrides it.
+        header += f"""\
+# For another release pass --build-arg TRITON_IMAGE=nvcr.io/nvidia/tritonserver:<yy.mm>-py3 and
+# --build-arg TENSORRT_VERSION=<that release's TensorRT> (NGC's release notes list it): the plan the start-up
+# step builds with these bindings is loaded by Triton's TensorRT backend, and a plan runs only on the TensorRT
+# release that built it. The build checks it against the image's libnvinfer, and that the image is CUDA
+# {versions.TENSORRT_CUDA_MAJOR} with a TensorRT within {versions.tensorrt_requirement()} (pyproject.toml's
+# `tensorrt` extra): releases {_RELEASES}.
+# No triton or torch: where the export chose the RoPE plugin (TensorRT 10.9-10.14), whose build compiles its
+# kernel with them, the start-up step lowers the RoPE to standard ONNX ops instead (export/rebuild.py).
 """
-    else:
-        header += "#       -t <registry>/mvt-deploy-tritonserver:<yy.mm> .\n"
-    body = """\
-ARG TRITON_IMAGE
-FROM ${TRITON_IMAGE}
+    body = f"""\
+ARG TRITON_IMAGE={base}
+FROM ${{TRITON_IMAGE}}
 # the python backend's preprocess step (numpy < 2: numpy 2 corrupts its tensors, docs/serving.md)
 RUN python3 -m pip install --no-cache-dir pillow "numpy<2"
 """
     if spec.model_py:  # onnxruntime inside the python backend
         body += 'RUN python3 -m pip install --no-cache-dir onnxruntime\n'
     if engine:
-        body += """\
-ARG TENSORRT_VERSION
-# empty: tensorrt-cu<the CUDA major of the image> (NGC images set CUDA_VERSION)
-ARG TENSORRT_PACKAGE=
-RUN test -n "${TENSORRT_VERSION}" || (echo "pass --build-arg TENSORRT_VERSION=<the image's TensorRT>" && exit 1)
+        body += f"""\
+# the TensorRT inside {base}
+ARG TENSORRT_VERSION={versions.DEFAULT_TENSORRT_VERSION}
 COPY export /opt/mvt-deploy/export
 COPY mvt_kernels /opt/mvt-deploy/mvt_kernels
 COPY triton_repo /opt/mvt-deploy/triton_repo
 COPY parity_tests /opt/mvt-deploy/parity_tests
 COPY pyproject.toml README.md /opt/mvt-deploy/
-# --no-deps: the start-up step needs neither torch nor transformers (it reads the manifest, not the checkpoint)
-RUN python3 -m pip install --no-cache-dir --no-deps /opt/mvt-deploy \\
- && """ + TRT_PACKAGE_SELECT + """ \\
- && python3 -m pip install --no-cache-dir onnx "polygraphy>=0.53" "${TENSORRT_PKG}==${TENSORRT_VERSION}"
+# First the image's CUDA and TensorRT against pyproject.toml's tensorrt extra (triton_repo/versions.py); --no-deps:
+# the start-up step needs neither torch nor transformers (it reads the manifest, not the checkpoint).
+RUN PYTHONPATH=/opt/mvt-deploy python3 -m triton_repo.versions --check-image \\
+ && python3 -m pip install --no-cache-dir --no-deps /opt/mvt-deploy \\
+ && python3 -m pip install --no-cache-dir onnx "{versions.POLYGRAPHY_REQUIREMENT}" \\
+    "{versions.TENSORRT_PACKAGE}==${{TENSORRT_VERSION}}"
 """
     return header + body
 
@@ -258,6 +266,11 @@ ENGINE_IMAGE_NEEDS = ("; mvt-deploy without its dependencies, onnx, polygraphy a
 def kserve_readme(isvc: dict, repo: Path, folder: Path, spec: EncoderForm, encoder: str, max_batch: int,
                   plan_in_pod: str | None = None) -> str:
     name = isvc["metadata"]["name"]
+    minimum = versions.minimum_release(spec.name)
+    release_line = f"The release must be {minimum} or later:" if minimum else "Any recent release serves it."
+    image_range = "" if not spec.needs_engine else (
+        f"\n- CUDA {versions.TENSORRT_CUDA_MAJOR} with a TensorRT within {versions.tensorrt_requirement()} "
+        f"(pyproject.toml's `tensorrt` extra), as the Dockerfile checks: releases {_RELEASES}.")
     predictor = isvc["spec"]["predictor"]
     model = predictor["model"]
     uri = model["storageUri"]
@@ -295,6 +308,13 @@ again: its manifest then records that GPU and the pods keep the plan.
 KServe's storage initializer and the runtime both run as uid 1000, and the annotation
 `{READONLY_ANNOTATION}: "false"` makes `{MOUNT}` writable, so the step can replace `{PLAN_NAME}`.
 To pin a GPU type, add a `nodeSelector` (e.g. `nvidia.com/gpu.product`) under `spec.predictor`.
+
+The image has no triton or torch (see its Dockerfile). Where the export's engine graph uses the RoPE AOT
+plugin (an export on TensorRT 10.9-10.14 with them installed), whose build compiles its kernel with them, the
+step lowers the RoPE again to what this TensorRT builds with nothing more: RotaryEmbedding on 10.15 or later,
+standard elementwise ops before. It keeps that graph as `engine-<lowering>.onnx` beside the export's (recorded
+with its sha256) and the manifest's engine entry says which lowering the plan was built from (`rope_lowering`,
+`rope_lowering_note`).
 """
     return f"""# KServe: InferenceService `{name}`
 
@@ -328,7 +348,11 @@ takes `cpu` or `memory`: `--scale-metric cpu --scale-target 80`). Requests per r
 a Triton release from NGC plus what this repository needs (pillow and numpy<2 for the python preprocess
 step{", onnxruntime for the encoder" if spec.model_py else ""}{ENGINE_IMAGE_NEEDS if spec.needs_engine else ""}).
 Build it once per Triton release with `{folder}/Dockerfile` (its header says how) and push it where the
-cluster pulls from.
+cluster pulls from. {release_line}
+{versions.needs_text(spec.name)}{image_range}
+
+KServe's own Triton runtime image (`tritonserver:23.05-py3` in its `kserve-tritonserver` ServingRuntime) is
+older and lacks these steps' packages, which is why the InferenceService names this image.
 {engine}"""
 
 

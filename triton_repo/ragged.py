@@ -75,7 +75,8 @@ def build_ragged(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
         result.models[name] = tc.write_config(cfg, model)
 
         read_back(result)
-        (stage / "README.md").write_text(ragged_readme(name, spec, rp, served, max_batch, art, Path(opts.out)))
+        (stage / "README.md").write_text(ragged_readme(name, spec, rp, served, max_batch, art, Path(opts.out),
+                                                       opts.instances))
         write_repo_info(stage, opts, art, ensemble=name, preprocess=rp.mode, backend=spec.name, max_batch=max_batch,
                         image_size=[rp.tile_size, rp.tile_size],
                         outputs=[o.name for o in served] + [COUNT_OUTPUT, GRID_OUTPUT, ERROR_OUTPUT],

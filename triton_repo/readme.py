@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from export.core.folder import PLAN_NAME
+from triton_repo import gpu_memory, versions
 from triton_repo.export_folder import Artifacts
 from triton_repo.forms import EncoderForm
 from triton_repo.interface import EncoderInterface, TensorSpec
@@ -13,9 +14,30 @@ from triton_repo.layout import ENCODER, NORMALIZE, PREPROCESS
 from triton_repo.modes import ANYRES, COUNT_OUTPUT, ERROR_OUTPUT, GRID_OUTPUT, RaggedPlan, ragged_outputs
 
 
+def minimum_triton(spec: EncoderForm) -> str:
+    """The README's paragraph on the Triton release this repository needs (triton_repo/versions.py)."""
+    release = versions.minimum_release(spec.name)
+    if not release:
+        return "Any recent Triton release serves it (the python steps need the packages above).\n"
+    return f"It needs Triton {release} or later (`nvcr.io/nvidia/tritonserver:{release}-py3`):\n" \
+           f"{versions.needs_text(spec.name)}\n"
+
+
+def engine_memory(spec: EncoderForm, art: Artifacts, profiles: dict | list[dict] | None, instances: int,
+                  plan_in_pod: bool = False) -> str:
+    """The README's section on what an engine instance holds in GPU memory (gpu_memory.py); "" for other forms."""
+    if not spec.needs_engine or not profiles:
+        return ""
+    plan = art.manifest.artifacts.get(PLAN_NAME)
+    size = None if plan_in_pod or plan is None else plan.size
+    return "\n" + gpu_memory.readme_section(art.manifest, profiles, size, instances)
+
+
 def repository_readme(name: str, spec: EncoderForm, iface: EncoderInterface, max_batch: int, art: Artifacts,
-                      repo: Path, normalized: bool = False, plan_in_pod: str | None = None) -> str:
-    """The crop ensemble's README (plan_in_pod: --kserve without a plan, resolve.unserved_plan)."""
+                      repo: Path, normalized: bool = False, plan_in_pod: str | None = None,
+                      profiles: dict | list[dict] | None = None, instances: int = 1) -> str:
+    """The crop ensemble's README (plan_in_pod: --kserve without a plan, resolve.unserved_plan; profiles: the
+    engine's optimization profiles, for its GPU memory)."""
     outputs = ", ".join(f"`{o.name}` {list(o.dims)}" for o in iface.outputs)
     pooled = art.manifest.pooled_output
     width = next((o.dims[-1] for o in iface.outputs if o.name == pooled), "?")
@@ -44,9 +66,8 @@ Batched (max batch {max_batch}, dynamic batching); every model warms up on a rea
 ## Serve
 
 Production (NGC container, GPU; the python backend and, for engines, the TensorRT backend ship in it;
-the python steps need `pip install pillow onnxruntime "numpy<2"` in the container, and a `python`
-encoder needs 24.06 or later: it answers through response senders):
-
+the python steps need `pip install pillow onnxruntime "numpy<2"` in the container).
+{minimum_triton(spec)}
 ```bash
 docker run --gpus all --rm -p8000:8000 -p8001:8001 -p8002:8002 -v "$(realpath {repo})":/models \\
     nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models
@@ -73,12 +94,12 @@ embedding = result.as_numpy("{pooled}")  # (1, {width}){", L2-normalized" if nor
 ```
 
 A bad image (corrupt, empty, over the pixel limit) fails only its own request, with a message.
-"""
+{engine_memory(spec, art, profiles, instances, bool(plan_in_pod))}"""
 
 
 def ragged_readme(name: str, spec: EncoderForm, rp: RaggedPlan, served: tuple[TensorSpec, ...], max_batch: int,
-                  art: Artifacts, repo: Path) -> str:
-    """The ragged repository's README: the mode, the wire format of its outputs, a client."""
+                  art: Artifacts, repo: Path, instances: int = 1) -> str:
+    """The ragged repository's README: the mode, the wire format of its outputs, a client, what it needs."""
     s, p = rp.tile_size, rp.patch
     width = next((o.dims[-1] for o in served), "?")
     rows = ragged_outputs(served, rp)[:len(served)]
@@ -124,6 +145,7 @@ every image fails is an error response.
 python -m triton_repo.serve {repo} --http-port 8000 --grpc-port 8001 --metrics-port 8002
 ```
 
+{minimum_triton(spec)}
 ## Client
 
 ```python
@@ -139,4 +161,4 @@ count, grid = result.as_numpy("{COUNT_OUTPUT}"), result.as_numpy("{GRID_OUTPUT}"
 per_image = np.split(result.as_numpy("{served[0].name if served else 'last_hidden_state'}"), np.cumsum(count)[:-1])
 # per_image[i]: rows of image i, width {width}
 ```
-"""
+{engine_memory(spec, art, art.engine.profiles, instances)}"""

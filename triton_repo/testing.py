@@ -235,3 +235,36 @@ def fake_pb_utils() -> Any:
     pb.get_input_tensor_by_name = lambda request, name: by_name(request.inputs(), name)
     pb.get_output_tensor_by_name = lambda response, name: by_name(response.output_tensors(), name)
     return pb
+
+
+# The import name of each distribution a generated Dockerfile installs, and the packages of mvt-deploy itself
+# (`pip install --no-deps /opt/mvt-deploy`: pyproject.toml's packages.find).
+DISTRIBUTION_MODULES = {"pillow": "PIL", "numpy": "numpy", "onnxruntime": "onnxruntime", "onnx": "onnx",
+                        "polygraphy": "polygraphy", "tensorrt-cu12": "tensorrt", "tensorrt-cu13": "tensorrt",
+                        "triton": "triton", "torch": "torch"}
+PROJECT_PACKAGES = ("export", "mvt_kernels", "triton_repo", "parity_tests", "embed")
+
+
+def pip_installs(dockerfile: str) -> list[str]:
+    """Every argument of every `pip install` in a Dockerfile, unquoted, options dropped."""
+    import re
+
+    text = dockerfile.replace("\\\n", " ")
+    found: list[str] = []
+    for command in re.findall(r"pip install ([^&\n]+)", text):
+        found += [arg.strip('"') for arg in command.split() if not arg.startswith("-")]
+    return found
+
+
+def installed_modules(dockerfile: str) -> set[str]:
+    """The modules the image a generated Dockerfile builds can import beyond Triton's own (an unknown
+    distribution raises KeyError: add it to DISTRIBUTION_MODULES)."""
+    from packaging.requirements import Requirement
+
+    modules: set[str] = set()
+    for arg in pip_installs(dockerfile):
+        if arg.startswith("/"):  # the mvt-deploy checkout
+            modules.update(PROJECT_PACKAGES)
+        else:
+            modules.add(DISTRIBUTION_MODULES[Requirement(arg.replace("${TENSORRT_VERSION}", "10")).name])
+    return modules

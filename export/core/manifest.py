@@ -180,7 +180,8 @@ class EngineEntry:
 
     @property
     def onnx(self) -> str | None:
-        """The graph the plan was built from (engine.onnx, model.onnx, or how model.onnx was lowered)."""
+        """The graph the plan was built from (engine.onnx, model.onnx, or the engine-<lowering>.onnx a rebuild
+        lowered; older rebuilds: how model.onnx was lowered)."""
         return self.data.get("onnx")
 
     @property
@@ -285,6 +286,10 @@ class Manifest:
     @property
     def num_hidden_layers(self) -> int | None:
         return self.model.get("num_hidden_layers")
+
+    @property
+    def num_attention_heads(self) -> int | None:
+        return self.model.get("num_attention_heads")
 
     @property
     def patch_size(self) -> int:

@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib.util
+from typing import TYPE_CHECKING, Callable
 
 from export.core.errors import OptionError
 from mvt_kernels.names import PLUGIN_NAMESPACE  # export/engine/ imports it from here too
@@ -20,15 +21,50 @@ if TYPE_CHECKING:
 LOWERINGS = ("custom", "onnx23", "decomposed", "plugin")
 ROPE_CHOICES = ("auto",) + LOWERINGS
 ROTARY_OPSET = 23
+# The first TensorRT whose ONNX parser builds each lowering (TensorRT CHANGELOG.md: 10.9 "Added support for
+# Python AOT plugins", 10.15 "Added support for `RotaryEmbedding`"); custom and decomposed build on any.
+MIN_TENSORRT = {"plugin": (10, 9), "onnx23": (10, 15)}
+# What building an engine from each lowering imports besides TensorRT: TensorRT calls the plugin's aot_impl
+# during the build, which compiles the Triton kernel (mvt_kernels/aot.py imports triton; the kernel's module,
+# mvt_kernels/rope_triton.py, imports torch). The engine itself embeds the PTX and needs neither to run.
+BUILD_MODULES = {"plugin": ("triton", "torch")}
 
 
-def resolve_rope(requested: str, engine: tuple[str, str] | None) -> str:
+def importable(module: str) -> bool:
+    """`module` is installed here (found, not imported: importing triton or torch is slow)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def unbuildable(lowering: str, engine: tuple[str, str], found: Callable[[str], bool] | None = None) -> str | None:
+    """Why the TensorRT `engine` (runtime, version) cannot build a graph in `lowering` here; None: it can.
+
+    found: whether a module is installed (None: `importable`, which asks this Python)."""
+    found = found or importable
+    runtime, version = engine
+    if lowering == "plugin" and runtime == "tensorrt-rtx":
+        return "TensorRT-RTX cannot load Python plugins"
+    if runtime == "tensorrt" and lowering in MIN_TENSORRT and _major_minor(version) < MIN_TENSORRT[lowering]:
+        return f"TensorRT parses it from {'.'.join(map(str, MIN_TENSORRT[lowering]))} on"
+    missing = [m for m in BUILD_MODULES.get(lowering, ()) if not found(m)]
+    if missing:
+        return f"its build compiles the RoPE kernel with {' and '.join(BUILD_MODULES[lowering])}; " \
+               f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed here"
+    return None
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".")[:2])
+
+
+def resolve_rope(requested: str, engine: tuple[str, str] | None, found: Callable[[str], bool] | None = None) -> str:
     """`auto`: the best lowering for the runtime that will run the graph.
 
     engine: (runtime, version) of the TensorRT that builds an engine here, or None.
     No engine: `custom` (onnxruntime runs the body; a registered kernel can take over).
-    TensorRT >= 10.15: native RotaryEmbedding. 10.9-10.14: the AOT plugin. Older: decomposed.
+    TensorRT >= 10.15: native RotaryEmbedding. 10.9-10.14: the AOT plugin where its build can compile the
+    kernel (triton and torch installed: BUILD_MODULES), else decomposed. Older: decomposed.
     TensorRT-RTX: RotaryEmbedding (its 1.7 parser builds it; checked in CI).
+    An explicit choice is returned as it is (engine_lowering says whether it builds here).
     """
     if requested not in ROPE_CHOICES:
         raise OptionError(f"--rope {requested} is unknown; choose one of {', '.join(ROPE_CHOICES)}")
@@ -39,16 +75,32 @@ def resolve_rope(requested: str, engine: tuple[str, str] | None) -> str:
     runtime, version = engine
     if runtime == "tensorrt-rtx":
         return "onnx23"
-    major_minor = tuple(int(p) for p in version.split(".")[:2])
-    if major_minor >= (10, 15):
-        return "onnx23"
-    if major_minor >= (10, 9):
-        return "plugin"
+    for lowering in ("onnx23", "plugin"):
+        if unbuildable(lowering, engine, found) is None:
+            return lowering
     return "decomposed"
 
 
+def engine_lowering(requested: str, engine: tuple[str, str],
+                    found: Callable[[str], bool] | None = None) -> tuple[str, str | None]:
+    """The lowering an engine is built from here, and why it is not `requested` resolved (None: it is).
+
+    `requested` (the export's --rope) resolved by resolve_rope, unless this TensorRT cannot build that here (the
+    AOT plugin without triton and torch, as in the KServe image; RotaryEmbedding before 10.15): then what `auto`
+    gives here, which always builds. The rebuild (export/rebuild.py) runs where the export did not, so the
+    export's choice may not build there; a plan in another lowering computes the same function."""
+    lowering = resolve_rope(requested, engine, found)
+    reason = unbuildable(lowering, engine, found)
+    if reason is None:
+        return lowering, None
+    fallback = resolve_rope("auto", engine, found)
+    runtime, version = engine
+    return fallback, f"--rope {lowering} does not build with {runtime} {version} here ({reason}): {fallback} instead"
+
+
 def lower_rope(model: onnx.ModelProto, lowering: str) -> onnx.ModelProto:
-    """Return a copy of the canonical `model` with its RoPE2D nodes in the `lowering` form."""
+    """Return a copy of `model` with its RoPE2D nodes in the `lowering` form. `model` holds them canonical, or in
+    the plugin form (an engine graph, or an older `--rope plugin` model.onnx), which is turned back first."""
     import onnx
 
     from export.graph import rope_node as onnx_rope
@@ -59,9 +111,19 @@ def lower_rope(model: onnx.ModelProto, lowering: str) -> onnx.ModelProto:
     out.CopyFrom(model)
     if not onnx_rope.rope_nodes(out.graph):
         return out  # nothing to lower (CLIP-style models)
+    _unplug(out)
     {"custom": _keep_custom, "onnx23": _to_rotary_embedding, "decomposed": _inline,
      "plugin": _to_plugin}[lowering](out)
     return out
+
+
+def _unplug(model: onnx.ModelProto) -> None:
+    """Turn plugin-form RoPE2D nodes back into canonical ones: the plugin form is the canonical node plus
+    plugin_namespace and aot (_to_plugin), the canonical node has no attributes."""
+    from export.graph import rope_node as onnx_rope
+
+    for node in onnx_rope.rope_nodes(model.graph):
+        del node.attribute[:]
 
 
 def _keep_custom(model: onnx.ModelProto) -> None:

@@ -119,9 +119,11 @@ def test_failed_engine_build_keeps_the_onnx_and_says_why(tiny_folders, tmp_path,
     one line and exits 3."""
     import export.engine as engines
     import export.pipeline as pipeline
+    from export.graph import lowering
 
     target = engines.EngineTarget("tensorrt", "10.13.0", None, {"name": "simulated GPU", "compute_capability": "9.0"})
     monkeypatch.setattr(pipeline, "_engine_target", lambda opts: target)
+    monkeypatch.setattr(lowering, "importable", lambda module: True)  # the plugin's kernel compiler is there
 
     def fail(target, onnx_path, plan_path, shapes, **kwargs):
         assert onnx_path.name == "engine.onnx"  # the builder gets the plugin lowering, not model.onnx

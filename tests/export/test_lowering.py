@@ -7,7 +7,7 @@ import pytest
 
 from export.core.errors import OptionError
 from export.graph import rope_node as onnx_rope
-from export.graph.lowering import LOWERINGS, lower_rope, resolve_rope
+from export.graph.lowering import LOWERINGS, engine_lowering, lower_rope, resolve_rope, unbuildable
 from mvt_kernels.names import DOMAIN, OP_TYPE, PLUGIN_NAME, PLUGIN_NAMESPACE
 
 
@@ -70,13 +70,56 @@ def test_lowering_leaves_the_canonical_model_alone(canonical):
     assert canonical.SerializeToString() == before
 
 
-@pytest.mark.parametrize("engine, expected", [
-    (None, "custom"), (("tensorrt", "11.4.0"), "onnx23"), (("tensorrt", "10.15.1"), "onnx23"),
-    (("tensorrt", "10.12.0"), "plugin"), (("tensorrt", "10.9.0"), "plugin"), (("tensorrt", "10.8.0"), "decomposed"),
-    (("tensorrt-rtx", "1.7.1.116"), "onnx23")])
-def test_auto_picks_the_best_lowering_for_the_runtime(engine, expected):
-    assert resolve_rope("auto", engine) == expected
-    assert resolve_rope("decomposed", engine) == "decomposed"  # an explicit choice wins
+def everything(module: str) -> bool:
+    return True
+
+
+def no_kernel_compiler(module: str) -> bool:  # the KServe serving image: TensorRT, neither triton nor torch
+    return module not in ("triton", "torch")
+
+
+@pytest.mark.parametrize("engine, expected, without_compiler", [
+    (None, "custom", "custom"), (("tensorrt", "11.4.0"), "onnx23", "onnx23"),
+    (("tensorrt", "10.15.1"), "onnx23", "onnx23"), (("tensorrt", "10.12.0"), "plugin", "decomposed"),
+    (("tensorrt", "10.9.0"), "plugin", "decomposed"), (("tensorrt", "10.8.0"), "decomposed", "decomposed"),
+    (("tensorrt-rtx", "1.7.1.116"), "onnx23", "onnx23")])
+def test_auto_picks_the_best_lowering_that_builds(engine, expected, without_compiler):
+    assert resolve_rope("auto", engine, everything) == expected
+    # the AOT plugin's build compiles its kernel (triton, torch): without them auto takes what needs nothing more
+    assert resolve_rope("auto", engine, no_kernel_compiler) == without_compiler
+    assert resolve_rope("decomposed", engine, everything) == "decomposed"  # an explicit choice wins
+    assert resolve_rope("plugin", engine, no_kernel_compiler) == "plugin"  # ... even one that does not build
+
+
+@pytest.mark.parametrize("requested, version, found, expected, why", [
+    ("plugin", "10.12.0", everything, "plugin", None),
+    ("plugin", "10.12.0", no_kernel_compiler, "decomposed", "with triton and torch; triton, torch are not installed"),
+    ("plugin", "10.16.0", lambda m: m != "torch", "onnx23", "torch is not installed"),
+    ("plugin", "10.8.0", everything, "decomposed", "TensorRT parses it from 10.9 on"),
+    ("onnx23", "10.12.0", everything, "plugin", "TensorRT parses it from 10.15 on"),
+    ("onnx23", "10.12.0", no_kernel_compiler, "decomposed", "TensorRT parses it from 10.15 on"),
+    ("custom", "10.12.0", no_kernel_compiler, "custom", None),
+    ("auto", "10.12.0", no_kernel_compiler, "decomposed", None)])
+def test_engine_lowering_replaces_what_does_not_build_here(requested, version, found, expected, why):
+    lowering, reason = engine_lowering(requested, ("tensorrt", version), found)
+    assert lowering == expected
+    if why is None:
+        assert reason is None
+    else:
+        assert reason.startswith(f"--rope {requested} does not build with tensorrt {version} here") and why in reason
+        assert reason.endswith(f"{expected} instead") and unbuildable(expected, ("tensorrt", version), found) is None
+    assert engine_lowering("plugin", ("tensorrt-rtx", "1.7"), everything) == \
+        ("onnx23", "--rope plugin does not build with tensorrt-rtx 1.7 here (TensorRT-RTX cannot load Python "
+                   "plugins): onnx23 instead")
+
+
+def test_plugin_form_lowers_again_as_the_canonical_graph_does(canonical):
+    """An engine graph in the plugin form (or an older --rope plugin model.onnx) is the canonical graph plus the
+    plugin attributes: every lowering of it equals that of the canonical graph."""
+    plugin = lower_rope(canonical, "plugin")
+    for lowering in LOWERINGS:
+        assert lower_rope(plugin, lowering) == lower_rope(canonical, lowering), lowering
+    assert not onnx_rope.nodes_without_body(lower_rope(plugin, "custom"))  # portable again
 
 
 def test_unknown_lowering_is_refused():

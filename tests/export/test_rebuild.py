@@ -17,8 +17,9 @@ import onnx
 import pytest
 
 from export import build_engine, engine as engines
-from export.core.errors import EngineUnavailableError
+from export.core.errors import EngineUnavailableError, OptionError
 from export.core.folder import sha256
+from export.graph import lowering
 from export.rebuild import ArtifactsChangedError, RebuildOptions, engine_shapes, rebuild_engine, verify_artifacts
 from mvt_kernels.names import PLUGIN_NAMESPACE
 from triton_repo.testing import tiny_artifacts
@@ -59,7 +60,8 @@ class FakeBuilder:
         lowered = onnx.load(str(onnx_path), load_external_data=False)
         self.calls.append({"target": target, "onnx": onnx_path, "shapes": shapes, "kwargs": kwargs,
                            "plugin_nodes": sum(any(a.name == "plugin_namespace" and a.s.decode() == PLUGIN_NAMESPACE
-                                                   for a in n.attribute) for n in lowered.graph.node)})
+                                                   for a in n.attribute) for n in lowered.graph.node),
+                           "ops": {(n.domain, n.op_type) for n in lowered.graph.node}})
         plan_path.write_bytes(b"engine for " + target.gpu["name"].encode() + bytes(len(self.calls)))
         if self.fail:
             raise RuntimeError("Builder failed: out of memory\nsecond line")
@@ -70,12 +72,14 @@ class FakeBuilder:
 
 @pytest.fixture
 def datacenter(monkeypatch):
-    """A simulated GPU with datacenter TensorRT 10.13 (the AOT-plugin RoPE range) and a fake builder."""
+    """A simulated GPU with datacenter TensorRT 10.13 (the AOT-plugin RoPE range), the plugin's kernel compiler
+    (triton, torch) installed, and a fake builder."""
     builder = FakeBuilder()
     targets = {"gpu": dict(GPU)}
     monkeypatch.setattr(engines, "probe", lambda runtime: engines.EngineTarget(runtime, "10.13.0", None,
                                                                                dict(targets["gpu"])))
     monkeypatch.setattr(engines, "build_engine", builder)
+    monkeypatch.setattr(lowering, "importable", lambda module: True)
     return builder, targets
 
 
@@ -129,7 +133,7 @@ def test_datacenter_tensorrt_rebuild_records_the_engine(folder, datacenter, tmp_
     result = rebuild_engine(RebuildOptions(folder, runtime="tensorrt", optimization_level=4, timing_cache=cache,
                                            max_batch=2), log=lambda _: None)
     (call,) = builder.calls
-    # TensorRT 10.13 takes the AOT plugin: model.onnx (portable) was lowered into a temporary graph
+    # TensorRT 10.13 takes the AOT plugin: model.onnx (portable) was lowered, then kept as engine-plugin.onnx
     assert call["plugin_nodes"] > 0 and call["onnx"].name.startswith(".rebuild-")
     assert call["shapes"] == {"pixel_values": {"min": [1, 3, 56, 56], "opt": [1, 3, 56, 56], "max": [2, 3, 56, 56]}}
     assert call["kwargs"] == {"timing_cache": cache, "optimization_level": 4, "compute_capabilities": None,
@@ -140,6 +144,9 @@ def test_datacenter_tensorrt_rebuild_records_the_engine(folder, datacenter, tmp_
     plan = folder / "model.plan"
     assert engine["built"] and engine["runtime"] == "tensorrt" and engine["version"] == "10.13.0"
     assert engine["gpu"] == GPU and engine["rope_lowering"] == "plugin" and engine["built_at"].endswith("Z")
+    assert engine["onnx"] == "engine-plugin.onnx" and "rope_lowering_note" not in engine  # the export's choice
+    graph = folder / "engine-plugin.onnx"
+    assert manifest["artifacts"][graph.name] == {"sha256": sha256(graph), "bytes": graph.stat().st_size}
     assert engine["sha256"] == sha256(plan) == manifest["artifacts"]["model.plan"]["sha256"]
     assert manifest["artifacts"]["model.plan"]["bytes"] == plan.stat().st_size
     assert manifest["engine_history"] == [{"built": False, "runtime": "none",
@@ -220,7 +227,8 @@ def test_tensorrt_rtx_rebuild_on_cpu(folder, tmp_path):
     manifest = _manifest(folder)
     engine, plan = manifest["engine"], folder / "model.plan"
     assert engine["built"] and engine["runtime"] == "tensorrt-rtx" and engine["compute_capabilities"] == ["8.9"]
-    assert engine["rope_lowering"] == "onnx23"  # model.onnx (custom op) lowered for the builder, not stored
+    assert engine["rope_lowering"] == "onnx23" and engine["onnx"] == "engine-onnx23.onnx"  # lowered, recorded
+    assert manifest["artifacts"]["engine-onnx23.onnx"]["sha256"] == sha256(folder / "engine-onnx23.onnx")
     assert engine["profiles"]["pixel_values"]["max"] == [2, 3, 56, 56]
     assert plan.stat().st_size == engine["bytes"] > 10_000
     assert engine["sha256"] == sha256(plan) == manifest["artifacts"]["model.plan"]["sha256"]
@@ -260,3 +268,96 @@ def test_native_budget_needs_dynamic_resolution(flag, tmp_path, capsys):
 
     assert main(["--out", str(tmp_path / "out"), flag, "28", "--runtime", "none"]) == 2
     assert "add --dynamic-resolution" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# --- where the export's lowering does not build: the KServe image has TensorRT but neither triton nor torch
+
+@pytest.fixture(scope="module")
+def plugin_export(tiny_folders, tmp_path_factory) -> Path:
+    """A 2D-RoPE export made where TensorRT 10.13 and the plugin's kernel compiler are (simulated, fake
+    builder): --rope auto gives engine.onnx in the AOT-plugin form, and a plan built from it."""
+    import export.pipeline as pipeline
+    from export.pipeline import BuildOptions, build
+
+    target = engines.EngineTarget("tensorrt", "10.13.0", None, dict(GPU))
+    out = tmp_path_factory.mktemp("plugin-export") / "artifacts"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "_engine_target", lambda opts: target)
+        mp.setattr(engines, "build_engine", FakeBuilder())
+        mp.setattr(lowering, "importable", lambda module: True)
+        build(BuildOptions(model=str(tiny_folders["mlcd-rope2d"]), out=out, parity=False, max_batch=2,
+                           timing_cache=out.parent / "t.cache"), log=lambda _: None)
+    return out
+
+
+def _outputs(path: Path, pixels) -> list:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"pixel_values": pixels})
+
+
+@pytest.mark.parametrize("rope", ["auto", "plugin"])
+@pytest.mark.parametrize("version, expected", [("10.12.0", "decomposed"), ("10.16.0", "onnx23")])
+def test_pod_without_the_kernel_compiler_lowers_to_what_builds(plugin_export, tmp_path, monkeypatch, rope, version,
+                                                              expected):
+    import numpy as np
+
+    folder = Path(shutil.copytree(plugin_export, tmp_path / "artifacts"))
+    exported = _manifest(folder)
+    assert (exported["engine"]["onnx"], exported["engine"]["rope_lowering"]) == ("engine.onnx", "plugin")
+    exported["options"]["rope"] = rope  # the same files whether plugin was asked for or auto chose it
+    (folder / "manifest.json").write_text(json.dumps(exported))
+    before = _snapshot(folder)
+    builder = FakeBuilder()
+    l4 = {**GPU, "name": "Simulated L4", "compute_capability": "8.9"}
+    monkeypatch.setattr(engines, "probe", lambda runtime: engines.EngineTarget(runtime, version, None, dict(l4)))
+    monkeypatch.setattr(engines, "build_engine", builder)
+    monkeypatch.setattr(lowering, "importable", lambda module: module not in ("triton", "torch"))
+    logs: list[str] = []
+    assert rebuild_engine(RebuildOptions(folder, timing_cache=tmp_path / "t.cache"), log=logs.append).rebuilt
+
+    (call,) = builder.calls
+    # nothing left that needs a plugin (or the compiler of its kernel): standard ops only
+    assert call["plugin_nodes"] == 0 and {domain for domain, _ in call["ops"]} == {""}
+    assert (("", "RotaryEmbedding") in call["ops"]) == (expected == "onnx23")
+    name = f"engine-{expected}.onnx"
+    manifest = _manifest(folder)
+    engine = manifest["engine"]
+    assert (engine["rope_lowering"], engine["onnx"], engine["gpu"]["name"]) == (expected, name, "Simulated L4")
+    if rope == "plugin":  # an explicit choice that does not build here is replaced, and the entry says why
+        note = engine["rope_lowering_note"]
+        assert "--rope plugin does not build" in note and "triton" in note
+        assert any(engine["rope_lowering_note"] in line for line in logs)
+    else:  # auto resolves to what builds here in the first place
+        assert "rope_lowering_note" not in engine
+    assert manifest["artifacts"][name] == {"sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
+    assert verify_artifacts(folder, manifest) == len(manifest["artifacts"])
+    after = _snapshot(folder)  # the export's files as they were: only the plan and the manifest are replaced
+    assert {k: v for k, v in after.items() if k not in ("model.plan", "manifest.json", name)} \
+        == {k: v for k, v in before.items() if k not in ("model.plan", "manifest.json")}
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+    # the graph the plan was built from computes what model.onnx does
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 56, 56)).astype(np.float32)
+    for got, want in zip(_outputs(folder / name, pixels), _outputs(folder / "model.onnx", pixels)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    # another GPU type: rebuilt from the recorded graph, which is checked and not lowered again
+    monkeypatch.setattr(engines, "probe", lambda runtime: engines.EngineTarget(runtime, version, None, dict(GPU)))
+    assert rebuild_engine(RebuildOptions(folder, timing_cache=tmp_path / "t.cache"), log=lambda _: None).rebuilt
+    assert builder.calls[-1]["onnx"] == folder / name and _manifest(folder)["engine"]["onnx"] == name
+
+
+def test_graph_exported_in_a_lowering_the_pod_cannot_build_is_refused(plugin_export, tmp_path, monkeypatch):
+    """model.onnx exported as RotaryEmbedding (--rope onnx23) has no RoPE2D left to lower for TensorRT 10.12."""
+    folder = Path(shutil.copytree(plugin_export, tmp_path / "artifacts"))
+    manifest = _manifest(folder)
+    manifest["options"]["rope"], manifest["rope_lowering"] = "onnx23", "onnx23"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(folder)
+    monkeypatch.setattr(engines, "probe", lambda runtime: engines.EngineTarget(runtime, "10.12.0", None, dict(GPU)))
+    monkeypatch.setattr(engines, "build_engine", FakeBuilder())
+    monkeypatch.setattr(lowering, "importable", lambda module: module not in ("triton", "torch"))
+    with pytest.raises(OptionError, match="has its RoPE as onnx23 .* re-export with --rope auto"):
+        rebuild_engine(RebuildOptions(folder, timing_cache=tmp_path / "t.cache", force=True), log=lambda _: None)
+    assert _snapshot(folder) == before

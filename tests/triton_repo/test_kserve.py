@@ -108,10 +108,15 @@ def test_tensorrt_form_inference_service(plan_artifacts, tmp_path, validator):
     assert (tmp_path / "kserve").is_dir() and not (repo / "kserve").exists()
     assert {p.name for p in (tmp_path / "kserve").iterdir()} == {"inferenceservice.yaml", "README.md", "Dockerfile"}
     dockerfile = (tmp_path / "kserve" / "Dockerfile").read_text()
-    assert "--no-deps /opt/mvt-deploy" in dockerfile and "${TENSORRT_PKG}==${TENSORRT_VERSION}" in dockerfile
-    assert kserve.TRT_PACKAGE_SELECT in dockerfile
+    assert "--no-deps /opt/mvt-deploy" in dockerfile and '"tensorrt-cu12==${TENSORRT_VERSION}"' in dockerfile
+    assert "python3 -m triton_repo.versions --check-image" in dockerfile
     readme = (tmp_path / "kserve" / "README.md").read_text()
     assert "kubectl apply -f" in readme and "aws s3 sync" in readme and "rebuilt for the node's GPU" in readme
+    # the image's Triton release and TensorRT (triton_repo/versions.py), and the RoPE lowering the pod may choose
+    assert "The release must be 25.05 or later:" in readme
+    assert "as the Dockerfile checks: releases 25.05-25.07" in readme
+    assert "`engine-<lowering>.onnx`" in readme and "`rope_lowering`" in readme
+    assert "## GPU memory per encoder instance (an estimate)" in (repo / "README.md").read_text()
     # the export folder travels in the repository, intact, for the start-up step
     copied = repo / "encoder" / "artifacts"
     assert verify_artifacts(copied, json.loads((copied / "manifest.json").read_text())) >= 3
@@ -198,19 +203,42 @@ def test_cli(artifacts, tmp_path, capsys):
     assert "--kserve writes an InferenceService for the crop ensemble" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cuda,override,expected", [
-    ("12.6.2.004", "", "tensorrt-cu12"), ("13.0.2.006", "", "tensorrt-cu13"),  # 24.10 (CUDA 12), 25.10 (CUDA 13)
-    ("13.0.2.006", "tensorrt-cu12", "tensorrt-cu12"), ("", "", None)])
-def test_dockerfile_picks_the_bindings_of_the_image_cuda(cuda, override, expected):
-    """The Dockerfile's TensorRT package follows the image's CUDA major (NGC 25.08+ is CUDA 13); no
-    CUDA_VERSION and no TENSORRT_PACKAGE stops the build with what to pass."""
-    env = {"PATH": "/usr/bin:/bin", "CUDA_VERSION": cuda, "TENSORRT_PACKAGE": override}
-    proc = subprocess.run(["/bin/sh", "-c", kserve.TRT_PACKAGE_SELECT + ' && echo "${TENSORRT_PKG}"'],
-                          capture_output=True, text=True, env=env, timeout=30)
+@pytest.mark.parametrize("version, expected", [
+    ("10.8.0.43", None),  # below 10.9 (25.02 and older): the image is not built, no start step runs
+    ("10.11.0.33", "decomposed"),  # 10.9-10.14 (25.07's): the plugin's kernel compiler is not in the image
+    ("10.16.0.72", "onnx23"),  # 10.15 on: RotaryEmbedding
+])
+def test_start_step_has_what_its_lowering_needs(artifacts, tmp_path, version, expected):
+    """A 2D-RoPE export's KServe files, at each TensorRT band the image may carry: the lowering the start step's
+    rebuild picks (engine_lowering, asked with the modules the generated Dockerfile installs) builds with those."""
+    from export.core.manifest import read_manifest
+    from export.graph.lowering import BUILD_MODULES, MIN_TENSORRT, engine_lowering, unbuildable
+    from triton_repo import versions
+    from triton_repo.testing import installed_modules
+
+    repo, isvc = _build(artifacts, tmp_path, "tensorrt", image="reg.example/mvt-triton:25.07")
+    manifest = read_manifest(repo / "encoder" / "artifacts")  # what the pod's start step reads
+    assert manifest.rope == "auto" and manifest.rope_lowering == "custom"  # 2D RoPE, the portable op
+    assert "python3 -m export.build_engine --artifacts /mnt/models/encoder/artifacts --runtime tensorrt " \
+        in isvc["spec"]["predictor"]["model"]["command"][2]
+    modules = installed_modules((tmp_path / "kserve" / "Dockerfile").read_text())
+    assert {"export", "onnx", "polygraphy", "tensorrt"} <= modules and not {"triton", "torch"} & modules
+    problem = versions.image_problem("12.9.1.010", version, None)  # the Dockerfile's check, at docker build
     if expected is None:
-        assert proc.returncode == 1 and "--build-arg TENSORRT_PACKAGE=tensorrt-cu12" in proc.stdout
-    else:
-        assert proc.returncode == 0 and proc.stdout.strip() == expected
+        assert "is outside tensorrt-cu12>=10.9,<11" in problem
+        return
+    assert problem is None
+    engine = ("tensorrt", version)
+    lowering, why = engine_lowering(manifest.rope, engine, modules.__contains__)
+    assert (lowering, why) == (expected, None)
+    assert set(BUILD_MODULES.get(lowering, ())) <= modules and unbuildable(lowering, engine, modules.__contains__) \
+        is None
+    assert tuple(int(p) for p in version.split(".")[:2]) >= MIN_TENSORRT.get(lowering, (0, 0))
+    # an image that adds the plugin's kernel compiler gets the plugin on 10.9-10.14, and has what it needs
+    richer = modules | {"triton", "torch"}
+    lowering, _ = engine_lowering(manifest.rope, engine, richer.__contains__)
+    assert lowering == ("plugin" if expected == "decomposed" else expected)
+    assert set(BUILD_MODULES.get(lowering, ())) <= richer
 
 
 def _run_start_step(repo: Path, isvc: dict, runtime: str, *extra: str) -> subprocess.CompletedProcess:
@@ -292,7 +320,12 @@ def test_cpu_export_serves_as_tensorrt_under_kserve(artifacts, tmp_path, capsys,
     assert verify_artifacts(copied, json.loads((copied / "manifest.json").read_text())) >= 2
     readme = (tmp_path / "deploy" / "kserve" / "README.md").read_text()
     assert "holds no plan of its own" in readme and "`encoder/1/` is empty" in readme and "--max-batch 4" in readme
-    assert "builds on each serving node" in (out / "README.md").read_text()
+    repo_readme = (out / "README.md").read_text()
+    assert "builds on each serving node" in repo_readme
+    # one profile, one context; the weights from model.onnx until a pod has built the plan
+    assert "holds one execution context" in repo_readme and "(the size of model.onnx: no plan yet)" in repo_readme
+    assert "It needs Triton 25.05 or later" in repo_readme
+    assert "execution_context_allocation_strategy" not in (out / "encoder" / "config.pbtxt").read_text()
 
 
 def test_cpu_export_without_kserve_is_refused_as_before(artifacts, tmp_path):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from export.core.errors import OptionError
+from export.core.manifest import read_manifest
 from triton_repo.modes import ANYRES, NATIVE, check_pinpoints, parse_pinpoints
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -263,6 +264,43 @@ def test_engine_form_checks_the_recorded_profiles(tiny, tmp_path):
                               log=lambda _: None)
     tiles = tc.parse_config(anyres.models["encoder"])  # s x s tiles batch in profile 0, as crop does
     assert tiles.max_batch_size == 4 and tiles.HasField("dynamic_batching")
+
+
+def test_engine_with_several_profiles_allocates_per_profile_and_says_what_it_costs(tiny, tmp_path):
+    """A --dynamic-resolution engine (the batched profile and the native ones): every profile named, each context
+    allocated on profile change (tensorrt_backend r25.05's parameter), and the README's per-instance GPU memory
+    adds the contexts' own profiles, from the plan's size and the profiles' largest inputs (the plan is a
+    placeholder: Triton's TensorRT backend is absent)."""
+    from export import engine as engines
+    from triton_repo import config as tc, gpu_memory
+    from triton_repo.build import RepoOptions, build_repository
+
+    art = tmp_path / "artifacts"
+    shutil.copytree(tiny["dynamic"], art)
+    (art / "model.plan").write_bytes(b"placeholder" * 1000)
+    manifest = json.loads((art / "manifest.json").read_text())
+    profiles = engines.profiles("pixel_values", (56, 56), True, 14, 4, manifest["interface"]["native_budget"])
+    manifest["engine"] = {"built": True, "runtime": "tensorrt", "version": "10.11.0", "profiles": profiles}
+    manifest["artifacts"]["model.plan"] = {"sha256": "0" * 64, "bytes": 11000}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    result = build_repository(RepoOptions(art, tmp_path / "repo", backend="tensorrt", instances=2),
+                              log=lambda _: None)
+    encoder = tc.parse_config(result.models["encoder"])
+    assert list(encoder.instance_group[0].profile) == [str(i) for i in range(len(profiles))] and len(profiles) > 2
+    assert encoder.parameters["execution_context_allocation_strategy"].string_value == "ON_PROFILE_CHANGE"
+    readme = (tmp_path / "repo" / "README.md").read_text()
+    assert f"holds {len(profiles)} execution contexts, one per optimization profile" in readme
+    assert "It needs Triton 25.05 or later" in readme and "2 here, `--instances`" in readme
+    m = gpu_memory.estimate(read_manifest(art), profiles, 11000)
+    # by hand: hidden 64, the batched profile's largest input [4, 3, 84, 84] -> 6 x 6 patches + the class token
+    (batched, *native) = m.profiles
+    assert (batched.input_shape, batched.tokens) == ((4, 3, 84, 84), 37)
+    assert batched.activations == 4 * 37 * max(6 * 64, 3 * 64 + 4 * 64) * 4  # fp32 activations
+    assert m.activations() == sum(p.activations for p in m.profiles)  # each context its own profile
+    assert m.activations(on_profile_change=False) == len(profiles) * max(p.activations for p in m.profiles)
+    assert m.weights == 11000 and m.total() == 11000 + m.io + m.activations()
+    assert f"**{gpu_memory.gib(m.total())}**" in readme and "(model.plan)" in readme
+    assert "Triton before 25.05 ignores that parameter" in readme and "an estimate" in readme
 
 
 def _build_engine_form(art: Path, out: Path):

@@ -234,6 +234,11 @@ def test_registry_covers_every_backend_choice():
     for name, spec in FORMS.items():
         cfg = parse_config(config_text(encoder_config(name, iface, max_batch=4, profiles=3)))
         assert list(cfg.instance_group[0].profile) == (["0", "1", "2"] if spec.needs_engine else [])
+        # one context per listed profile, each allocated for its own profile (tensorrt_backend r25.05's spelling)
+        strategy = {k: v.string_value for k, v in cfg.parameters.items()}.get("execution_context_allocation_strategy")
+        assert strategy == ("ON_PROFILE_CHANGE" if spec.needs_engine else None), name
+        one = parse_config(config_text(encoder_config(name, iface, max_batch=4)))  # one profile: static is the same
+        assert "execution_context_allocation_strategy" not in one.parameters
     with pytest.raises(OptionError, match="choose one of tensorrt, onnxruntime, python"):
         encoder_config("tensorrt-rtx", iface, max_batch=4)
 
