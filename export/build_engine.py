@@ -84,6 +84,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"largest batch for engines (default: {BuildOptions.max_batch}; --artifacts: the export's)")
     p.add_argument("--hidden-layer", type=int, metavar="N",
                    help="also output hidden_states[N] as `hidden_state` (e.g. -2 for LLaVA-style VLMs)")
+    p.add_argument("--projector", action="store_true",
+                   help="--model is a LLaVA-NeXT / LLaVA-OneVision checkpoint: export its tower with the feature "
+                        "layer, class-token strategy and multi_modal_projector as one graph, pixel_values -> "
+                        "image_embeds [B, S', H_llm] (without it such a checkpoint exports its tower). See docs/vlm.md")
     p.add_argument("--num-heads", type=int, metavar="N",
                    help="attention heads of a released weights file (UNICOM .pt), whose tensors do not say "
                         "(default: hidden size / 64, as in all four releases)")
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         quant_target=args.quant_target, force=args.force, random_weights=args.random_weights,
         parity=not args.skip_parity, runtime=args.runtime, optimization_level=args.opt_level,
         timing_cache=args.timing_cache, compute_capabilities=_capabilities(args.compute_capabilities),
-        tf32=args.tf32,
+        tf32=args.tf32, projector=args.projector,
     )
     result = build(opts)  # an MvtError: bad input, nothing written (command() reports it, exit 2)
     if result.parity_passed is False:

@@ -21,6 +21,7 @@ from export.core.folder import (
     ENGINE_ERROR_NAME,
     ENGINE_ONNX_NAME,
     EXTERNAL_DATA_THRESHOLD,
+    IMAGE_NEWLINE_NAME,
     MANIFEST_NAME,
     ONNX_NAME,
     OVERFLOW_REPORT_NAME,
@@ -32,7 +33,7 @@ from export.core.folder import (
     staged_output,
     write_json,
 )
-from export.core.interface import INPUT_NAME
+from export.core.interface import IMAGE_EMBEDS, INPUT_NAME
 from export.core.manifest import DEFAULT_MAX_BATCH, Manifest, engine_entry, no_engine, write_manifest
 from export.core.steps import Steps
 from export.graph.lowering import lower_rope, resolve_rope
@@ -69,6 +70,9 @@ class BuildOptions:
     optimization_level: int | None = None  # TensorRT builder optimization level (0-5)
     timing_cache: Path | None = None  # None: ~/.cache/mvt-deploy, per runtime and version
     tf32: bool = False  # float32 layers may run in TF32 (faster; parity is judged in true float32)
+    # a LLaVA-NeXT / LLaVA-OneVision checkpoint: one graph pixel_values -> image_embeds [B, S', H_llm] (the feature
+    # layer, the class-token strategy, multi_modal_projector); parity also against the VLM's get_image_features
+    projector: bool = False
 
 
 @dataclass
@@ -105,6 +109,9 @@ def validate_options(opts: BuildOptions) -> None:
                           "plugins; use --rope onnx23, custom or decomposed")
     if opts.calib_count is not None and opts.calib_count < 1:
         raise OptionError(f"--calib-count {opts.calib_count} must be at least 1")
+    if opts.projector and opts.hidden_layer is not None:
+        raise OptionError(f"--hidden-layer {opts.hidden_layer}: with --projector the checkpoint's vision_feature_layer "
+                          "chooses the tower layer; drop --hidden-layer")
     if opts.max_batch < 1:
         raise OptionError(f"--max-batch {opts.max_batch} must be at least 1")
     if opts.native_budget and not opts.dynamic_resolution:
@@ -139,7 +146,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         # the copies tracing keeps) is returned before the ONNX steps start (torch_side.py).
         torch_side = run_torch_side(TorchRequest(
             opts.model, opts.random_weights, opts.image_size, opts.dynamic_resolution, opts.hidden_layer,
-            onnx_path, opts.parity, first_step=steps.n, total_steps=steps.total, num_heads=opts.num_heads), log)
+            onnx_path, opts.parity, first_step=steps.n, total_steps=steps.total, num_heads=opts.num_heads,
+            projector=opts.projector), log)
         ckpt, shape, references = torch_side.checkpoint, torch_side.shape, torch_side.references
         steps.n += 3
         steps.timings.update(torch_side.timings)
@@ -165,6 +173,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
             parity = steps.run("Checking parity against PyTorch on photos", onnx_parity, ckpt, shape, onnx_path,
                                precision=opts.precision, references=references)
+            if torch_side.packed_references:
+                _add_packed_parity(parity, torch_side.packed_references, ckpt, onnx_path, opts.precision)
             parity.checks.insert(0, graph_check(graph_error))
             log(parity.checklist())
             write_json(stage / PARITY_NAME, parity.to_json())
@@ -183,13 +193,31 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
             steps.skip(f"TensorRT engine skipped: {target.skip_reason}")
 
         ckpt.processor.save_pretrained(stage)  # the exact preprocessing, for serving
-        extra = [stage / n for n in (PREPROCESSOR_CONFIG, OVERFLOW_REPORT_NAME, PARITY_NAME) if (stage / n).exists()]
+        if ckpt.image_newline is not None and opts.projector:  # what the served AnyRes packing appends per row
+            import numpy as np
+
+            np.save(stage / IMAGE_NEWLINE_NAME, np.asarray(ckpt.image_newline, np.float32))
+        extra = [stage / n for n in (PREPROCESSOR_CONFIG, IMAGE_NEWLINE_NAME, OVERFLOW_REPORT_NAME, PARITY_NAME)
+                 if (stage / n).exists()]
         manifest = write_manifest(stage, _manifest(opts, ckpt, shape, rope, files + extra, parity, engine, steps,
                                                    precision.recipe if precision else {"compute": "fp32"},
                                                    graph_error))
     recorded = sorted(Manifest(manifest).artifacts)
     log(f"wrote {out}/ ({', '.join(recorded)}, {MANIFEST_NAME})")
     return BuildResult(out, manifest, None if parity is None else parity.passed, recorded)
+
+
+def _add_packed_parity(report, references, ckpt, onnx_path: Path, precision: str) -> None:
+    """--projector: the graph's views AnyRes-packed against transformers' get_image_features, into `report`."""
+    from export.check.vlm_parity import packed_parity
+    from export.runners.base import ort_mode_for
+    from export.runners.ort import OnnxRuntimeRunner
+
+    with OnnxRuntimeRunner(onnx_path, ort_mode_for(precision), output_names=[IMAGE_EMBEDS]) as runner:
+        checks, notes = packed_parity(references, runner, ckpt.image_newline, ckpt.vlm.vision_aspect_ratio,
+                                      precision, ckpt.family.tolerances)
+    report.checks += checks
+    report.notes += notes
 
 
 def _cpu_quantized(opts: BuildOptions) -> bool:
@@ -307,6 +335,10 @@ def _lower_and_save(onnx_path: Path, rope: str, threshold: int) -> list[Path]:
 
 def _manifest(opts, ckpt, shape, rope, files, parity, engine, steps: Steps, recipe, graph_error) -> dict:
     cfg = ckpt.config
+    # token outputs are as wide as the tower, image_embeds as the language model's embeddings
+    width = ckpt.vlm.text_hidden_size if opts.projector else cfg.hidden_size
+    vlm = None if ckpt.vlm is None else {
+        **ckpt.vlm.to_json(), "image_newline": IMAGE_NEWLINE_NAME if opts.projector and ckpt.vlm.has_newline else None}
     return {
         "mvt_deploy": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -327,7 +359,7 @@ def _manifest(opts, ckpt, shape, rope, files, parity, engine, steps: Steps, reci
             "inputs": {INPUT_NAME: {"dtype": "float32",
                                     "shape": ["batch", 3, "height" if shape.dynamic_resolution else shape.height,
                                               "width" if shape.dynamic_resolution else shape.width]}},
-            "outputs": {name: {"dtype": "float32", "shape": ["batch", "sequence", cfg.hidden_size]
+            "outputs": {name: {"dtype": "float32", "shape": ["batch", "sequence", width]
                                if name != ckpt.family.pooled_output else ["batch", ckpt.family.pooled_size(cfg)]}
                         for name in ckpt.family.output_names(shape.hidden_layer)},
             "pooled_output": ckpt.family.pooled_output,  # the one-vector-per-image output (served embedding)
@@ -337,6 +369,7 @@ def _manifest(opts, ckpt, shape, rope, files, parity, engine, steps: Steps, reci
             "native_budget": _native_budget(opts, ckpt, shape),
             "max_batch": opts.max_batch,
         },
+        "vlm": vlm,  # a LLaVA-NeXT / LLaVA-OneVision checkpoint's image side (export.models.vlm.VlmSettings)
         "precision": opts.precision,
         "precision_recipe": recipe,
         "rope_lowering": rope,  # model.onnx's; the engine's graph and lowering are under "engine"

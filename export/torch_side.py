@@ -37,6 +37,7 @@ class TorchRequest:
     first_step: int  # step numbers continue the parent's
     total_steps: int
     num_heads: int | None = None  # released weights files (UNICOM .pt): None = inferred
+    projector: bool = False  # a VLM checkpoint's tower + multi_modal_projector (export.models.vlm)
 
 
 @dataclass
@@ -46,6 +47,8 @@ class TorchResult:
     references: list | None  # parity.ReferenceCase, when parity runs
     timings: dict[str, float]
     peaks_mib: dict[str, float]  # the child's peak RSS after each step
+    # --projector with parity: transformers' get_image_features on photos (export.check.vlm_parity)
+    packed_references: list | None = None
 
 
 def run_torch_side(request: TorchRequest, log: Callable[[str], None]) -> TorchResult:
@@ -123,7 +126,7 @@ def torch_steps(request: TorchRequest, log: Callable[[str], None]) -> TorchResul
 
     steps = Steps(request.total_steps, log, start=request.first_step)
     ckpt = steps.run(f"Loading {request.model or 'the demo model'}", load_checkpoint, request.model,
-                     random_weights=request.random_weights, num_heads=request.num_heads)
+                     random_weights=request.random_weights, num_heads=request.num_heads, projector=request.projector)
     if ckpt.random_weights:
         log("      note: this model has seeded RANDOM weights (an architecture demo, not a trained encoder)")
     height, width = request.image_size or ckpt.image_size
@@ -140,8 +143,13 @@ def torch_steps(request: TorchRequest, log: Callable[[str], None]) -> TorchResul
         references = steps.run("Running the PyTorch reference on the parity photos", reference_outputs, ckpt, shape)
     else:
         steps.skip("PyTorch reference skipped (--skip-parity)")
+    packed = None
+    if request.parity and request.projector:
+        from export.check.vlm_parity import packed_references
+
+        packed = packed_references(ckpt)  # transformers' get_image_features, AnyRes-packed, per photo
     ckpt.release_model()  # not sent back: the parent never runs it
-    return TorchResult(ckpt, shape, references, steps.timings, steps.peaks_mib)
+    return TorchResult(ckpt, shape, references, steps.timings, steps.peaks_mib, packed)
 
 
 if __name__ == "__main__":

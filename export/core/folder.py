@@ -11,6 +11,7 @@ replaced only with --force. What the files hold is recorded in manifest.json (ex
     model.plan                the TensorRT / TensorRT-RTX engine
     engine_error.txt          why the engine build failed (the ONNX artifacts are kept)
     preprocessor_config.json  the checkpoint's image processor
+    image_newline.npy         a VLM's image_newline row (H_llm,) float32, for AnyRes packing (--projector)
     parity.json               the parity check against PyTorch (not with --skip-parity)
     overflow_report.json      what the fp16/int8/fp8 recipe kept in fp32 and why
     manifest.json             what the folder holds and how it was made
@@ -46,6 +47,8 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # Written beside model.onnx by the int8/fp8 recipe (export/precision/recipe.py) and removed before publishing.
 SMOOTHED_ONNX_NAME = "smoothed.onnx"
 QDQ_ONNX_NAME = "qdq.onnx"
+# --projector: the VLM's image_newline, which the served AnyRes packing appends to every feature-map row.
+IMAGE_NEWLINE_NAME = "image_newline.npy"
 PARITY_NAME = "parity.json"
 OVERFLOW_REPORT_NAME = "overflow_report.json"
 MANIFEST_NAME = "manifest.json"

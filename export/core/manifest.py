@@ -238,6 +238,11 @@ class Manifest:
         return bool(self._section("options").get("random_weights"))
 
     @property
+    def projector(self) -> bool:
+        """--projector: a VLM checkpoint exported with its multi_modal_projector (the graph's output: image_embeds)."""
+        return bool(self._section("options").get("projector"))
+
+    @property
     def num_heads(self) -> int | None:
         """Attention heads given for a released weights file (UNICOM .pt); None: derived from the width."""
         return self._section("options").get("num_heads")
@@ -296,6 +301,12 @@ class Manifest:
         return int(self.model["patch_size"])
 
     @property
+    def vlm(self) -> dict:
+        """A LLaVA-NeXT / LLaVA-OneVision checkpoint's image-side settings (export.models.vlm.VlmSettings: projector,
+        text_hidden_size, vision_feature_layer, image_grid_pinpoints, image_token_id, ...); {}: a tower checkpoint."""
+        return self.data.get("vlm") or {}
+
+    @property
     def native_image_size(self) -> tuple[int, int]:
         h, w = self.model["native_image_size"]
         return int(h), int(w)
@@ -336,8 +347,9 @@ class Manifest:
     @property
     def pooled_output(self) -> str:
         """The one-vector-per-image output (UNICOM: embedding); manifests written before families named
-        theirs have pooler_output."""
-        return self._interface.get("pooled_output") or LEGACY_POOLED_OUTPUT
+        theirs have pooler_output; "" for a graph without one (--projector: image_embeds only)."""
+        value = self._interface.get("pooled_output")
+        return LEGACY_POOLED_OUTPUT if value is None else value
 
     @property
     def hidden_layer(self) -> int | None:

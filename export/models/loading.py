@@ -32,6 +32,10 @@ class Checkpoint:
     source: str  # what the user asked for
     folder: Path | None  # where config/weights came from (None for built-in architectures and weight files)
     random_weights: bool
+    # A LLaVA-NeXT / LLaVA-OneVision checkpoint: its image-side settings (export.models.vlm.VlmSettings) and
+    # image_newline (numpy (H_llm,) or None); None for a tower checkpoint.
+    vlm: Any = None
+    image_newline: Any = None
 
     _config: Any = None  # kept when the model is released
 
@@ -71,9 +75,12 @@ class Checkpoint:
 
 
 def load_checkpoint(model: str | None = None, *, random_weights: bool = False, seed: int = DEMO_SEED,
-                    num_heads: int | None = None) -> Checkpoint:
+                    num_heads: int | None = None, projector: bool = False) -> Checkpoint:
     """Resolve `model` (None: the demo) and load it through transformers. num_heads: attention heads of a
-    released weights file (None: inferred, hidden / 64 for UNICOM)."""
+    released weights file (None: inferred, hidden / 64 for UNICOM). projector: a VLM checkpoint's tower with its
+    multi_modal_projector (export.models.vlm); refused for anything else."""
+    if projector:
+        return _projector_checkpoint(model, random_weights)
     if model is None:
         if num_heads is not None:
             raise CheckpointError("--num-heads applies to released weights files (UNICOM .pt), not the demo")
@@ -125,6 +132,10 @@ def load_folder(folder: Path, source: str | None = None) -> Checkpoint:
         raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from None
     if not model_type:
         raise CheckpointError(f"{config_path} has no model_type")
+    from export.models.vlm import vlm_model_type
+
+    if vlm_model_type(folder):  # a LLaVA-NeXT / LLaVA-OneVision checkpoint: its tower, as a tower checkpoint
+        return load_vlm_folder(folder, source=source, projector=False)
     family = family_for_model_type(model_type)
     _check_weights(folder)
 
@@ -137,6 +148,32 @@ def load_folder(folder: Path, source: str | None = None) -> Checkpoint:
     )
     model.eval()
     return Checkpoint(model, family, load_processor(folder, model.config), source or str(folder), folder, False)
+
+
+def load_vlm_folder(folder: Path, source: str | None = None, projector: bool = False) -> Checkpoint:
+    """A LLaVA-NeXT / LLaVA-OneVision checkpoint's image side: its tower, or with `projector` the module from
+    pixel_values to image_embeds (export.models.vlm); the processor makes one tile as the VLM's makes each view."""
+    from export.models.vlm import load_vlm, tile_processor_kwargs
+
+    _check_weights(folder)
+    parts = load_vlm(folder, projector)
+    processor = _processor_class()(**tile_processor_kwargs(parts.processor_config, parts.settings.tile_size))
+    return Checkpoint(parts.model, parts.family, processor, source or str(folder), folder, False,
+                      vlm=parts.settings, image_newline=parts.image_newline)
+
+
+def _projector_checkpoint(model: str | None, random_weights: bool) -> Checkpoint:
+    from export.models.vlm import VLM_ARCHITECTURES, vlm_model_type
+
+    kinds = " or ".join(VLM_ARCHITECTURES)
+    if model is None or random_weights:
+        raise CheckpointError(f"--projector exports a VLM checkpoint's tower with its multi_modal_projector; pass "
+                              f"a {kinds} checkpoint folder with --model (and no --random-weights)")
+    folder = _local_or_download(model) if zoo_entry(model) is None else None
+    if folder is None or not vlm_model_type(folder):
+        raise CheckpointError(f"--projector needs a {kinds} checkpoint (config.json model_type); {model!r} is not "
+                              "one: drop --projector to export an encoder checkpoint")
+    return load_vlm_folder(folder, source=model, projector=True)
 
 
 def _from_architecture(entry: ZooEntry, source: str, seed: int) -> Checkpoint:
@@ -240,7 +277,8 @@ def reference_checkpoint(manifest: ManifestLike):
     from export.models.loading import load_checkpoint
 
     m = Manifest.of(manifest)
-    return load_checkpoint(m.checkpoint, random_weights=m.random_weights, num_heads=m.num_heads)
+    return load_checkpoint(m.checkpoint, random_weights=m.random_weights, num_heads=m.num_heads,
+                           projector=m.projector)
 
 
 class _Deferred:

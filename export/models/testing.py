@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
+from export.core.interface import CLIP_MEAN, CLIP_STD
 from export.models.families import ModelFamily
 from export.models.loading import load_processor
 
@@ -55,3 +56,57 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# Tiny VLMs: a 4 x 4-patch tile (56 px, patch 14) and a Qwen2 language model narrower than the tower (48 against 64),
+# so that a swapped width shows. LLaVA-OneVision gets grids up to 4 x 4 tiles and anyres_max_4, so that large
+# photos take its bilinear shrink.
+TINY_TEXT = dict(model_type="qwen2", hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024)
+TINY_IMAGE_TOKEN = 127
+
+
+def save_tiny_vlm(family: ModelFamily, folder: Path, architecture: str = "llava_next", *, seed: int = 0,
+                  vision_feature_layer: int | list[int] = -2) -> Path:
+    """A tiny random LLaVA-NeXT or LLaVA-OneVision checkpoint around `family`'s tiny tower, saved as the real ones
+    are (config.json, model.safetensors, preprocessor_config.json): what --model --projector takes."""
+    import torch
+    import transformers
+
+    from export.core.preprocessing import default_grid_pinpoints
+
+    folder = Path(folder)
+    tile = int(family.tiny_config["image_size"])
+    vision = {**family.tiny_config, "model_type": family.model_types[0]}
+    torch.manual_seed(seed)
+    if architecture == "llava_next":
+        pinpoints = [list(p) for p in default_grid_pinpoints(tile)]
+        config = transformers.LlavaNextConfig(vision_config=vision, text_config=TINY_TEXT, image_token_id=TINY_IMAGE_TOKEN,
+                                              image_grid_pinpoints=pinpoints, vision_feature_layer=vision_feature_layer)
+        model = transformers.LlavaNextForConditionalGeneration(config)
+        processor = _vlm_processor_class("LlavaNext")(
+            size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints,
+            image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    elif architecture == "llava_onevision":
+        pinpoints = [[tile * r, tile * c] for r in range(1, 5) for c in range(1, 5)]
+        config = transformers.LlavaOnevisionConfig(vision_config=vision, text_config=TINY_TEXT,
+                                                   image_token_id=TINY_IMAGE_TOKEN, image_grid_pinpoints=pinpoints,
+                                                   vision_feature_layer=vision_feature_layer,
+                                                   vision_aspect_ratio="anyres_max_4",
+                                                   # our towers have a class token (SigLIP, OneVision's own, has none)
+                                                   vision_feature_select_strategy="default")
+        model = transformers.LlavaOnevisionForConditionalGeneration(config)
+        processor = _vlm_processor_class("LlavaOnevision")(
+            size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints, image_mean=CLIP_MEAN,
+            image_std=CLIP_STD)
+    else:
+        raise ValueError(f"architecture {architecture!r}: llava_next or llava_onevision")
+    model.eval().save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _vlm_processor_class(stem: str):
+    import transformers
+
+    return getattr(transformers, f"{stem}ImageProcessorPil", None) or getattr(transformers, f"{stem}ImageProcessor")
