@@ -15,7 +15,7 @@ from export.core.cli import EXIT_OK, add_artifacts, add_force, add_served_model,
 from export.engine.profiles import add_native_budget_arguments
 from triton_repo.forms import BACKENDS, cli_help
 from triton_repo.kserve import add_arguments as add_kserve_arguments, options_from_args as kserve_options
-from triton_repo.modes import PREPROCESS_MODES, parse_pinpoints
+from triton_repo.modes import EMBEDS_DTYPES, PREPROCESS_MODES, parse_pinpoints
 from triton_repo.options import RepoOptions, RepoResult
 from triton_repo.repository import build_repository
 
@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-pinpoints", nargs="+", metavar="HxW",
                    help="anyres candidate resolutions, height x width (default for native size s: "
                         "sx2s 2sxs 2sx2s 3sxs sx3s)")
+    p.add_argument("--embeds-dtype", choices=tuple(EMBEDS_DTYPES), default="float32",
+                   help="--projector exports with --preprocess anyres: the type of the served image_embeds "
+                        "(default: float32; float16 halves the bytes a VLM server receives)")
     add_native_budget_arguments(p, "native")
     add_force(p, what="the --out repository")
     add_kserve_arguments(p)
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                        intra_op_threads=args.intra_op_threads, preprocess=args.preprocess,
                        resize_factor=args.resize_factor,
                        native_min_pixels=args.min_pixels, native_max_pixels=args.max_pixels,
+                       embeds_dtype=args.embeds_dtype,
                        kserve=kserve_options(args))
     if args.grid_pinpoints:
         opts.grid_pinpoints = parse_pinpoints(args.grid_pinpoints)

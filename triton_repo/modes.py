@@ -46,6 +46,9 @@ CROP, ANYRES, NATIVE = "crop", "anyres", "native"
 PREPROCESS_MODES = (CROP, ANYRES, NATIVE)
 # The per-image outputs the ragged model adds to the encoder's own.
 COUNT_OUTPUT, GRID_OUTPUT, ERROR_OUTPUT = "count", "grid", "error"
+# --projector exports in anyres: each image's (height, width), what the VLM unpads with (transformers' image_sizes)
+IMAGE_SIZES_OUTPUT = "image_sizes"
+EMBEDS_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}  # --embeds-dtype -> the served image_embeds type
 MODEL_PY = "ragged.py"  # backend_models/<this>, the model clients call in both ragged modes
 
 
@@ -61,6 +64,11 @@ class RaggedPlan:
     factor: int = 0  # native: h', w' are multiples of this
     min_pixels: int = 0
     max_pixels: int = 0
+    # --projector exports: answer the language model's rows (export.core.packing), not the tiles' tokens
+    pack: bool = False
+    newline: bool = False  # image_newline.npy beside the model, appended to every feature-map row
+    anyres_max: int = 0  # LLaVA-OneVision's anyres_max_N (0: none, LLaVA-NeXT)
+    embeds_dtype: str = "float32"
 
     @property
     def max_tiles(self) -> int:
@@ -70,7 +78,9 @@ class RaggedPlan:
     def parameters(self) -> dict[str, object]:
         return {"mode": self.mode, "tile_size": self.tile_size, "patch": self.patch,
                 "pinpoints": json.dumps([list(p) for p in self.pinpoints]),
-                "factor": self.factor, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+                "factor": self.factor, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
+                **({"pack": 1, "newline": int(self.newline), "anyres_max": self.anyres_max,
+                    "embeds_dtype": self.embeds_dtype} if self.pack else {})}
 
 
 def parse_pinpoints(values: list[str] | str) -> list[tuple[int, int]]:
@@ -122,6 +132,9 @@ def plan(opts: RepoOptions, art: Artifacts) -> RaggedPlan:
     mode = opts.preprocess
     if mode not in (ANYRES, NATIVE):
         raise OptionError(f"--preprocess {mode} is unknown; choose one of {', '.join(PREPROCESS_MODES)}")
+    check_projector_mode(opts, art)
+    if art.manifest.projector:
+        return projector_plan(opts, art)
     if opts.normalize:
         raise OptionError(f"--normalize applies to the crop ensemble; with --preprocess {mode} normalize the "
                           "pooled rows on the client, or drop --normalize")
@@ -150,6 +163,41 @@ def plan(opts: RepoOptions, art: Artifacts) -> RaggedPlan:
     return RaggedPlan(mode, s, patch, prefix, **budget)
 
 
+def check_projector_mode(opts: RepoOptions, art: Artifacts) -> None:
+    """A --projector export serves the language model's sequence (anyres) only; --embeds-dtype needs one."""
+    if art.manifest.projector and opts.preprocess != ANYRES:
+        raise OptionError(f"{art.folder} is a --projector export (image_embeds for a language model): serve it with "
+                          f"--preprocess anyres, which packs the rows the VLM reads; --preprocess {opts.preprocess} "
+                          "serves towers (re-export without --projector for that)")
+    if opts.embeds_dtype not in EMBEDS_DTYPES:
+        raise OptionError(f"--embeds-dtype {opts.embeds_dtype} is unknown; choose one of {', '.join(EMBEDS_DTYPES)}")
+    if opts.embeds_dtype != "float32" and not art.manifest.projector:
+        raise OptionError(f"--embeds-dtype {opts.embeds_dtype} applies to --projector exports (image_embeds); "
+                          f"{art.folder} is a tower export")
+
+
+def projector_plan(opts: RepoOptions, art: Artifacts) -> RaggedPlan:
+    """anyres for a --projector export: the checkpoint's own grid, packed as its language model reads it."""
+    from export.core.packing import anyres_max_tiles
+
+    vlm = art.manifest.vlm
+    s = int(vlm["tile_size"])
+    pinpoints = check_pinpoints(vlm["image_grid_pinpoints"], s)
+    if opts.grid_pinpoints is not None and tuple(opts.grid_pinpoints) != pinpoints:
+        raise OptionError("--grid-pinpoints: a --projector export is packed with its checkpoint's "
+                          f"image_grid_pinpoints ({', '.join(f'{h}x{w}' for h, w in pinpoints)}), which the language "
+                          "model was trained on; drop --grid-pinpoints")
+    if opts.normalize:
+        raise OptionError("--normalize: image_embeds go to a language model as they are; drop --normalize")
+    h, w = art.manifest.input_shape[2:]
+    if not art.manifest.dynamic_resolution and (h, w) != (s, s):
+        raise OptionError(f"--preprocess anyres encodes {s}x{s} views, but {art.folder} was exported at {h}x{w}; "
+                          "re-export without --image-size")
+    return RaggedPlan(ANYRES, s, int(vlm["patch_size"]), 0, pinpoints=pinpoints, pack=True,
+                      newline=bool(vlm.get("image_newline")), anyres_max=anyres_max_tiles(vlm.get("vision_aspect_ratio"))
+                      or 0, embeds_dtype=opts.embeds_dtype)
+
+
 def native_pixels(processor, image, patch: int, max_pixels: int | None = None, min_pixels: int | None = None,
                   factor: int | None = None) -> np.ndarray:
     """One PIL image -> (1, 3, h', w') float32 as `--preprocess native` serves it, for offline tools (the ledger,
@@ -169,7 +217,7 @@ def native_pixels(processor, image, patch: int, max_pixels: int | None = None, m
 def encoder_interface(art: Artifacts, spec: EncoderForm, rp: RaggedPlan) -> EncoderInterface:
     """The encoder's tensors: anyres as the crop ensemble's (s x s); native with any height and width."""
     if rp.mode == ANYRES and art.preprocessor.output_size is not None \
-            and not art.manifest.dynamic_resolution:
+            and not art.manifest.dynamic_resolution and not rp.pack:
         return crop_interface(art, spec)
     fixed = rp.mode == ANYRES
     sequence = (rp.tile_size // rp.patch) ** 2 + rp.prefix if fixed else -1
@@ -216,6 +264,11 @@ def check_engine_profile(art: Artifacts, spec: EncoderForm, rp: RaggedPlan, inpu
 def ragged_outputs(served: tuple[TensorSpec, ...], rp: RaggedPlan) -> tuple[TensorSpec, ...]:
     """The ragged model's outputs: each encoder output with its image axis folded into a row axis (-1);
     anyres token outputs have the tile's sequence length, known here even where the encoder says -1."""
+    if rp.pack:  # one row per language-model position: [sum of rows, H_llm]
+        (embeds,) = served
+        return (TensorSpec(embeds.name, (-1, embeds.dims[-1]), EMBEDS_DTYPES[rp.embeds_dtype]),
+                TensorSpec(COUNT_OUTPUT, (-1,), "TYPE_INT64"), TensorSpec(GRID_OUTPUT, (-1, 2), "TYPE_INT64"),
+                TensorSpec(IMAGE_SIZES_OUTPUT, (-1, 2), "TYPE_INT64"), TensorSpec(ERROR_OUTPUT, (-1,), "TYPE_STRING"))
     sequence = (rp.tile_size // rp.patch) ** 2 + rp.prefix
     rows = tuple(TensorSpec(o.name, (-1, *o.dims[1:]) if rp.mode == NATIVE
                             else (-1, *((sequence if i == 0 and len(o.dims) == 2 and d == -1 else d)

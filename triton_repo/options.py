@@ -51,6 +51,8 @@ class RepoOptions:
     resize_factor: int | None = None  # native: h', w' multiples of this; None: twice the patch size
     native_min_pixels: int | None = None  # native pixel budget; None: preprocessing.NATIVE_MIN/MAX_PIXELS
     native_max_pixels: int | None = None
+    # --projector exports in anyres: the served image_embeds' type (float32 | float16); the rows are packed in float32
+    embeds_dtype: str = "float32"
     # also write kserve/ beside the repository: a KServe InferenceService (triton_repo/kserve.py); None: no
     kserve: KServeOptions | None = None
 

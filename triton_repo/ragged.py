@@ -7,13 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from export.core import preprocessing as pre
-from export.core.folder import staged_output
+from export.core import packing, preprocessing as pre
+from export.core.folder import IMAGE_NEWLINE_NAME, staged_output
 from triton_repo import config as tc
 from triton_repo.export_folder import profile_count, read_artifacts
 from triton_repo.layout import (
     ENCODER,
     check_options,
+    copy_file,
     place_encoder,
     place_python_model,
     read_back,
@@ -25,6 +26,7 @@ from triton_repo.modes import (
     COUNT_OUTPUT,
     ERROR_OUTPUT,
     GRID_OUTPUT,
+    IMAGE_SIZES_OUTPUT,
     MODEL_PY,
     NATIVE,
     check_engine_profile,
@@ -35,6 +37,7 @@ from triton_repo.modes import (
 )
 from triton_repo.options import RepoOptions, RepoResult
 from triton_repo.readme import ragged_readme
+from triton_repo.vlm import packed_readme
 from triton_repo.resolve import resolve_form, resolve_max_batch
 
 
@@ -67,6 +70,10 @@ def build_ragged(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
 
         model = stage / name
         place_python_model(model, MODEL_PY, art)
+        if rp.pack:  # the packing code and image_newline beside model.py
+            copy_file(Path(packing.__file__).resolve(), model / "1" / "packing.py")
+            if rp.newline:
+                copy_file(art.folder / IMAGE_NEWLINE_NAME, model / "1" / IMAGE_NEWLINE_NAME)
         # No warm-up here: BLS cannot reach the encoder before every model has loaded.
         cfg = tc.ragged_config(name=name, instances=opts.instances, outputs=ragged_outputs(served, rp),
                                parameters={**rp.parameters(), "encoder": ENCODER, "encoder_input": iface.input.name,
@@ -75,15 +82,19 @@ def build_ragged(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
         result.models[name] = tc.write_config(cfg, model)
 
         read_back(result)
-        (stage / "README.md").write_text(ragged_readme(name, spec, rp, served, max_batch, art, Path(opts.out),
-                                                       opts.instances))
+        readme = (packed_readme(name, spec, rp, served, max_batch, art, Path(opts.out)) if rp.pack
+                  else ragged_readme(name, spec, rp, served, max_batch, art, Path(opts.out), opts.instances))
+        (stage / "README.md").write_text(readme)
         write_repo_info(stage, opts, art, ensemble=name, preprocess=rp.mode, backend=spec.name, max_batch=max_batch,
                         image_size=[rp.tile_size, rp.tile_size],
-                        outputs=[o.name for o in served] + [COUNT_OUTPUT, GRID_OUTPUT, ERROR_OUTPUT],
+                        outputs=[o.name for o in ragged_outputs(served, rp)] if rp.pack
+                        else [o.name for o in served] + [COUNT_OUTPUT, GRID_OUTPUT, ERROR_OUTPUT],
                         pooled_output=pooled if rp.mode == ANYRES else None, normalized=False,
                         ragged={**rp.parameters(), "pinpoints": [list(p) for p in rp.pinpoints]},
                         # what a TensorRT engine for this mode needs (export.engine.build_engine takes the list as is)
-                        engine_profiles=engine_profiles(rp, iface.input.name, max_batch))
+                        engine_profiles=engine_profiles(rp, iface.input.name, max_batch),
+                        # the language model's side of a --projector export (docs/vlm.md: how a VLM server reads it)
+                        vlm={**art.manifest.vlm, "image_sizes_output": IMAGE_SIZES_OUTPUT} if rp.pack else None)
     log(f"wrote {opts.out}/ ({name} = {rp.mode} preprocessing -> BLS -> {ENCODER} [{spec.name}], "
         f"encoder max batch {max_batch})")
     return result

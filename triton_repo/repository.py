@@ -7,7 +7,8 @@ from typing import Callable
 
 from export.core.errors import OptionError
 from triton_repo.crop import build_crop
-from triton_repo.modes import CROP
+from triton_repo.export_folder import read_artifacts
+from triton_repo.modes import CROP, check_projector_mode
 from triton_repo.options import RepoOptions, RepoResult
 from triton_repo.ragged import build_ragged
 
@@ -19,4 +20,5 @@ def build_repository(opts: RepoOptions, log: Callable[[str], None] = print) -> R
                           f"{opts.preprocess}")
     if opts.preprocess != CROP:  # anyres | native: ragged answers, not an ensemble
         return build_ragged(opts, log)
+    check_projector_mode(opts, read_artifacts(opts.artifacts))  # the crop ensemble serves towers
     return build_crop(opts, log)

@@ -330,14 +330,23 @@ def anyres_pixel_values(image, cfg: ClipPreprocessing, pinpoints, tile_size: int
 def anyres_pixel_values_from_bytes(data: bytes, cfg: ClipPreprocessing, pinpoints, tile_size: int,
                                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
     """Encoded image bytes -> anyres_pixel_values(...); ImageDecodeError for anything we do not accept."""
+    pixels, grid, _ = anyres_views_from_bytes(data, cfg, pinpoints, tile_size, max_pixels)
+    return pixels, grid
+
+
+def anyres_views_from_bytes(data: bytes, cfg: ClipPreprocessing, pinpoints, tile_size: int,
+                            max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """anyres_pixel_values_from_bytes(...) plus the decoded image's (height, width): the `image_sizes` entry a VLM
+    unpads with."""
     _check_pinpoints(pinpoints)  # a bad argument is the caller's error, not the image's
     if tile_size < 1:
         raise ValueError(f"tile size must be a positive number of pixels, got {tile_size}")
     image = decode_image(data, max_pixels)
     try:
-        return anyres_pixel_values(image, cfg, pinpoints, tile_size)
+        pixels, grid = anyres_pixel_values(image, cfg, pinpoints, tile_size)
     except (OSError, ValueError) as exc:  # e.g. a mode PIL cannot convert to RGB
         raise ImageDecodeError(f"cannot convert {image.mode} image to RGB: {exc}") from None
+    return pixels, grid, (image.height, image.width)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ Outputs, every per-image block concatenated along the first axis (triton_repo/mo
 layout): the encoder outputs (native: without the image axis), `count` [N], `grid` [N, 2],
 `error` [N] ("" or the reason image i failed; its count is 0). A request whose every image fails
 gets an error response.
+
+With `pack` (a --projector export in anyres) each image's projected views are packed as its language model reads
+them (`packing.py` beside this file: unpadding, anyres_max, `image_newline`): `image_embeds` [sum of rows, H_llm]
+in the configured dtype, `count` = rows per image, plus `image_sizes` [N, 2] (height, width).
 """
 
 import asyncio
@@ -24,7 +28,7 @@ from preprocessing import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     ClipPreprocessing,
     ImageDecodeError,
-    anyres_pixel_values_from_bytes,
+    anyres_views_from_bytes,
     native_pixel_values_from_bytes,
 )
 
@@ -44,14 +48,21 @@ class TritonPythonModel:
         self.chunk = max(1, int(p["encoder_max_batch"]))
         self.outputs = [n for n in p["outputs"].split(",") if n]
         self.patch = int(p.get("patch") or 0)
+        self.pack = p.get("pack") == "1"
+        if self.pack:
+            import packing
+
+            self.pack_image, self.packing_error = packing.pack_image, packing.PackingError
+            self.newline = np.load(os.path.join(version_dir, "image_newline.npy")) if p.get("newline") == "1" else None
+            self.anyres_max = int(p.get("anyres_max") or 0) or None
+            self.embeds_dtype = np.dtype(p.get("embeds_dtype") or "float32")
 
     def preprocess(self, data):
-        """bytes -> (pixels [T, 3, H, W] float32, (rows, cols))."""
+        """bytes -> (pixels [T, 3, H, W] float32, (rows, cols), the image's (height, width))."""
         if self.mode == "anyres":
-            return anyres_pixel_values_from_bytes(data, self.cfg, self.pinpoints, self.tile_size,
-                                                  self.decode_max_pixels)
+            return anyres_views_from_bytes(data, self.cfg, self.pinpoints, self.tile_size, self.decode_max_pixels)
         pixels = native_pixel_values_from_bytes(data, self.cfg, self.factor, self.min_pixels, self.max_pixels)
-        return pixels[None], None  # (1, 3, h', w'); the grid comes from the patch size below
+        return pixels[None], None, (0, 0)  # (1, 3, h', w'); the grid comes from the patch size below
 
     async def encode(self, pixels):
         """[T, 3, H, W] -> {output: [T, ...]} through BLS, `chunk` rows per request, all in flight at once."""
@@ -75,17 +86,24 @@ class TritonPythonModel:
         return {n: np.concatenate(v) for n, v in parts.items()}
 
     async def one_image(self, data):
-        """-> (outputs {name: rows}, count, grid, error)."""
+        """-> (outputs {name: rows}, count, grid, error, image size)."""
         try:
-            pixels, grid = self.preprocess(_as_bytes(data))
+            pixels, grid, size = self.preprocess(_as_bytes(data))
         except ImageDecodeError as exc:
-            return None, 0, (0, 0), f"preprocess: {exc}"
+            return None, 0, (0, 0), f"preprocess: {exc}", (0, 0)
         except Exception as exc:  # a mode PIL cannot convert, ...: this image only
-            return None, 0, (0, 0), f"preprocess: {type(exc).__name__}: {exc}"
+            return None, 0, (0, 0), f"preprocess: {type(exc).__name__}: {exc}", (0, 0)
         try:
             out = await self.encode(pixels)
         except Exception as exc:
-            return None, 0, (0, 0), str(exc)
+            return None, 0, (0, 0), str(exc), (0, 0)
+        if self.pack:  # the language model's rows: (R, H_llm)
+            name = self.outputs[0]
+            try:
+                rows = self.pack_image(out[name], size, grid, self.newline, self.anyres_max)
+            except self.packing_error as exc:
+                return None, 0, (0, 0), f"packing: {exc}", (0, 0)
+            return {name: rows.astype(self.embeds_dtype)}, rows.shape[0], grid, "", size
         if self.mode == "native":
             first = out[self.outputs[0]]  # (1, L, C)
             out = {n: v[0] for n, v in out.items()}  # (L, C): one image, no image axis
@@ -94,7 +112,7 @@ class TritonPythonModel:
             count = first.shape[1]
         else:
             count = pixels.shape[0]
-        return out, count, grid, ""
+        return out, count, grid, "", size
 
     async def respond(self, request):
         try:
@@ -107,11 +125,14 @@ class TritonPythonModel:
             if all(errors):
                 return _error("; ".join(f"image {i}: {e}" for i, e in enumerate(errors)))
             tensors = []
+            dtype = self.embeds_dtype if self.pack else np.float32
             for n in self.outputs:
                 rows = [r[0][n] for r in results if r[0] is not None]
-                tensors.append(pb_utils.Tensor(n, np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)))
+                tensors.append(pb_utils.Tensor(n, np.ascontiguousarray(np.concatenate(rows), dtype=dtype)))
             tensors.append(pb_utils.Tensor("count", np.array([r[1] for r in results], dtype=np.int64)))  # (N,)
             tensors.append(pb_utils.Tensor("grid", np.array([r[2] for r in results], dtype=np.int64)))  # (N, 2)
+            if self.pack:
+                tensors.append(pb_utils.Tensor("image_sizes", np.array([r[4] for r in results], dtype=np.int64)))
             tensors.append(pb_utils.Tensor("error", np.array([e.encode() for e in errors], dtype=np.object_)))
             return pb_utils.InferenceResponse(output_tensors=tensors)
         except Exception as exc:  # never let one request take the instance down
