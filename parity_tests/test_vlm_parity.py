@@ -36,13 +36,13 @@ def test_packing_equals_transformers_pack_image_features(architecture):
     """Random features for images of many aspect ratios: export.core.packing's rows equal transformers'."""
     import torch
 
+    from export.check.vlm_parity import grid_for
     from export.core.packing import anyres_max_tiles, pack_image
     from export.core.preprocessing import default_grid_pinpoints
-    from export.check.vlm_parity import grid_for
     from export.models.testing import TINY_TEXT
     from export.models.vlm import VLM_ARCHITECTURES, _transformers_class
 
-    tile, n, hidden = 56, 4, TINY_TEXT["hidden_size"]
+    tile, n, hidden = 56, 4, int(TINY_TEXT["hidden_size"])
     pinpoints = ([list(p) for p in default_grid_pinpoints(tile)] if architecture == "llava_next"
                  else [[tile * r, tile * c] for r in range(1, 5) for c in range(1, 5)])
     vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,

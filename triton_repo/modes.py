@@ -193,9 +193,9 @@ def projector_plan(opts: RepoOptions, art: Artifacts) -> RaggedPlan:
     if not art.manifest.dynamic_resolution and (h, w) != (s, s):
         raise OptionError(f"--preprocess anyres encodes {s}x{s} views, but {art.folder} was exported at {h}x{w}; "
                           "re-export without --image-size")
+    anyres_max = anyres_max_tiles(vlm.get("vision_aspect_ratio")) or 0
     return RaggedPlan(ANYRES, s, int(vlm["patch_size"]), 0, pinpoints=pinpoints, pack=True,
-                      newline=bool(vlm.get("image_newline")), anyres_max=anyres_max_tiles(vlm.get("vision_aspect_ratio"))
-                      or 0, embeds_dtype=opts.embeds_dtype)
+                      newline=bool(vlm.get("image_newline")), anyres_max=anyres_max, embeds_dtype=opts.embeds_dtype)
 
 
 def native_pixels(processor, image, patch: int, max_pixels: int | None = None, min_pixels: int | None = None,

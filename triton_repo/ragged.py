@@ -37,8 +37,8 @@ from triton_repo.modes import (
 )
 from triton_repo.options import RepoOptions, RepoResult
 from triton_repo.readme import ragged_readme
-from triton_repo.vlm import packed_readme
 from triton_repo.resolve import resolve_form, resolve_max_batch
+from triton_repo.vlm import packed_readme
 
 
 def build_ragged(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:

@@ -335,7 +335,8 @@ def anyres_pixel_values_from_bytes(data: bytes, cfg: ClipPreprocessing, pinpoint
 
 
 def anyres_views_from_bytes(data: bytes, cfg: ClipPreprocessing, pinpoints, tile_size: int,
-                            max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+                            max_pixels: int = DEFAULT_MAX_PIXELS
+                            ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """anyres_pixel_values_from_bytes(...) plus the decoded image's (height, width): the `image_sizes` entry a VLM
     unpads with."""
     _check_pinpoints(pinpoints)  # a bad argument is the caller's error, not the image's

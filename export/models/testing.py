@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from export.core.interface import CLIP_MEAN, CLIP_STD
 from export.models.families import ModelFamily
@@ -61,8 +62,9 @@ def load_script(name: str) -> ModuleType:
 # Tiny VLMs: a 4 x 4-patch tile (56 px, patch 14) and a Qwen2 language model narrower than the tower (48 against 64),
 # so that a swapped width shows. LLaVA-OneVision gets grids up to 4 x 4 tiles and anyres_max_4, so that large
 # photos take its bilinear shrink.
-TINY_TEXT = dict(model_type="qwen2", hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024)
+TINY_TEXT: dict[str, Any] = dict(model_type="qwen2", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                 max_position_embeddings=1024)
 TINY_IMAGE_TOKEN = 127
 
 
@@ -81,16 +83,17 @@ def save_tiny_vlm(family: ModelFamily, folder: Path, architecture: str = "llava_
     torch.manual_seed(seed)
     if architecture == "llava_next":
         pinpoints = [list(p) for p in default_grid_pinpoints(tile)]
-        config = transformers.LlavaNextConfig(vision_config=vision, text_config=TINY_TEXT, image_token_id=TINY_IMAGE_TOKEN,
-                                              image_grid_pinpoints=pinpoints, vision_feature_layer=vision_feature_layer)
-        model = transformers.LlavaNextForConditionalGeneration(config)
+        config: Any = transformers.LlavaNextConfig(
+            vision_config=vision, text_config=TINY_TEXT, image_token_index=TINY_IMAGE_TOKEN,
+            image_grid_pinpoints=pinpoints, vision_feature_layer=vision_feature_layer)
+        model: Any = transformers.LlavaNextForConditionalGeneration(config)
         processor = _vlm_processor_class("LlavaNext")(
             size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints,
             image_mean=CLIP_MEAN, image_std=CLIP_STD)
     elif architecture == "llava_onevision":
         pinpoints = [[tile * r, tile * c] for r in range(1, 5) for c in range(1, 5)]
         config = transformers.LlavaOnevisionConfig(vision_config=vision, text_config=TINY_TEXT,
-                                                   image_token_id=TINY_IMAGE_TOKEN, image_grid_pinpoints=pinpoints,
+                                                   image_token_index=TINY_IMAGE_TOKEN, image_grid_pinpoints=pinpoints,
                                                    vision_feature_layer=vision_feature_layer,
                                                    vision_aspect_ratio="anyres_max_4",
                                                    # our towers have a class token (SigLIP, OneVision's own, has none)

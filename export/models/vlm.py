@@ -157,7 +157,8 @@ def projected_tower_class():
     import torch
 
     class ProjectedTower(torch.nn.Module):
-        """pixel_values (B, 3, s, s) -> ProjectedOutput: the feature layer(s), the class-token strategy, the projector."""
+        """pixel_values (B, 3, s, s) -> ProjectedOutput: the feature layer(s), the class-token strategy, the
+        projector."""
 
         def __init__(self, tower, projector, settings: VlmSettings, vlm_config):
             super().__init__()
