@@ -136,3 +136,28 @@ def test_packing_model_answers_the_in_process_hand_off(artifacts, tmp_path, monk
     assert served["image_sizes"].tolist() == [[512, 512], [400, 600], [0, 0]]
     assert "keeps no row" in served["error"][2].decode()
     np.testing.assert_allclose(served["image_embeds"], local.rows, rtol=0, atol=1e-6)
+
+
+def test_the_documented_transformers_example_runs(artifacts, tmp_path, monkeypatch):
+    """docs/vlm.md's runnable block, on this module's checkpoint and export, generates what pixel_values does."""
+    from pathlib import Path
+
+    import torch
+
+    from export.models.vlm import image_processor
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "vlm.md").read_text()
+    block = doc.split("<!-- runnable: tests/triton_repo/test_vlm_repository.py runs this block -->", 1)[1]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-llava").symlink_to(artifacts.parent / "checkpoint")
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "tiny-llava").symlink_to(artifacts)
+    namespace: dict = {}
+    exec(compile(code, "docs/vlm.md", "exec"), namespace)
+    model, ids, photo = namespace["model"], namespace["ids"], namespace["photo"]
+    batch = image_processor(artifacts.parent / "checkpoint")(images=[photo], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
+                                  max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+    assert namespace["tokens"][0].tolist() == expected.tolist()
