@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     n = len(images)
     print(f"load average before: {load:.1f}; {n} images, {rows_direct} rows ({rows_direct / n:.0f} per image)\n")
     print("| path | images/s | rows/s |\n|---|---|---|")
-    print(f"| direct (PackedEncoder, one image at a time) | {n / seconds_direct:.2f} | {rows_direct / seconds_direct:.0f} |")
-    print(f"| served (concurrency {args.concurrency}) | {n / seconds_served:.2f} | {rows_served / seconds_served:.0f} |")
+    for path, seconds, rows in (("direct (PackedEncoder, one image at a time)", seconds_direct, rows_direct),
+                                (f"served (concurrency {args.concurrency})", seconds_served, rows_served)):
+        print(f"| {path} | {n / seconds:.2f} | {rows / seconds:.0f} |")
     print(f"| served / direct | {seconds_direct / seconds_served:.2f} | |\n")
     if args.precisions:
         print("| precision | min row cosine vs fp32 | greedy 16 tokens equal to fp32's |\n|---|---|---|")
