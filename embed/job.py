@@ -76,6 +76,9 @@ def embed_images(artifacts: Path | str, images: str | os.PathLike, out: Path | s
     require("pyarrow", "embed")
     artifacts = Path(artifacts)
     manifest = read_manifest(artifacts)
+    if manifest.projector:  # image_embeds rows for a language model, no one-vector-per-image output
+        raise OptionError(f"{artifacts} is a --projector export (a VLM's image_embeds, no pooled output); embed a "
+                          "tower export, or serve this one with triton_repo.build --preprocess anyres (docs/vlm.md)")
     preprocessor_config(artifacts)  # checked before anything is written
     identity = output_identity(manifest, manifest.pooled_output, normalize)
     paths = image_paths(images)

@@ -124,7 +124,8 @@ def parser() -> argparse.ArgumentParser:
 @command()
 def main(argv: list[str] | None = None) -> int:
     from export.pipeline import BuildOptions, build
-    from triton_repo.build import RepoOptions, build_repository
+    from triton_repo.options import RepoOptions
+    from triton_repo.repository import build_repository
     from triton_repo.server import TritonServer, free_port
 
     args = parser().parse_args(argv)

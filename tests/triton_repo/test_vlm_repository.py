@@ -161,3 +161,11 @@ def test_the_documented_transformers_example_runs(artifacts, tmp_path, monkeypat
         expected = model.generate(input_ids=ids, pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
                                   max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
     assert namespace["tokens"][0].tolist() == expected.tolist()
+
+
+def test_embed_refuses_a_projector_export(artifacts, tmp_path):
+    from embed.job import embed_images
+
+    with pytest.raises(OptionError, match="is a --projector export"):
+        embed_images(artifacts, str(tmp_path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
