@@ -58,7 +58,7 @@ def build_engine(target: EngineTarget, onnx_path: Path, plan_path: Path, shapes:
         facts["compute_capabilities"] = (["current GPU"] if compute_capabilities is None
                                          else [f"{a}.{b}" for a, b in compute_capabilities])
     else:
-        base = CreateConfig(tf32=tf32, **common)
+        base = CreateConfig(**common)  # TF32: set once, in _configure
         facts["compute_capabilities"] = [target.gpu.get("compute_capability")]
     # CreateConfigRTX takes no tf32 and leaves TensorRT-RTX's default (TF32 on), so the flag is set here for
     # both; and activation memory that follows the input shapes (see _configure).

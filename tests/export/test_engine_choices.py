@@ -25,7 +25,7 @@ def test_choose_profile_keeps_the_active_one_and_else_takes_the_smallest_that_ho
     square = _profile([1, 3, 28, 28], [1, 3, 896, 896])
     profiles = [batched, wide, square]
     assert engines.choose_profile(profiles, {NAME: (4, 3, 224, 224)}) == 0
-    # one image at 224x224 fits all three: the smallest max volume wins (wide: 1x448x1792 < 1x896x896? no)
+    # one image at 224x224 fits all three: the smallest max volume wins (wide and square tie: lower index)
     assert engines.choose_profile(profiles, {NAME: (1, 3, 224, 224)}) == 1
     assert engines.choose_profile(profiles, {NAME: (1, 3, 224, 224)}, current=2) == 2  # active and fits: kept
     assert engines.choose_profile(profiles, {NAME: (1, 3, 448, 1400)}, current=0) == 1
