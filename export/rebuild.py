@@ -26,6 +26,7 @@ from export import engine as engines
 from export.core.errors import EngineUnavailableError, OptionError
 from export.core.folder import MANIFEST_NAME, ONNX_NAME, PLAN_NAME, sha256
 from export.core.manifest import EngineEntry, Manifest, ManifestLike, engine_entry, read_manifest, write_manifest
+from export.graph.attention import check_engine_attention
 from export.precision.recipe import cpu_quantized
 
 
@@ -112,13 +113,21 @@ def _wanted_lowering(manifest: Manifest, target: engines.EngineTarget) -> str:
     return resolve_rope(manifest.rope, target.rope_runtime)
 
 
-def _recorded_graph(manifest: Manifest, lowering: str) -> str | None:
-    """The recorded graph already in `lowering`: engine.onnx when the export wrote one in it, model.onnx
-    when it is in it itself; None: model.onnx must be lowered for this runtime first."""
+def _wanted_attention(manifest: Manifest, target: engines.EngineTarget) -> str:
+    """The attention form the export would give this runtime's engine (its --attention, resolved as build does)."""
+    from export.graph.attention import resolve_attention
+
+    return resolve_attention(manifest.attention, target.rope_runtime, manifest.precision)
+
+
+def _recorded_graph(manifest: Manifest, lowering: str, attention: str) -> str | None:
+    """The recorded graph already in `lowering` (RoPE) and `attention`: engine.onnx when the export wrote one
+    in them, model.onnx when it is in them itself; None: model.onnx must be lowered for this runtime first."""
     engine = manifest.engine
-    if engine.onnx and engine.onnx in manifest.artifacts and engine.rope_lowering == lowering:
+    if (engine.onnx and engine.onnx in manifest.artifacts and engine.rope_lowering == lowering
+            and engine.attention_lowering == attention):
         return engine.onnx
-    if manifest.rope_lowering == lowering or lowering == "none":
+    if (manifest.rope_lowering == lowering or lowering == "none") and manifest.attention_lowering == attention:
         return ONNX_NAME
     return None
 
@@ -129,15 +138,15 @@ def _temporary(folder: Path, prefix: str, suffix: str) -> Path:
     return Path(name)
 
 
-def _lower_into(folder: Path, lowering: str, path: Path) -> None:
-    """model.onnx with its RoPE in `lowering`, saved as `path` beside it (the weights stay shared in
-    model.onnx.data, whose location is relative)."""
+def _lower_into(folder: Path, lowering: str, attention: str, path: Path) -> None:
+    """model.onnx with its RoPE in `lowering` and its attention in `attention`, saved as `path` beside it
+    (the weights stay shared in model.onnx.data, whose location is relative)."""
     import onnx
 
-    from export.graph.lowering import lower_rope
+    from export.graph.attention import lower_graph
 
     model = onnx.load(str(folder / ONNX_NAME), load_external_data=False)
-    onnx.save(lower_rope(model, lowering), str(path))
+    onnx.save(lower_graph(model, lowering, attention), str(path))
 
 
 def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> RebuildResult:
@@ -175,15 +184,18 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
         return RebuildResult(folder, old.data, rebuilt=False)
 
     lowering = _wanted_lowering(manifest, target)
-    recorded = _recorded_graph(manifest, lowering)
+    attention = _wanted_attention(manifest, target)
+    check_engine_attention(attention, manifest.precision, target.runtime)
+    recorded = _recorded_graph(manifest, lowering, attention)
     temporaries: list[Path] = []  # removed whatever happens: the recorded artifacts stay as they are
     try:
         if recorded is None:
-            log(f"      lowering {ONNX_NAME}'s RoPE to {lowering} for this runtime (a temporary graph)")
+            log(f"      lowering {ONNX_NAME}'s RoPE to {lowering} and attention to {attention} for this runtime "
+                "(a temporary graph)")
             graph = _temporary(folder, ".rebuild-", ".onnx")
             temporaries.append(graph)
-            _lower_into(folder, lowering, graph)
-            graph_name = f"{ONNX_NAME} (RoPE lowered to {lowering} at build time)"
+            _lower_into(folder, lowering, attention, graph)
+            graph_name = f"{ONNX_NAME} (RoPE lowered to {lowering}, attention to {attention} at build time)"
         else:
             graph, graph_name = folder / recorded, recorded
         tmp_plan = _temporary(folder, f".{PLAN_NAME}.", ".tmp")
@@ -197,7 +209,8 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
         seconds = time.perf_counter() - start
         log(f"      done in {seconds:.1f} s")
         digest = sha256(tmp_plan)
-        engine = engine_entry(target, onnx=graph_name, rope_lowering=lowering, facts=facts, sha256=digest,
+        engine = engine_entry(target, onnx=graph_name, rope_lowering=lowering, attention_lowering=attention,
+                              facts=facts, sha256=digest,
                               built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rebuilt=True,
                               build_seconds=round(seconds, 2))
         log(f"[3/3] Publishing {plan.name} and recording it in {MANIFEST_NAME} ...")
