@@ -100,12 +100,16 @@ class AttentionSite:
 def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
     """Every MatMul -> [Cast] -> Softmax(axis -1) -> [Cast] -> MatMul chain whose intermediate tensors
     nothing else reads (so the rewrite removes them)."""
+    import onnx
+
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     readers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    for output in graph.output:  # a graph output is read too
+        readers.setdefault(output.name, []).append(output)
     heads = _static_dims(model)
     sites = []
     for softmax in graph.node:
@@ -126,10 +130,10 @@ def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
             if len(nxt) != 1:
                 break
             down = nxt[0]
-            if down.op_type != "Cast":
+            if not isinstance(down, onnx.NodeProto) or down.op_type != "Cast":
                 break
             chain.append(down)
-        if down.op_type != "MatMul" or down.input[0] != chain[-1].output[0]:
+        if not isinstance(down, onnx.NodeProto) or down.op_type != "MatMul" or down.input[0] != chain[-1].output[0]:
             continue
         chain.append(down)
         if any(len(readers.get(n.output[0], [])) != 1 for n in chain[:-1]):
@@ -213,8 +217,8 @@ def _restore_decomposed(model: onnx.ModelProto) -> None:
         nodes = readers.get(name, [])
         return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op else None
 
-    replace: dict[str, list] = {}
-    drop: set[str] = set()
+    replace: dict[int, list] = {}  # id of the last removed node -> the nodes that take its place
+    drop: set[int] = set()
     for node in nodes_now:
         if node.domain == MHA_DOMAIN and node.op_type == MHA_OP:
             q_flat, k_flat, v_flat = (up(name, "Reshape") for name in node.input[:3])
@@ -222,7 +226,7 @@ def _restore_decomposed(model: onnx.ModelProto) -> None:
             o_heads = down(node.output[0], "Reshape")
             o_t = down(o_heads.output[0], "Transpose") if o_heads is not None else None
             parts = [q_flat, k_flat, v_flat, q_t, k_t, v_t, o_heads, o_t]
-            if any(p is None for p in parts):
+            if q_t is None or k_t is None or v_t is None or o_t is None or None in parts:
                 continue  # not one of ours
             q, k_t_name, v, out = q_t.input[0], k_t.input[0], v_t.input[0], o_t.output[0]
             removed = parts + [node]
