@@ -148,11 +148,11 @@ class OnnxRuntimeRunner(Runner):
     def infer_impl(self, feed):
         assert self.output_names is not None  # set by activate_impl
         if self._graph is not None:
-            self._check_memory(feed)
+            self.check_memory(feed)
         values = self._session.run(self.output_names, {k: np.ascontiguousarray(v) for k, v in feed.items()})
         return dict(zip(self.output_names, values))
 
-    def _check_memory(self, feed) -> None:
+    def check_memory(self, feed) -> None:
         """Estimate shapes no smaller-or-equal feed has been estimated for; refuse what will not fit."""
         from export.graph.attention import lowered_attention
         from export.graph.footprint import check_fits, estimate_peak
