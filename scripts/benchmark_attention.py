@@ -8,6 +8,8 @@ One process tree: this process runs no model; each measurement is a child of it,
 
     torch  the PyTorch reference (the checkpoint the manifest names; its sdpa attention), once per case: it
            writes the case's pixels and tokens
+    interleaved  with --repeats N > 1 and every form fitting: all forms' sessions in one child, runs
+           interleaved, the median of each and its ratio to the first form (the timing comparison)
     ort    one attention form of the export's model.onnx (export.graph.attention: decomposed, the traced
            MatMul/Softmax/MatMul of exports before --attention; mha, model.onnx's form now) in onnxruntime,
            optimizations on, as the CLIs run it (export.runners.ort.OnnxRuntimeRunner, memory check on): one
@@ -103,6 +105,28 @@ def child_ort(graph: Path, work: Path, form: str, repeats: int, threads: int) ->
             "peak_rss_mib": _peak_mib(), "estimate_gib": round(estimate.total / 1024**3, 2) if estimate else None}
 
 
+def child_interleaved(graphs: list[Path], work: Path, repeats: int, threads: int) -> dict:
+    """Every form's session in one process, runs interleaved (A, B, A, B, ...) after one warm-up each, so
+    that load from other processes falls on all forms alike: the median seconds of each, by position."""
+    import numpy as np
+
+    from export.core.interface import INPUT_NAME
+    from export.runners.ort import OnnxRuntimeRunner
+
+    feed = {INPUT_NAME: np.load(work / "pixels.npy")}
+    runners = [OnnxRuntimeRunner(g, "optimized", providers=["CPUExecutionProvider"], output_names=[OUTPUT],
+                                 threads=threads, memory_check=False).activate() for g in graphs]
+    times: list[list[float]] = [[] for _ in runners]
+    for runner in runners:
+        runner.infer(feed)  # warm-up
+    for _ in range(repeats):
+        for runner, spent in zip(runners, times):
+            start = time.perf_counter()
+            runner.infer(feed)
+            spent.append(time.perf_counter() - start)
+    return {"median_s": [round(statistics.median(t), 3) for t in times]}
+
+
 def _run_child(*args: str) -> dict:
     """This script as a child process; its last stdout line is its JSON result."""
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
@@ -166,20 +190,30 @@ def benchmark(cases: list[tuple[Path, dict]], forms: tuple[str, ...], repeats: i
                 rows.append({"model": manifest.source, "case": label, "size": torch_row["size"],
                              "tokens": torch_row["tokens"], "form": form, **row, "torch": torch_row})
                 log("      " + json.dumps(rows[-1]))
+            case_rows = rows[-len(forms):]
+            if repeats > 1 and len(forms) > 1 and not any("refused" in r for r in case_rows):
+                log(f"{artifacts.name} {label}: interleaved timing ...")
+                paired = _run_child("interleaved", json.dumps([str(graphs_of[artifacts][f]) for f in forms]),
+                                    str(work), str(repeats), str(threads))
+                for r, seconds in zip(case_rows, paired["median_s"]):
+                    r["interleaved_s"] = seconds
+                    r["ratio_to_first"] = round(seconds / paired["median_s"][0], 3)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | case | tokens | attention | wall (s) | peak RSS (GiB) | estimate (GiB) | "
-             "min cosine vs PyTorch | PyTorch wall (s) / peak RSS (GiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | case | tokens | attention | wall (s) | interleaved median (s), ratio | peak RSS (GiB) | "
+             "estimate (GiB) | min cosine vs PyTorch | PyTorch wall (s) / peak RSS (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         torch = f"{r['torch']['wall_s']} / {r['torch']['peak_rss_mib'] / 1024:.2f}"
+        head = f"| {r['model']} | {r['case']} | {r['tokens']:,} | {r['form']} |"
         if "refused" in r:
-            lines.append(f"| {r['model']} | {r['case']} | {r['tokens']:,} | {r['form']} | refused | - | "
-                         f"{r['estimate_gib']} | - | {torch} |")
+            lines.append(f"{head} refused | - | - | {r['estimate_gib']} | - | {torch} |")
         else:
-            lines.append(f"| {r['model']} | {r['case']} | {r['tokens']:,} | {r['form']} | {r['wall_s']} | "
-                         f"{r['peak_rss_mib'] / 1024:.2f} | {r['estimate_gib']} | {r['min_cosine']:.6f} | {torch} |")
+            paired = f"{r['interleaved_s']}, {r['ratio_to_first']}" if "interleaved_s" in r else "-"
+            lines.append(f"{head} {r['wall_s']} | {paired} | {r['peak_rss_mib'] / 1024:.2f} | {r['estimate_gib']} | "
+                         f"{r['min_cosine']:.6f} | {torch} |")
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _child(argv: list[str]) -> None:
     kind = argv[0]
-    if kind == "torch":
+    if kind == "interleaved":
+        result = child_interleaved([Path(g) for g in json.loads(argv[1])], Path(argv[2]), int(argv[3]), int(argv[4]))
+    elif kind == "torch":
         artifacts, case, work = Path(argv[1]), json.loads(argv[2]), Path(argv[3])
         result = child_torch(artifacts, case.get("size"), case.get("native_max_pixels"), work)
     else:

@@ -95,6 +95,12 @@ class AttentionSite:
     out: str
     nodes: tuple[str, ...]
     heads: int | None
+    # The traced k^T, when it is onnxscript's translation of k.transpose(-2, -1) * sqrt(scale):
+    #   Mul(Reshape(Transpose(Reshape(k, [-1, S, D]), [0, 2, 1]), [B, H, D, S]), c)
+    # k [B, H, S, D] and c (a scalar): the forms scale k itself and skip the transposes. None: anything else.
+    k: str | None = None
+    k_scale: str | None = None
+    k_nodes: tuple[str, ...] = ()  # the chain above, removed with the site
 
 
 def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
@@ -139,9 +145,30 @@ def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
         if any(len(readers.get(n.output[0], [])) != 1 for n in chain[:-1]):
             continue  # an intermediate is read elsewhere (an output, a statistic): leave it
         q, k_t = scores.input
+        k, k_scale, k_nodes = _traced_key(k_t, producer, readers)
         sites.append(AttentionSite(q, k_t, down.input[1], down.output[0], tuple(n.name for n in chain),
-                                   heads.get(q, heads.get(down.input[1]))))
+                                   heads.get(q, heads.get(down.input[1])), k, k_scale, k_nodes))
     return sites
+
+
+def _traced_key(k_t: str, producer: dict, readers: dict) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """(k, its scale, the chain's node names) when `k_t` is the traced k^T chain (AttentionSite.k), else Nones."""
+    mul = producer.get(k_t)
+    if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
+        return None, None, ()
+    outer = producer.get(mul.input[0])
+    flip = producer.get(outer.input[0]) if outer is not None and outer.op_type == "Reshape" else None
+    inner = producer.get(flip.input[0]) if flip is not None and flip.op_type == "Transpose" else None
+    if inner is None or flip is None or outer is None or inner.op_type != "Reshape" or _perm(flip) != [0, 2, 1]:
+        return None, None, ()
+    chain = (inner, flip, outer, mul)
+    if any(len(readers.get(n.output[0], [])) != 1 for n in chain):
+        return None, None, ()  # a link is read elsewhere: leave the chain
+    return inner.input[0], mul.input[1], tuple(n.name for n in chain)
+
+
+def _perm(node) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
 
 
 def lower_attention(model: onnx.ModelProto, lowering: str) -> onnx.ModelProto:
@@ -164,7 +191,7 @@ def lower_attention(model: onnx.ModelProto, lowering: str) -> onnx.ModelProto:
     _name_nodes(out)
     sites = attention_sites(out)  # again, with every node named
     replace = {site.nodes[-1]: site for site in sites}
-    drop = {name for site in sites for name in site.nodes}
+    drop = {name for site in sites for name in site.nodes + site.k_nodes}
     new_nodes: list = []
     initializers: list = []
     for node in out.graph.node:
@@ -181,7 +208,7 @@ def lower_attention(model: onnx.ModelProto, lowering: str) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(new_nodes)
     out.graph.initializer.extend(initializers)
-    dropped = {o for n in out.graph.node if n.name in drop for o in n.output} - {s.out for s in sites}
+    dropped = {o for n in model.graph.node if n.name in drop for o in n.output} - {s.out for s in sites}
     kept = [v for v in out.graph.value_info if v.name not in dropped]
     del out.graph.value_info[:]
     out.graph.value_info.extend(kept)
@@ -228,19 +255,25 @@ def _restore_decomposed(model: onnx.ModelProto) -> None:
             parts = [q_flat, k_flat, v_flat, q_t, k_t, v_t, o_heads, o_t]
             if q_t is None or k_t is None or v_t is None or o_t is None or None in parts:
                 continue  # not one of ours
-            q, k_t_name, v, out = q_t.input[0], k_t.input[0], v_t.input[0], o_t.output[0]
+            q, v, out = q_t.input[0], v_t.input[0], o_t.output[0]
             removed = parts + [node]
+            key = k_t.input[0]  # k^T [B, H, D, S] (perm 0 3 1 2), or the scaled k [B, H, S, D] (perm 0 2 1 3)
         elif node.domain in ("", "ai.onnx") and node.op_type == ATTENTION_OP:
             k = up(node.input[1], "Transpose")
-            if k is None:
-                continue
-            q, k_t_name, v, out = node.input[0], k.input[0], node.input[2], node.output[0]
-            removed = [k, node]
+            k = k if k is not None and k.name.endswith("/attention/k") else None  # ours only
+            q, v, out = node.input[0], node.input[2], node.output[0]
+            removed = [node] if k is None else [k, node]
+            key = node.input[1] if k is None else k.input[0]
+            k_t = k
         else:
             continue
         p = out + "/decomposed/"
         n = helper.make_node
-        nodes = [n("MatMul", [q, k_t_name], [p + "scores"], name=p + "scores")]  # (B, H, S, S)
+        nodes = []
+        if k_t is None or _perm(k_t) not in ([0, 3, 1, 2], [0, 1, 3, 2]):  # key is k [B, H, S, D]
+            nodes.append(n("Transpose", [key], [p + "k_t"], perm=[0, 1, 3, 2], name=p + "k_t"))  # (B, H, D, S)
+            key = p + "k_t"
+        nodes.append(n("MatMul", [q, key], [p + "scores"], name=p + "scores"))  # (B, H, S, S)
         scores = p + "scores"
         elem = types.get(q, onnx.TensorProto.FLOAT)
         if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.UNDEFINED):
@@ -308,7 +341,7 @@ def _mha_nodes(site: AttentionSite):
     nodes = [
         n("Transpose", [site.q], [p + "q_bshd"], perm=[0, 2, 1, 3], name=p + "q_bshd"),  # (B, S, H, D)
         n("Reshape", [p + "q_bshd", p + "flat"], [p + "q"], name=p + "q_flat"),  # (B, S, H*D)
-        n("Transpose", [site.k_t], [p + "k_bshd"], perm=[0, 3, 1, 2], name=p + "k_bshd"),  # (B, S, H, D)
+        *_key_bshd(site, p),  # (B, S, H, D)
         n("Reshape", [p + "k_bshd", p + "flat"], [p + "k"], name=p + "k_flat"),  # (B, S, H*D)
         n("Transpose", [site.v], [p + "v_bshd"], perm=[0, 2, 1, 3], name=p + "v_bshd"),  # (B, S, H, D)
         n("Reshape", [p + "v_bshd", p + "flat"], [p + "v"], name=p + "v_flat"),  # (B, S, H*D)
@@ -329,12 +362,27 @@ def _attention23_nodes(site: AttentionSite):
 
     p = site.nodes[-1] + "/attention/"
     n = helper.make_node
+    if site.k is not None and site.k_scale is not None:
+        key = n("Mul", [site.k, site.k_scale], [p + "k"], name=p + "k")  # (B, H, S, D), scaled as k^T was
+    else:
+        key = n("Transpose", [site.k_t], [p + "k"], perm=[0, 1, 3, 2], name=p + "k")  # (B, H, S, D)
     nodes = [
-        n("Transpose", [site.k_t], [p + "k"], perm=[0, 1, 3, 2], name=p + "k"),  # (B, H, S, D)
+        key,
         # scale 1: q and k arrive scaled by sqrt(scale) each, which TensorRT's fusion asks for
         n(ATTENTION_OP, [site.q, p + "k", site.v], [site.out], scale=1.0, name=p + "attention"),
     ]
     return nodes, []
+
+
+def _key_bshd(site: AttentionSite, p: str) -> list:
+    """k as [B, S, H, D] under the name p + "k_bshd": from the traced k (scaled, one transpose, which
+    onnxruntime cancels against the one the model put after RoPE) or from k^T [B, H, D, S]."""
+    from onnx import helper
+
+    if site.k is not None and site.k_scale is not None:
+        return [helper.make_node("Mul", [site.k, site.k_scale], [p + "k_scaled"], name=p + "k_scaled"),
+                helper.make_node("Transpose", [p + "k_scaled"], [p + "k_bshd"], perm=[0, 2, 1, 3], name=p + "k_bshd")]
+    return [helper.make_node("Transpose", [site.k_t], [p + "k_bshd"], perm=[0, 3, 1, 2], name=p + "k_bshd")]
 
 
 def mha_function_proto(opset: int) -> onnx.FunctionProto:
