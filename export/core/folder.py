@@ -4,9 +4,10 @@ folder, then renamed into place).
 An interrupted run leaves the previous output untouched (or nothing); an existing output is
 replaced only with --force. What the files hold is recorded in manifest.json (export.core.manifest).
 
-    model.onnx                the portable graph (RoPE as the custom op with its function body, or as asked)
+    model.onnx                the portable graph (RoPE as the custom op with its function body, attention as
+                              onnxruntime's MultiHeadAttention with its function body, or as asked)
     model.onnx.data           its weights, when they exceed EXTERNAL_DATA_THRESHOLD
-    engine.onnx               the graph handed to the engine builder, when its RoPE lowering differs
+    engine.onnx               the graph handed to the engine builder, when its RoPE or attention lowering differs
     model.plan                the TensorRT / TensorRT-RTX engine
     engine_error.txt          why the engine build failed (the ONNX artifacts are kept)
     preprocessor_config.json  the checkpoint's image processor
