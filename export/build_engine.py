@@ -24,6 +24,7 @@ from export.core.errors import MvtError
 from export.core.manifest import Manifest
 from export.engine.profiles import add_native_budget_arguments
 from export.engine.target import RUNTIME_CHOICES
+from export.graph.attention import ATTENTION_CHOICES
 from export.graph.lowering import ROPE_CHOICES
 from export.pipeline import BuildOptions
 from export.precision.calibration import CALIBRATION_BUDGET_TFLOPS, DEFAULT_COUNT, MIN_COUNT
@@ -74,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rope", choices=ROPE_CHOICES, default="auto",
                    help="RoPE lowering: custom op with function body, opset-23 RotaryEmbedding, plain ops, "
                         "or TensorRT plugin node (default: auto, the best for the target runtime)")
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+                   help="attention form: onnxruntime's MultiHeadAttention (mha: memory linear in the tokens), "
+                        "opset-23 Attention (onnx23: TensorRT's fused IAttention, fp16), or the traced MatMul/Softmax/"
+                        "MatMul (decomposed) (default: auto, mha in model.onnx and the engine's best in engine.onnx)")
     p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"),
                    help="input resolution, multiples of the patch size (default: the checkpoint's)")
     p.add_argument("--dynamic-resolution", action="store_true",
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.pipeline import build
 
     opts = BuildOptions(
-        model=args.model, out=args.out, precision=args.precision, rope=args.rope,
+        model=args.model, out=args.out, precision=args.precision, rope=args.rope, attention=args.attention,
         image_size=tuple(args.image_size) if args.image_size else None,
         dynamic_resolution=args.dynamic_resolution, native_budget=_native_budget(args),
         max_batch=BuildOptions.max_batch if args.max_batch is None else args.max_batch, hidden_layer=args.hidden_layer,

@@ -1,4 +1,4 @@
-"""The export pipeline as a Python API: checkpoint -> ONNX -> RoPE lowering -> parity -> engine.
+"""The export pipeline as a Python API: checkpoint -> ONNX -> RoPE and attention lowerings -> parity -> engine.
 
     from export.pipeline import BuildOptions, build
     result = build(BuildOptions(model="rice-l-560", out=Path("artifacts/rice")))
@@ -36,7 +36,8 @@ from export.core.folder import (
 from export.core.interface import IMAGE_EMBEDS, INPUT_NAME
 from export.core.manifest import DEFAULT_MAX_BATCH, Manifest, engine_entry, no_engine, write_manifest
 from export.core.steps import Steps
-from export.graph.lowering import lower_rope, resolve_rope
+from export.graph.attention import PORTABLE_ATTENTION, check_engine_attention, lower_graph, resolve_attention
+from export.graph.lowering import resolve_rope
 from export.graph.trace import ExportShape
 from export.precision.recipe import check_options as check_precision_options
 from export.torch_side import TorchRequest, run_torch_side
@@ -48,6 +49,7 @@ class BuildOptions:
     out: Path | None = None  # None: artifacts/<model name>
     precision: str = "fp32"
     rope: str = "auto"
+    attention: str = "auto"  # export.graph.attention.ATTENTION_CHOICES
     image_size: tuple[int, int] | None = None  # None: the checkpoint's
     dynamic_resolution: bool = False
     # --dynamic-resolution engines also hold every shape of the native mode at this budget (engine.native_budget:
@@ -98,6 +100,8 @@ def validate_options(opts: BuildOptions) -> None:
     """Checks that need no checkpoint, so that a typo fails before a slow load."""
     check_precision_options(opts.precision, opts.quant_target, opts.calib_method)
     resolve_rope(opts.rope, None)
+    resolve_attention(opts.attention, None)
+    check_engine_attention(opts.attention, opts.precision, opts.runtime)
     if opts.runtime is not None and opts.runtime not in engines.RUNTIME_CHOICES:
         raise OptionError(f"--runtime {opts.runtime} is unknown; choose one of {', '.join(engines.RUNTIME_CHOICES)}")
     if _cpu_quantized(opts) and opts.runtime in engines.RUNTIMES:
@@ -138,6 +142,12 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
     # graphs at opset 23 trip onnxruntime 1.32's optimizer, so auto's onnx23 must not reach model.onnx.)
     engine_rope = resolve_rope(opts.rope, target.rope_runtime)
     rope = "custom" if opts.rope in ("auto", "plugin") else engine_rope
+    # Attention likewise: model.onnx gets onnxruntime's MultiHeadAttention (memory linear in the tokens)
+    # unless a form is asked for by name; engine.onnx the form the engine's TensorRT fuses.
+    engine_attention = resolve_attention(opts.attention, target.rope_runtime, opts.precision)
+    attention = PORTABLE_ATTENTION if opts.attention == "auto" else engine_attention
+    if target.skip_reason is None:
+        check_engine_attention(engine_attention, opts.precision, target.runtime)
     steps = Steps(7, log)
 
     with staged_output(out, opts.force) as stage:
@@ -161,8 +171,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
             write_json(stage / OVERFLOW_REPORT_NAME, precision.overflow_report())
         if not ckpt.family.has_rope:
             rope = engine_rope = "none"
-        files = steps.run(f"Lowering RoPE ({rope}) and saving {ONNX_NAME}", _lower_and_save, onnx_path,
-                          rope, opts.external_data_threshold)
+        files = steps.run(f"Lowering RoPE ({rope}) and attention ({attention}), saving {ONNX_NAME}",
+                          _lower_and_save, onnx_path, rope, attention, opts.external_data_threshold)
         graph_error = check_graph(onnx_path)
         if graph_error:
             log(f"      {ONNX_NAME} fails onnx.checker's full check: {graph_error}")
@@ -186,7 +196,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
                 log("      no GPU here: TensorRT-RTX builds for the listed targets and may log CUDA driver "
                     "errors while doing so; they do not affect the engine")
             engine, engine_files = steps.run(f"Building the {target.runtime} {target.version} engine", _build_engine,
-                                             opts, target, ckpt, shape, stage, rope, engine_rope, log)
+                                             opts, target, ckpt, shape, stage, (rope, attention),
+                                             (engine_rope, engine_attention), log)
             files += [stage / name for name in engine_files]
         else:
             engine = no_engine(target.runtime, target.skip_reason)
@@ -199,7 +210,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
             np.save(stage / IMAGE_NEWLINE_NAME, np.asarray(ckpt.image_newline, np.float32))
         extra = [stage / n for n in (PREPROCESSOR_CONFIG, IMAGE_NEWLINE_NAME, OVERFLOW_REPORT_NAME, PARITY_NAME)
                  if (stage / n).exists()]
-        manifest = write_manifest(stage, _manifest(opts, ckpt, shape, rope, files + extra, parity, engine, steps,
+        manifest = write_manifest(stage, _manifest(opts, ckpt, shape, rope, attention, files + extra, parity, engine,
+                                                   steps,
                                                    precision.recipe if precision else {"compute": "fp32"},
                                                    graph_error))
     recorded = sorted(Manifest(manifest).artifacts)
@@ -254,16 +266,17 @@ def _apply_precision(opts: BuildOptions, ckpt, shape: ExportShape, onnx_path: Pa
     return result
 
 
-def _build_engine(opts: BuildOptions, target, ckpt, shape: ExportShape, stage: Path, rope: str,
-                  engine_rope: str, log) -> tuple[dict, list[str]]:
+def _build_engine(opts: BuildOptions, target, ckpt, shape: ExportShape, stage: Path, lowered: tuple[str, str],
+                  engine_lowered: tuple[str, str], log) -> tuple[dict, list[str]]:
     """Build model.plan; a failure is recorded (engine.failed, the reason) instead of discarding the
     ONNX artifacts, which are complete and checked by now. Returns the manifest's engine entry and the
-    files this step added."""
+    files this step added. lowered / engine_lowered: (RoPE, attention) forms of model.onnx / the engine's."""
     import traceback
 
     graph, files = stage / ONNX_NAME, []
-    if engine_rope != rope:
-        graph = _engine_graph(stage / ONNX_NAME, stage / ENGINE_ONNX_NAME, engine_rope)
+    engine_rope, engine_attention = engine_lowered
+    if engine_lowered != lowered:
+        graph = _engine_graph(stage / ONNX_NAME, stage / ENGINE_ONNX_NAME, engine_rope, engine_attention)
         files.append(graph.name)
     shapes = engines.profiles(INPUT_NAME, (shape.height, shape.width), shape.dynamic_resolution,
                               ckpt.patch_size, opts.max_batch, _native_budget(opts, ckpt, shape))
@@ -280,9 +293,10 @@ def _build_engine(opts: BuildOptions, target, ckpt, shape: ExportShape, stage: P
         (stage / ENGINE_ERROR_NAME).write_text("".join(traceback.format_exception(exc)))
         reason = _one_line(exc)
         log(f"      engine build failed: {reason} (details: {ENGINE_ERROR_NAME}); the ONNX artifacts are kept")
-        return (engine_entry(target, onnx=graph.name, rope_lowering=engine_rope, failure=reason),
-                files + [ENGINE_ERROR_NAME])
-    return engine_entry(target, onnx=graph.name, rope_lowering=engine_rope, facts=facts), files + [plan.name]
+        return (engine_entry(target, onnx=graph.name, rope_lowering=engine_rope, failure=reason,
+                             attention_lowering=engine_attention), files + [ENGINE_ERROR_NAME])
+    return (engine_entry(target, onnx=graph.name, rope_lowering=engine_rope, facts=facts,
+                         attention_lowering=engine_attention), files + [plan.name])
 
 
 def _native_budget(opts: BuildOptions, ckpt, shape: ExportShape) -> dict | None:
@@ -297,13 +311,13 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:400]
 
 
-def _engine_graph(model_path: Path, engine_path: Path, lowering: str) -> Path:
-    """engine.onnx: model.onnx with the engine's RoPE lowering. Weights in model.onnx.data are shared,
-    not copied (the external-data references are relative to the same folder)."""
+def _engine_graph(model_path: Path, engine_path: Path, rope: str, attention: str) -> Path:
+    """engine.onnx: model.onnx with the engine's RoPE and attention lowerings. Weights in model.onnx.data
+    are shared, not copied (the external-data references are relative to the same folder)."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    onnx.save(lower_rope(model, lowering), str(engine_path))
+    onnx.save(lower_graph(model, rope, attention), str(engine_path))
     return engine_path
 
 
@@ -325,15 +339,14 @@ def graph_check(error: str | None):
     return Check("graph", ONNX_NAME, "onnx_checker", 0.0 if error else 1.0, 1.0)
 
 
-def _lower_and_save(onnx_path: Path, rope: str, threshold: int) -> list[Path]:
+def _lower_and_save(onnx_path: Path, rope: str, attention: str, threshold: int) -> list[Path]:
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    lowered = model if rope == "none" else lower_rope(model, rope)
-    return save_onnx(lowered, onnx_path, threshold=threshold)
+    return save_onnx(lower_graph(model, rope, attention), onnx_path, threshold=threshold)
 
 
-def _manifest(opts, ckpt, shape, rope, files, parity, engine, steps: Steps, recipe, graph_error) -> dict:
+def _manifest(opts, ckpt, shape, rope, attention, files, parity, engine, steps: Steps, recipe, graph_error) -> dict:
     cfg = ckpt.config
     # token outputs are as wide as the tower, image_embeds as the language model's embeddings
     width = ckpt.vlm.text_hidden_size if opts.projector else cfg.hidden_size
@@ -373,6 +386,7 @@ def _manifest(opts, ckpt, shape, rope, files, parity, engine, steps: Steps, reci
         "precision": opts.precision,
         "precision_recipe": recipe,
         "rope_lowering": rope,  # model.onnx's; the engine's graph and lowering are under "engine"
+        "attention_lowering": attention,  # likewise
         "engine": engine,
         "parity": None if parity is None else {"passed": parity.passed, "worst": parity.worst()},
         "onnx_checker": graph_error or "passed",

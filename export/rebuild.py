@@ -13,9 +13,11 @@ the old one and renamed over it only when complete; the manifest (rewritten atom
 The RoPE lowering is chosen for the TensorRT at hand (export.graph.lowering.engine_lowering): the export's
 `--rope` as the export would resolve it here, unless that does not build here, as the AOT plugin does not
 without triton and torch (the KServe serving image has neither): then RotaryEmbedding (TensorRT >= 10.15) or
-the decomposed form. A graph lowered here is kept as engine-<lowering>.onnx beside the export's graphs
-(which stay as they are), recorded with its sha256, and the engine entry names it and its lowering
-(`rope_lowering`, and `rope_lowering_note` when it is not the export's choice).
+the decomposed form; the attention form too (export.graph.attention.resolve_attention: the export's
+`--attention` for this TensorRT and precision). A graph lowered here is kept as engine-<rope>-<attention>.onnx
+beside the export's graphs (which stay as they are), recorded with its sha256, and the engine entry names it
+and its lowerings (`rope_lowering`, `attention_lowering`, and `rope_lowering_note` when the RoPE form is not
+the export's choice).
 
 `python -m export.build_engine --artifacts DIR` is the CLI.
 """
@@ -33,6 +35,7 @@ from export import engine as engines
 from export.core.errors import EngineUnavailableError, OptionError
 from export.core.folder import MANIFEST_NAME, ONNX_NAME, PLAN_NAME, rebuilt_engine_onnx, sha256
 from export.core.manifest import EngineEntry, Manifest, ManifestLike, engine_entry, read_manifest, write_manifest
+from export.graph.attention import check_engine_attention
 from export.precision.recipe import cpu_quantized
 
 
@@ -129,15 +132,24 @@ def _wanted_lowering(manifest: Manifest, target: engines.EngineTarget) -> tuple[
     return engine_lowering(manifest.rope, target.rope_runtime)
 
 
-def _recorded_graph(manifest: Manifest, lowering: str) -> str | None:
-    """The recorded graph already in `lowering`: the engine's graph when it is in it (engine.onnx, or one an
-    earlier rebuild wrote), model.onnx when it is in it itself; None: model.onnx must be lowered first."""
+def _wanted_attention(manifest: Manifest, target: engines.EngineTarget) -> str:
+    """The attention form the export would give this runtime's engine (its --attention, resolved as build does)."""
+    from export.graph.attention import resolve_attention
+
+    return resolve_attention(manifest.attention, target.rope_runtime, manifest.precision)
+
+
+def _recorded_graph(manifest: Manifest, lowering: str, attention: str) -> str | None:
+    """The recorded graph already in `lowering` (RoPE) and `attention`: the engine's graph when it is in them
+    (engine.onnx, or one an earlier rebuild wrote), model.onnx when it is in them itself; None: model.onnx
+    must be lowered for this runtime first."""
     engine = manifest.engine
-    if engine.onnx and engine.onnx in manifest.artifacts and engine.rope_lowering == lowering:
+    if (engine.onnx and engine.onnx in manifest.artifacts and engine.rope_lowering == lowering
+            and engine.attention_lowering == attention):
         return engine.onnx
-    if rebuilt_engine_onnx(lowering) in manifest.artifacts:
-        return rebuilt_engine_onnx(lowering)
-    if manifest.rope_lowering == lowering or lowering == "none":
+    if rebuilt_engine_onnx(lowering, attention) in manifest.artifacts:
+        return rebuilt_engine_onnx(lowering, attention)
+    if (manifest.rope_lowering == lowering or lowering == "none") and manifest.attention_lowering == attention:
         return ONNX_NAME
     return None
 
@@ -148,21 +160,22 @@ def _temporary(folder: Path, prefix: str, suffix: str) -> Path:
     return Path(name)
 
 
-def _lower_into(folder: Path, manifest: Manifest, lowering: str, path: Path) -> None:
-    """model.onnx with its RoPE in `lowering`, saved as `path` beside it (the weights stay shared in
-    model.onnx.data, whose location is relative). model.onnx holds the canonical RoPE2D nodes (--rope auto,
-    custom and plugin; an older plugin-form model.onnx is turned back into them by lower_rope); a graph
-    exported with another lowering has none left to lower."""
+def _lower_into(folder: Path, manifest: Manifest, lowering: str, attention: str, path: Path) -> None:
+    """model.onnx with its RoPE in `lowering` and its attention in `attention`, saved as `path` beside it (the
+    weights stay shared in model.onnx.data, whose location is relative). model.onnx holds the canonical RoPE2D
+    nodes (--rope auto, custom and plugin; an older plugin-form model.onnx is turned back into them by
+    lower_rope); a graph exported with another lowering has none left to lower."""
     import onnx
 
-    from export.graph.lowering import lower_rope
+    from export.graph.attention import lower_graph
 
-    if manifest.rope_lowering not in ("custom", "plugin"):
+    rope = "none" if lowering in ("none", manifest.rope_lowering) else lowering  # only what differs is lowered
+    if rope != "none" and manifest.rope_lowering not in ("custom", "plugin"):
         raise OptionError(f"{folder}/{ONNX_NAME} has its RoPE as {manifest.rope_lowering} (--rope "
                           f"{manifest.rope}), which cannot be lowered to {lowering} for this TensorRT; re-export "
                           "with --rope auto (the portable custom op), which every runtime's lowering starts from")
     model = onnx.load(str(folder / ONNX_NAME), load_external_data=False)
-    onnx.save(lower_rope(model, lowering), str(path))
+    onnx.save(lower_graph(model, rope, attention), str(path))
 
 
 def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> RebuildResult:
@@ -202,16 +215,19 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
     lowering, why = _wanted_lowering(manifest, target)
     if why:
         log(f"      RoPE: {why}")
-    recorded = _recorded_graph(manifest, lowering)
+    attention = _wanted_attention(manifest, target)
+    check_engine_attention(attention, manifest.precision, target.runtime)
+    recorded = _recorded_graph(manifest, lowering, attention)
     temporaries: list[Path] = []  # removed whatever happens: the recorded artifacts stay as they are
     try:
         new_graph = None  # (temporary, name): a graph lowered here, published beside the others on success
         if recorded is None:
-            graph_name = rebuilt_engine_onnx(lowering)
-            log(f"      lowering {ONNX_NAME}'s RoPE to {lowering} for this runtime ({graph_name})")
+            graph_name = rebuilt_engine_onnx(lowering, attention)
+            log(f"      lowering {ONNX_NAME}'s RoPE to {lowering} and attention to {attention} for this runtime "
+                f"({graph_name})")
             graph = _temporary(folder, ".rebuild-", ".onnx")
             temporaries.append(graph)
-            _lower_into(folder, manifest, lowering, graph)
+            _lower_into(folder, manifest, lowering, attention, graph)
             new_graph = (graph, graph_name)
         else:
             graph, graph_name = folder / recorded, recorded
@@ -228,7 +244,8 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
         log(f"      done in {seconds:.1f} s")
         digest = sha256(tmp_plan)
         extra = {"rope_lowering_note": why} if why else {}
-        engine = engine_entry(target, onnx=graph_name, rope_lowering=lowering, facts=facts, sha256=digest,
+        engine = engine_entry(target, onnx=graph_name, rope_lowering=lowering, attention_lowering=attention,
+                              facts=facts, sha256=digest,
                               built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rebuilt=True,
                               build_seconds=round(seconds, 2), **extra)
         log(f"[3/3] Publishing {plan.name} and recording it in {MANIFEST_NAME} ...")

@@ -193,6 +193,7 @@ def test_every_precision_and_lowering_passes_onnx_checker_with_external_data(tin
     external-data path (weights in model.onnx.data, as for > 2 GB models) loads back in onnxruntime."""
     from export import runners as backend
     from export.core.metrics import row_cosines
+    from export.graph.attention import ATTENTION_LOWERINGS, lower_attention
     from export.graph.lowering import LOWERINGS, lower_rope
     from export.pipeline import check_graph
 
@@ -216,6 +217,13 @@ def test_every_precision_and_lowering_passes_onnx_checker_with_external_data(tin
         got = backend.ort_session(path, "exact").run(None, x)
         # the same model: only rounding differs (which can flip an int8 rounding step, hence cosine)
         assert row_cosines(want[1], got[1]).min() > 0.999, lowering
+    assert result.manifest["attention_lowering"] == "mha"
+    for form in ATTENTION_LOWERINGS:  # model.onnx (mha) into each form, as engine.onnx is made
+        path = out / f"attention-{form}.onnx"
+        onnx.save(lower_attention(onnx.load(str(out / "model.onnx"), load_external_data=False), form), str(path))
+        assert check_graph(path) is None, form
+        got = backend.ort_session(path, "exact").run(None, x)
+        assert row_cosines(want[1], got[1]).min() > 0.999, form
 
 
 def sample_photos_pixels(result) -> dict:

@@ -96,6 +96,16 @@ def run(args, log=print) -> dict:
     if not native:
         pixels = pixel_values(ckpt.processor, [image], (h, w)).numpy()  # (1, 3, H, W)
 
+    if args.runner == "onnxruntime":  # refuse a size that will not fit before PyTorch spends minutes on it
+        from export.core.folder import ONNX_NAME
+        from export.graph.footprint import check_fits, estimate_peak
+
+        graph = args.onnx or args.artifacts / ONNX_NAME
+        asked = f"--native-max-pixels {args.native_max_pixels}" if native else f"--size {h} {w}"
+        check_fits(estimate_peak(graph, {INPUT_NAME: pixels.shape}), what=f"{asked} ({graph.name} in onnxruntime)",
+                   change=f"use a smaller {'--native-max-pixels' if native else '--size'}"
+                          + ("" if manifest.attention_lowering == "mha" else
+                             ", or re-export with --attention mha (memory linear in the tokens)"))
     size = ExportShape(h, w, shape.dynamic_resolution, shape.hidden_layer)
     with TorchRunner(ckpt, size, [args.output]) as reference_runner:
         reference = reference_runner.infer({INPUT_NAME: pixels})[args.output]  # (1, S, C)

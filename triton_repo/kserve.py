@@ -312,9 +312,9 @@ To pin a GPU type, add a `nodeSelector` (e.g. `nvidia.com/gpu.product`) under `s
 The image has no triton or torch (see its Dockerfile). Where the export's engine graph uses the RoPE AOT
 plugin (an export on TensorRT 10.9-10.14 with them installed), whose build compiles its kernel with them, the
 step lowers the RoPE again to what this TensorRT builds with nothing more: RotaryEmbedding on 10.15 or later,
-standard elementwise ops before. It keeps that graph as `engine-<lowering>.onnx` beside the export's (recorded
-with its sha256) and the manifest's engine entry says which lowering the plan was built from (`rope_lowering`,
-`rope_lowering_note`).
+standard elementwise ops before. It keeps that graph as `engine-<rope>-<attention>.onnx` beside the export's
+(recorded with its sha256) and the manifest's engine entry says which lowerings the plan was built from
+(`rope_lowering`, `attention_lowering`, `rope_lowering_note`).
 """
     return f"""# KServe: InferenceService `{name}`
 

@@ -27,7 +27,7 @@ A request whose every image fails is an error response, as in the crop ensemble.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -259,6 +259,38 @@ def check_engine_profile(art: Artifacts, spec: EncoderForm, rp: RaggedPlan, inpu
         raise OptionError(f"--preprocess {rp.mode}: the engine's optimization profiles ({candidates or 'none'}) do "
                           f"not hold input shapes {missing}; rebuild model.plan with the profiles of {hint}, or "
                           "serve model.onnx with --backend onnxruntime|python")
+
+
+def largest_request(rp: RaggedPlan, max_batch: int) -> tuple[int, int, int, int]:
+    """The encoder input holding the most tokens the mode sends: native, one image of the largest square grid
+    within the budget; anyres, a batch of the whole image and its tiles (up to max_batch per call)."""
+    if rp.mode == ANYRES:
+        return (min(max_batch, 1 + rp.max_tiles), 3, rp.tile_size, rp.tile_size)
+    side = max(rp.factor, int(np.sqrt(rp.max_pixels)) // rp.factor * rp.factor)
+    return (1, 3, side, side)
+
+
+def check_served_memory(art: Artifacts, spec: EncoderForm, rp: RaggedPlan, input_name: str, max_batch: int,
+                        instances: int) -> None:
+    """A form that runs model.onnx in onnxruntime (onnxruntime, python) must hold the mode's largest request on
+    this machine, once per instance: refused with the estimate otherwise (export.graph.footprint). Engines
+    allocate their profiles' largest shapes when they load, which their own build checks."""
+    from export.core.folder import ONNX_NAME
+    from export.graph.footprint import GIB, check_fits, estimate_peak
+
+    if spec.needs_engine:
+        return
+    shape = largest_request(rp, max_batch)
+    one = estimate_peak(art.folder / ONNX_NAME, {input_name: shape})
+    estimate = replace(one, weights=one.weights * instances, activations=one.activations * instances)
+    budget = (f"--native-max-pixels {rp.max_pixels}" if rp.mode == NATIVE
+              else f"the largest grid ({rp.max_tiles} tiles) at encoder max batch {max_batch}")
+    check_fits(estimate, what=f"--preprocess {rp.mode} with {budget}: the request {list(shape)} in {instances} "
+                              f"{spec.name} instance(s)",
+               change=("lower --native-max-pixels" if rp.mode == NATIVE else "lower --max-batch or the pinpoints")
+               + (" or --instances" if instances > 1 else "")
+               + ("" if art.manifest.attention_lowering == "mha"
+                  else f", or re-export with --attention mha (the scores alone hold {one.largest[2] / GIB:.1f} GiB)"))
 
 
 def ragged_outputs(served: tuple[TensorSpec, ...], rp: RaggedPlan) -> tuple[TensorSpec, ...]:

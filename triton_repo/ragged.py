@@ -30,6 +30,7 @@ from triton_repo.modes import (
     MODEL_PY,
     NATIVE,
     check_engine_profile,
+    check_served_memory,
     encoder_interface,
     engine_profiles,
     plan,
@@ -50,6 +51,8 @@ def build_ragged(opts: RepoOptions, log: Callable[[str], None]) -> RepoResult:
     max_batch = resolve_max_batch(opts.max_batch, spec, art)
     iface = encoder_interface(art, spec, rp)
     check_engine_profile(art, spec, rp, iface.input.name)
+    if opts.kserve is None:  # a KServe pod's memory is its own, not this machine's
+        check_served_memory(art, spec, rp, iface.input.name, max_batch, opts.instances)
     tc.model_config_pb2()  # fail before any work when the serve extra is missing
 
     jpeg = sample_jpeg()

@@ -25,6 +25,10 @@ class MissingDependencyError(MvtError):
     pass
 
 
+class MemoryBudgetError(MvtError):
+    """A run whose estimated peak memory exceeds what this machine has available (export.graph.footprint)."""
+
+
 class EngineUnavailableError(MvtError):
     """An engine (model.plan) that cannot run here: none built, another runtime, no GPU, another GPU."""
 

@@ -4,10 +4,11 @@ folder, then renamed into place).
 An interrupted run leaves the previous output untouched (or nothing); an existing output is
 replaced only with --force. What the files hold is recorded in manifest.json (export.core.manifest).
 
-    model.onnx                the portable graph (RoPE as the custom op with its function body, or as asked)
+    model.onnx                the portable graph (RoPE as the custom op with its function body, attention as
+                              onnxruntime's MultiHeadAttention with its function body, or as asked)
     model.onnx.data           its weights, when they exceed EXTERNAL_DATA_THRESHOLD
-    engine.onnx               the graph handed to the engine builder, when its RoPE lowering differs
-    engine-<lowering>.onnx    a graph the --artifacts rebuild lowered for its TensorRT (export/rebuild.py)
+    engine.onnx               the graph handed to the engine builder, when its RoPE or attention lowering differs
+    engine-<rope>-<attention>.onnx  a graph the --artifacts rebuild lowered for its TensorRT (export/rebuild.py)
     model.plan                the TensorRT / TensorRT-RTX engine
     engine_error.txt          why the engine build failed (the ONNX artifacts are kept)
     preprocessor_config.json  the checkpoint's image processor
@@ -38,8 +39,8 @@ DATA_SUFFIX = ".data"  # model.onnx.data: external weights beside a graph of the
 # (the AOT plugin); model.onnx itself always stays portable.
 ENGINE_ONNX_NAME = "engine.onnx"
 # A graph export/rebuild.py lowered for the engine it built (the TensorRT there takes another lowering than
-# the export's): engine-<lowering>.onnx, beside the export's graphs, which it never rewrites.
-REBUILT_ENGINE_ONNX = "engine-{lowering}.onnx"
+# the export's): named by its RoPE and attention forms, beside the export's graphs, which it never rewrites.
+REBUILT_ENGINE_ONNX = "engine-{rope}-{attention}.onnx"
 PLAN_NAME = "model.plan"
 ENGINE_ERROR_NAME = "engine_error.txt"
 # The checkpoint's image processor, beside model.onnx (export.core.preprocessing.CONFIG_NAME: that file stands alone).
@@ -66,8 +67,8 @@ PROTOBUF_LIMIT = 2 * 1024**3
 EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 1024**2
 
 
-def rebuilt_engine_onnx(lowering: str) -> str:
-    return REBUILT_ENGINE_ONNX.format(lowering=lowering)
+def rebuilt_engine_onnx(rope: str, attention: str) -> str:
+    return REBUILT_ENGINE_ONNX.format(rope=rope, attention=attention)
 
 
 def check_output_dir(out: Path, force: bool) -> None:

@@ -38,6 +38,8 @@ DEFAULT_MAX_BATCH = 32
 LEGACY_POOLED_OUTPUT = "pooler_output"
 # The runtime of an engine entry that names none: the first exports had only datacenter TensorRT.
 LEGACY_ENGINE_RUNTIME = "tensorrt"
+# The attention form of graphs exported before --attention: the traced MatMul/Softmax/MatMul.
+LEGACY_ATTENTION_LOWERING = "decomposed"
 ENGINE_PARITY_NOTE = "not measured here: running an engine needs a GPU (scripts/gpu_check.sh)"
 # What engine_history keeps of an engine the rebuild replaced.
 HISTORY_KEYS = ("built", "runtime", "version", "gpu", "compute_capabilities", "profiles", "sha256", "built_at",
@@ -119,12 +121,13 @@ class _Target(Protocol):
 
 
 def engine_entry(target: _Target, *, onnx: str, rope_lowering: str, facts: dict | None = None,
-                 failure: str | None = None, **extra: Any) -> dict:
+                 failure: str | None = None, attention_lowering: str | None = None, **extra: Any) -> dict:
     """The manifest's `engine` entry for a build attempted for `target` from the graph `onnx` (its RoPE in
     `rope_lowering`): built, with export.engine.build_engine's `facts` and what the caller adds (`extra`:
     the rebuild's sha256, built_at, ...); or failed, with `failure` (one line) when facts is None.
-    pipeline.py and rebuild.py both record their builds with it."""
+    pipeline.py and rebuild.py both record their builds with it (with the graph's `attention_lowering`)."""
     common = {"runtime": target.runtime, "version": target.version, "onnx": onnx, "rope_lowering": rope_lowering,
+              **({} if attention_lowering is None else {"attention_lowering": attention_lowering}),
               "gpu": target.gpu}
     if facts is None:
         return {"built": False, "failed": True, **common, "reason": failure}
@@ -180,13 +183,18 @@ class EngineEntry:
 
     @property
     def onnx(self) -> str | None:
-        """The graph the plan was built from (engine.onnx, model.onnx, or the engine-<lowering>.onnx a rebuild
+        """The graph the plan was built from (engine.onnx, model.onnx, or the engine-<rope>-<attention>.onnx a rebuild
         lowered; older rebuilds: how model.onnx was lowered)."""
         return self.data.get("onnx")
 
     @property
     def rope_lowering(self) -> str | None:
         return self.data.get("rope_lowering")
+
+    @property
+    def attention_lowering(self) -> str:
+        """The attention form of the graph the plan was built from; engines before --attention: the traced one."""
+        return self.data.get("attention_lowering") or LEGACY_ATTENTION_LOWERING
 
     @property
     def gpu(self) -> dict:
@@ -256,6 +264,11 @@ class Manifest:
     def rope(self) -> str:
         """--rope as asked (the lowering model.onnx got is rope_lowering)."""
         return self._section("options").get("rope") or "auto"
+
+    @property
+    def attention(self) -> str:
+        """--attention as asked (the form model.onnx got is attention_lowering)."""
+        return self._section("options").get("attention") or "auto"
 
     @property
     def quant_target(self) -> str:
@@ -393,6 +406,12 @@ class Manifest:
     def rope_lowering(self) -> str:
         """model.onnx's RoPE lowering (none: no RoPE in the model); the engine's is engine.rope_lowering."""
         return self.data["rope_lowering"]
+
+    @property
+    def attention_lowering(self) -> str:
+        """model.onnx's attention form (export.graph.attention); exports before --attention kept the traced
+        MatMul/Softmax/MatMul (decomposed)."""
+        return self.data.get("attention_lowering") or LEGACY_ATTENTION_LOWERING
 
     @property
     def engine(self) -> EngineEntry:

@@ -18,6 +18,27 @@ def peak_mib(children: bool = False) -> float:
     return round(resource.getrusage(who).ru_maxrss / scale, 1)
 
 
+def available_bytes() -> int | None:
+    """Memory a new allocation can get now: /proc/meminfo's MemAvailable, lowered to what the cgroup
+    (v2 memory.max, a container's limit) still allows; None where neither can be read (not Linux)."""
+    candidates = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)  # kB
+    except OSError:
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+        if limit != "max":
+            candidates.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(candidates) if candidates else None
+
+
 def describe(mib: float) -> str:
     return f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
 

@@ -205,7 +205,7 @@ def _to_rotary_embedding(model: onnx.ModelProto) -> None:
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     _drop_opset(model, onnx_rope.DOMAIN)
-    _set_default_opset(model, ROTARY_OPSET)
+    set_default_opset(model, ROTARY_OPSET)
 
 
 def _static_heads(model: onnx.ModelProto) -> dict[str, int]:
@@ -236,7 +236,7 @@ def _drop_opset(model: onnx.ModelProto, domain: str) -> None:
     model.opset_import.extend(keep)
 
 
-def _set_default_opset(model: onnx.ModelProto, version: int) -> None:
+def set_default_opset(model: onnx.ModelProto, version: int) -> None:
     """Raise the default-domain opset. The exporter's ops (opset 18-20) keep their semantics up to 23:
     the versions in between only add types (checked by onnx.checker and onnxruntime parity)."""
     for o in model.opset_import:

@@ -116,18 +116,30 @@ class _pluginref:
 
 class OnnxRuntimeRunner(Runner):
     """A graph in onnxruntime (see ort_session for the arguments). `pluginref` says, once active,
-    whether plugin nodes run with the reference body."""
+    whether plugin nodes run with the reference body.
+
+    memory_check: before running a feed of a new, larger shape, estimate the run's peak memory from the
+    graph's shapes (export.graph.footprint) and raise MemoryBudgetError, with the estimate and what to
+    change, when it will not fit in the memory available, instead of dying to the out-of-memory killer."""
 
     def __init__(self, path, mode: str = "optimized", providers=None, output_names: Iterable[str] | None = None,
-                 *, threads: int = 0, allow_spinning: bool = True):
+                 *, threads: int = 0, allow_spinning: bool = True, memory_check: bool = True):
         self.path, self.mode, self.providers = Path(path), check_mode(mode), providers
         self.threads, self.allow_spinning = threads, allow_spinning
         self._requested = None if output_names is None else list(output_names)
         super().__init__(f"onnxruntime-{mode} ({self.path.name})", output_names)
         self.pluginref = False
         self._session: Any = None
+        self.memory_check = memory_check
+        self._graph: Any = None  # the weightless graph estimates read
+        self._fitted: list[tuple[int, ...]] = []  # feed shapes already estimated to fit
+        self.last_estimate: Any = None  # export.graph.footprint.MemoryEstimate of the last new shape
 
     def activate_impl(self) -> None:
+        if self.memory_check:
+            from export.graph.footprint import weightless
+
+            self._graph = weightless(self.path)  # before the session: the parsed file is freed first
         self._session, self.pluginref = _ort_session(self.path, self.mode, self.providers, self.threads,
                                                      self.allow_spinning)
         if self._requested is None:
@@ -135,8 +147,29 @@ class OnnxRuntimeRunner(Runner):
 
     def infer_impl(self, feed):
         assert self.output_names is not None  # set by activate_impl
+        if self._graph is not None:
+            self.check_memory(feed)
         values = self._session.run(self.output_names, {k: np.ascontiguousarray(v) for k, v in feed.items()})
         return dict(zip(self.output_names, values))
 
+    def check_memory(self, feed) -> None:
+        """Estimate shapes no smaller-or-equal feed has been estimated for; refuse what will not fit."""
+        from export.graph.attention import lowered_attention
+        from export.graph.footprint import check_fits, estimate_peak
+
+        name, array = next(iter(feed.items()))  # the one input (Runner.input_name)
+        shape = tuple(array.shape)
+        if any(len(done) == len(shape) and all(a <= b for a, b in zip(shape, done)) for done in self._fitted):
+            return  # memory grows with every axis: a larger shape already fits
+        self.last_estimate = estimate_peak(self._graph, {name: shape})
+        form = lowered_attention(self._graph.proto)
+        change = ("its attention materializes the scores [batch, heads, tokens, tokens] in onnxruntime: re-export "
+                  "with --attention mha (the default), or use a smaller image size or batch"
+                  if form == "decomposed" else "use a smaller image size or batch")
+        check_fits(self.last_estimate, what=f"{self.path.name} on input {list(shape)}", change=change,
+                   session_loaded=True)
+        self._fitted.append(shape)
+
     def deactivate_impl(self) -> None:
         self._session = None
+        self._graph = None

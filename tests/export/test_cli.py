@@ -30,6 +30,7 @@ def test_build_writes_model_manifest_and_parity(tiny_folders, tmp_path, capsys):
     assert "PASSED" in text and "TensorRT engine skipped: no engine requested (--runtime none)" in text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rope_lowering"] == "custom" and manifest["parity"]["passed"]
+    assert manifest["attention_lowering"] == "mha"  # onnxruntime's MultiHeadAttention: memory linear in S
     for name, meta in manifest["artifacts"].items():
         assert sha256(out / name) == meta["sha256"]
     assert set(manifest["interface"]["outputs"]) == {"last_hidden_state", "pooler_output", "hidden_state"}
@@ -48,6 +49,7 @@ def test_clip_with_other_fixed_size_and_lowering(tiny_folders, tmp_path):
                              "--rope", "onnx23")) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rope_lowering"] == "none"  # CLIP has no RoPE: nothing to lower
+    assert manifest["attention_lowering"] == "mha"  # every family has attention to lower
     assert manifest["interface"]["inputs"]["pixel_values"]["shape"] == ["batch", 3, 70, 42]
 
 

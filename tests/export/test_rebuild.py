@@ -133,7 +133,8 @@ def test_datacenter_tensorrt_rebuild_records_the_engine(folder, datacenter, tmp_
     result = rebuild_engine(RebuildOptions(folder, runtime="tensorrt", optimization_level=4, timing_cache=cache,
                                            max_batch=2), log=lambda _: None)
     (call,) = builder.calls
-    # TensorRT 10.13 takes the AOT plugin: model.onnx (portable) was lowered, then kept as engine-plugin.onnx
+    # TensorRT 10.13 takes the AOT plugin (and decomposed attention for fp32): model.onnx (portable) was lowered,
+    # then kept as engine-plugin-decomposed.onnx
     assert call["plugin_nodes"] > 0 and call["onnx"].name.startswith(".rebuild-")
     assert call["shapes"] == {"pixel_values": {"min": [1, 3, 56, 56], "opt": [1, 3, 56, 56], "max": [2, 3, 56, 56]}}
     assert call["kwargs"] == {"timing_cache": cache, "optimization_level": 4, "compute_capabilities": None,
@@ -144,8 +145,9 @@ def test_datacenter_tensorrt_rebuild_records_the_engine(folder, datacenter, tmp_
     plan = folder / "model.plan"
     assert engine["built"] and engine["runtime"] == "tensorrt" and engine["version"] == "10.13.0"
     assert engine["gpu"] == GPU and engine["rope_lowering"] == "plugin" and engine["built_at"].endswith("Z")
-    assert engine["onnx"] == "engine-plugin.onnx" and "rope_lowering_note" not in engine  # the export's choice
-    graph = folder / "engine-plugin.onnx"
+    assert engine["onnx"] == "engine-plugin-decomposed.onnx" and engine["attention_lowering"] == "decomposed"
+    assert "rope_lowering_note" not in engine  # the export's choice
+    graph = folder / "engine-plugin-decomposed.onnx"
     assert manifest["artifacts"][graph.name] == {"sha256": sha256(graph), "bytes": graph.stat().st_size}
     assert engine["sha256"] == sha256(plan) == manifest["artifacts"]["model.plan"]["sha256"]
     assert manifest["artifacts"]["model.plan"]["bytes"] == plan.stat().st_size
@@ -227,8 +229,9 @@ def test_tensorrt_rtx_rebuild_on_cpu(folder, tmp_path):
     manifest = _manifest(folder)
     engine, plan = manifest["engine"], folder / "model.plan"
     assert engine["built"] and engine["runtime"] == "tensorrt-rtx" and engine["compute_capabilities"] == ["8.9"]
-    assert engine["rope_lowering"] == "onnx23" and engine["onnx"] == "engine-onnx23.onnx"  # lowered, recorded
-    assert manifest["artifacts"]["engine-onnx23.onnx"]["sha256"] == sha256(folder / "engine-onnx23.onnx")
+    graph = "engine-onnx23-decomposed.onnx"  # lowered (fp32: decomposed attention), recorded
+    assert engine["rope_lowering"] == "onnx23" and engine["onnx"] == graph
+    assert manifest["artifacts"][graph]["sha256"] == sha256(folder / graph)
     assert engine["profiles"]["pixel_values"]["max"] == [2, 3, 56, 56]
     assert plan.stat().st_size == engine["bytes"] > 10_000
     assert engine["sha256"] == sha256(plan) == manifest["artifacts"]["model.plan"]["sha256"]
@@ -321,7 +324,7 @@ def test_pod_without_the_kernel_compiler_lowers_to_what_builds(plugin_export, tm
     # nothing left that needs a plugin (or the compiler of its kernel): standard ops only
     assert call["plugin_nodes"] == 0 and {domain for domain, _ in call["ops"]} == {""}
     assert (("", "RotaryEmbedding") in call["ops"]) == (expected == "onnx23")
-    name = f"engine-{expected}.onnx"
+    name = f"engine-{expected}-decomposed.onnx"
     manifest = _manifest(folder)
     engine = manifest["engine"]
     assert (engine["rope_lowering"], engine["onnx"], engine["gpu"]["name"]) == (expected, name, "Simulated L4")

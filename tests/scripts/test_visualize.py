@@ -56,6 +56,21 @@ def test_bad_size_is_explained(any_resolution_folder, capsys):
     assert "multiple of patch size" in capsys.readouterr().err
 
 
+def test_a_size_that_will_not_fit_is_refused_before_pytorch_runs(any_resolution_folder, monkeypatch, capsys):
+    """The canonical graph keeps the traced attention, [B, heads, S, S]: at 4480 x 4480 (102,401 tokens) its
+    scores alone are 4 x 102,401^2 x 4 bytes = 168 GB; the refusal names the estimate and what to change."""
+    from export.runners import pyt
+
+    def never(*args, **kwargs):
+        raise AssertionError("PyTorch ran")
+
+    monkeypatch.setattr(pyt.TorchRunner, "activate_impl", never)
+    assert _script().main(["--artifacts", str(any_resolution_folder), "--size", "4480", "4480"]) == 2
+    err = capsys.readouterr().err
+    assert "--size 4480 4480" in err and "GiB" in err and "use a smaller --size" in err
+    assert "--attention mha" in err  # the manifest records no attention form: the traced one
+
+
 def test_one_pca_basis_shows_a_different_model():
     """Tokens from another model land elsewhere in the reference basis: the maps differ."""
     from export.check.features import fit_pca

@@ -115,7 +115,7 @@ def test_tensorrt_form_inference_service(plan_artifacts, tmp_path, validator):
     # the image's Triton release and TensorRT (triton_repo/versions.py), and the RoPE lowering the pod may choose
     assert "The release must be 25.05 or later:" in readme
     assert "as the Dockerfile checks: releases 25.05-25.07" in readme
-    assert "`engine-<lowering>.onnx`" in readme and "`rope_lowering`" in readme
+    assert "`engine-<rope>-<attention>.onnx`" in readme and "`rope_lowering`" in readme
     assert "## GPU memory per encoder instance (an estimate)" in (repo / "README.md").read_text()
     # the export folder travels in the repository, intact, for the start-up step
     copied = repo / "encoder" / "artifacts"

@@ -128,6 +128,19 @@ def test_native_defaults_are_llava_onevision_15s(tiny, tmp_path):
     assert params["factor"] == str(2 * PATCH)
 
 
+def test_native_budget_that_will_not_fit_is_refused_with_the_estimate(tiny, tmp_path, monkeypatch):
+    """The python encoder runs model.onnx in onnxruntime on this machine: the largest request at the budget
+    (one 1792 x 1792 image at 3,240,000 pixels) must fit, once per instance; nothing is written otherwise."""
+    from export.core.errors import MemoryBudgetError
+    from export.graph import footprint
+
+    monkeypatch.setattr(footprint, "available_bytes", lambda: 256 * 1024**2)
+    with pytest.raises(MemoryBudgetError, match=r"--native-max-pixels 3240000.*\[1, 3, 1792, 1792\].*lower "
+                                                 r"--native-max-pixels or --instances"):
+        _build(tiny["dynamic"], tmp_path / "repo", preprocess=NATIVE, instances=2)
+    assert not (tmp_path / "repo").exists()
+
+
 @pytest.mark.parametrize("case,kwargs,match", [
     ("static", {"preprocess": NATIVE}, "--dynamic-resolution"),
     ("static", {"preprocess": ANYRES, "grid_pinpoints": [(56, 100)]}, "multiple of the tile size 56"),
