@@ -155,11 +155,14 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
         parity = None
         if opts.parity:
-            from export.check.parity import onnx_parity
+            from export.check.parity import calibration_target_check, onnx_parity
 
-            parity = steps.run("Checking parity against PyTorch on photos", onnx_parity, ckpt, shape, onnx_path,
+            parity = steps.run("Checking parity against PyTorch on the held-out views", onnx_parity, ckpt, shape, onnx_path,
                                precision=opts.precision, references=references)
             parity.checks.insert(0, graph_check(graph_error))
+            target = calibration_target_check(precision.recipe.get("fallback") if precision else None, parity.passed)
+            if target is not None:
+                parity.checks.append(target)
             log(parity.checklist())
             write_json(stage / PARITY_NAME, parity.to_json())
         else:
@@ -331,7 +334,7 @@ def _manifest(opts, ckpt, shape, rope, files, parity, engine, steps: Steps, reci
         "precision_recipe": recipe,
         "rope_lowering": rope,  # model.onnx's; the engine's graph and lowering are under "engine"
         "engine": engine,
-        "parity": None if parity is None else {"passed": parity.passed, "worst": parity.worst()},
+        "parity": None if parity is None else parity.manifest_summary(),
         "onnx_checker": graph_error or "passed",
         "artifacts": {Path(f).name: {"sha256": sha256(Path(f)), "bytes": Path(f).stat().st_size} for f in files},
         "versions": _versions(),

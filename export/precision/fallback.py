@@ -173,13 +173,13 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
     everywhere = _min_cosines(reference_rows, _outputs(qdq_model, feeds, list(targets), folder))
     report["all_quantized"] = everywhere
     if _shortfall(everywhere, targets) <= 1:
-        report["met"] = True
+        report["met_target"] = True
         log(f"      every quantized layer kept in {precision}: calibration-image cosines {everywhere} meet the targets")
         return report
 
     layers = [n.name for n in quantized_layers(qdq_model)]
     if len(layers) > MAX_RANKED_LAYERS:
-        report["met"] = False
+        report["met_target"] = False
         report["skipped"] = (f"{len(layers)} quantized layers: ranking them runs the model {len(layers)} times "
                              f"(more than {MAX_RANKED_LAYERS}); every layer stays in {precision}")
         log(f"      warning: {precision} everywhere misses the calibration targets ({everywhere}) and "
@@ -202,7 +202,7 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
         cosines = _min_cosines(reference_rows, _outputs(candidate, feeds, list(targets), folder))
         if _shortfall(cosines, targets) <= 1:
             break
-    report["met"] = _shortfall(cosines, targets) <= 1
+    report["met_target"] = _shortfall(cosines, targets) <= 1
     report["result"] = cosines
     report["kept_out_of_low_precision"] = [
         {"node": n, "op_type": ops[n], f"min_cosine_with_only_this_layer_in_{precision}": alone[n],
@@ -211,7 +211,7 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
         for i, n in enumerate(kept)]
     for entry in report["kept_out_of_low_precision"]:
         log(f"      keeping {entry['node']} ({entry['op_type']}) out of {precision}: {entry['why']}")
-    if not report["met"]:
+    if not report["met_target"]:
         log(f"      warning: {precision} still misses the calibration targets with {len(kept)} of {len(layers)} "
             f"layers in float ({cosines}); consider fp16")
     onnx.save(candidate, str(qdq))  # graph only: its external weights stay where they are
