@@ -1,4 +1,4 @@
-"""int8 on activation-outlier models: held-out pooled/token cosines and layers kept in float, per model.
+"""int8 (or fp8) on activation-outlier models: held-out pooled/token cosines and layers kept in float, per model.
 
     .venv/bin/python scripts/outlier_int8.py                          # every model in MODELS, this checkout
     .venv/bin/python scripts/outlier_int8.py --code-root ../old-checkout --label "before"   # another recipe
@@ -66,40 +66,43 @@ def held_out(ckpt, onnx_path: Path) -> dict[str, float]:
     return {name: compare(ref[name], act[name])["min_cosine"] for name in ("pooler_output", "last_hidden_state")}
 
 
-def measure(model: OutlierModel, code_root: Path, work: Path) -> dict:
+def measure(model: OutlierModel, code_root: Path, work: Path, precision: str = "int8") -> dict:
     from export.models.families import family_by_name
     from export.models.loading import load_folder
     from parity_tests.tiny_models import save_outlier_checkpoint
 
     folder = save_outlier_checkpoint(family_by_name(model.family), work / "ckpt", gain=model.gain,
                                      channels=model.channels, layers=model.layers, bias=model.bias)
-    out = work / "int8"
+    out = work / precision
     env = {**os.environ, "PYTHONPATH": str(code_root)}
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "export.build_engine", "--model", str(folder), "--precision", "int8",
+    run = subprocess.run([sys.executable, "-m", "export.build_engine", "--model", str(folder), "--precision", precision,
                           "--runtime", "none", "--out", str(out), "--force"], env=env, cwd=code_root,
                          capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if not (out / "manifest.json").exists():
-        raise RuntimeError(f"{model.name}: the build failed (exit {run.returncode}):\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
+        raise RuntimeError(f"{model.name}: the build failed (exit {run.returncode}):\n"
+                           f"{run.stdout[-2000:]}{run.stderr[-2000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
     recipe = manifest["precision_recipe"]
     fallback = recipe.get("fallback", {})
     cosines = held_out(load_folder(folder), out / "model.onnx")
     return {"model": model.name, "exit": run.returncode, "seconds": round(seconds, 1),
-            "quantized": recipe["int8"]["quantized_nodes"], "kept": len(fallback.get("kept_out_of_low_precision", [])),
-            "met_target": fallback.get("met_target", fallback.get("met")),
-            "split": len(recipe.get("splitting", {}).get("split", [])), "smoothed": len(recipe["smoothing"]["smoothed"]),
+            "precision": precision, "quantized": recipe[precision]["quantized_nodes"],
+            "kept": len(fallback.get("kept_out_of_low_precision", [])),
+            "met_target": fallback.get("met_target", fallback.get("met")),  # "met" before issue 23
+            "split": len(recipe.get("splitting", {}).get("split", [])),
+            "smoothed": len(recipe["smoothing"]["smoothed"]),
             "pooled": cosines["pooler_output"], "tokens": cosines["last_hidden_state"]}
 
 
 def markdown(rows: list[dict], label: str) -> str:
-    lines = [f"| model | recipe | held-out pooled | held-out tokens | layers in float | quarter | exit |",
+    lines = ["| model | recipe | held-out pooled | held-out tokens | layers in float | quarter | exit |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         quarter = "yes" if 4 * r["kept"] <= r["quantized"] else "no"
-        lines.append(f"| {r['model']} | {label} | {r['pooled']:.4f} | {r['tokens']:.4f} | {r['kept']} of {r['quantized']} "
-                     f"| {quarter} | {r['exit']} |")
+        lines.append(f"| {r['model']} | {label} | {r['pooled']:.4f} | {r['tokens']:.4f} "
+                     f"| {r['kept']} of {r['quantized']} | {quarter} | {r['exit']} |")
     return "\n".join(lines)
 
 
@@ -108,6 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", help="names (the part before any space) from MODELS; default: all")
     p.add_argument("--code-root", type=Path, default=ROOT, help="the checkout whose recipe builds (default: this one)")
     p.add_argument("--label", default="this checkout", help="the recipe's name in the table")
+    p.add_argument("--precision", default="int8", choices=("int8", "fp8"))
     p.add_argument("--markdown", type=Path, help="also write the table here")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
@@ -115,7 +119,7 @@ def main(argv=None) -> int:
     rows = []
     for model in chosen:
         with tempfile.TemporaryDirectory(prefix="outlier-int8-") as tmp:
-            rows.append(measure(model, args.code_root.resolve(), Path(tmp)))
+            rows.append(measure(model, args.code_root.resolve(), Path(tmp), args.precision))
         print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows, args.label)
     print(table)

@@ -104,7 +104,8 @@ def split_outlier_channels(path: Path, dst: Path, stats: dict, *, dtype: str = "
             y = linear.output[0]
             int8_part, float_part = fresh(f"{y}/int8_part"), fresh(f"{y}/outlier_part")
             linear.input[0], linear.output[0] = masked, int8_part
-            new += [helper.make_node("MatMul", [picked, rows], [float_part], name=fresh(linear.name + FLOAT_PATH_SUFFIX)),
+            new += [helper.make_node("MatMul", [picked, rows], [float_part],
+                                     name=fresh(linear.name + FLOAT_PATH_SUFFIX)),
                     helper.make_node("Add", [int8_part, float_part], [y], name=fresh(f"{linear.name}/add_outliers"))]
             if y in stats:  # outputs are not quantized; the quantizer still asks for a range
                 derived[int8_part] = stats[y]
