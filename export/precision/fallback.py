@@ -9,7 +9,7 @@ cosine to 0.77). Rule, on calibration images only (never the parity photos):
        stop (the usual case: one extra pass over FALLBACK_IMAGES images)
     2. else rank the quantized layers by the damage each does alone (only that layer quantized)
     3. return layers to float, one at a time, until the targets are met, at most MAX_KEPT_FRACTION of
-       them: each step the one among the SEARCH_POOL worst alone that, with those already returned,
+       them (a quarter for int8, half for fp8): each step the one among the SEARCH_POOL worst alone that, with those already returned,
        leaves the smallest shortfall (greedy forward selection); they then stay in fp32, as judged
 
 Targets: the parity threshold of each output (export.models.families.TOLERANCES) with three quarters of its allowance
@@ -24,12 +24,16 @@ import numpy as np
 
 from export.precision.qdq import prune_unused_qdq
 
-# Calibration feeds used to judge (the first ones: distinct photographs). Each judgement runs the
-# model once per feed, so this bounds the cost on large models; 8 and 16 chose the same layers on
-# the outlier test models, within one.
+# Calibration feeds used to judge (the first ones: distinct photographs; at most --calib-count). Each
+# judgement runs the model once per feed, so this bounds the cost on large models. 16, not 8: on the 2D-RoPE
+# outlier model (gain 80, 3 layers) 8 images chose a fourth layer that left the held-out token cosine at
+# 0.972, 16 one that reaches 0.983 (a saturated attention makes the token error depend on the images).
 FALLBACK_IMAGES = 16
 MARGIN = 0.25  # target = 1 - MARGIN * (1 - parity threshold): 0.99 -> 0.9975, 0.98 -> 0.995
-MAX_KEPT_FRACTION = 0.25  # beyond this, int8 is not worth having: say so instead of hiding it
+# Beyond this fraction of its layers in float, the low precision is not worth having: say so instead of hiding it.
+# int8: a quarter (issue 23: outlier splitting keeps the outlier models within it). fp8 keeps its own budget,
+# half: it is not split or smoothed (a float format), and its outlier models need more (docs/precision.md#fp8).
+MAX_KEPT_FRACTION = {"int8": 0.25, "fp8": 0.5}
 # Ranking runs the model once per quantized layer (289 in MLCD-bigG: hours on a CPU). Above this many
 # layers the fallback reports the miss instead of ranking; parity then judges the graph as it is.
 MAX_RANKED_LAYERS = 64
@@ -162,7 +166,7 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
     report: dict = {
         "rule": f"judge the Q/DQ graph against fp32 on {len(feeds)} calibration images; when an output's minimum "
                 f"cosine misses its target, return the layers that do the most damage alone to float, worst "
-                f"first, until every target is met (at most {MAX_KEPT_FRACTION:.0%} of the quantized layers)",
+                f"first, until every target is met (at most {MAX_KEPT_FRACTION[precision]:.0%} of the quantized layers)",
         "targets_min_cosine": {n: round(t, 6) for n, t in targets.items()},
         "kept_out_of_low_precision": [],
     }
@@ -197,7 +201,7 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
         only = restore(qdq_model, src_model, set(layers) - {name})
         alone[name] = _min_cosines(reference_rows, _outputs(only, feeds, list(targets), folder))
     ranked = sorted(layers, key=lambda n: -_shortfall(alone[n], targets))
-    budget = int(MAX_KEPT_FRACTION * len(layers))
+    budget = int(MAX_KEPT_FRACTION[precision] * len(layers))
     # Greedy forward selection among the layers that do the most damage alone: errors interact (two
     # layers can each pass alone and fail together, and restoring the worst one alone may not be the best
     # first step), so each step returns the candidate that leaves the smallest shortfall together with
