@@ -83,10 +83,13 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
         result.overflow = localize_overflow(path, feeds, log=log)
         _log_overflow(result.overflow, log)
     kept = [f.node for f in result.overflow]
-    # The layers the fallback kept out of int8/fp8 stay in fp32, as it judged them: in fp16 the patch
-    # embedding rounds the pixels (2^-11 relative), which alone moved a token of the 2D-RoPE outlier model
-    # to cosine 0.977 (0.998 in fp32; docs/precision.md). They are at most a quarter of the layers.
-    fallback_kept = [e["node"] for e in result.recipe.get("fallback", {}).get("kept_out_of_low_precision", [])]
+    # The layers the fallback kept out of int8 stay in fp32, as it judged them (fp8 keeps its own fallback): in
+    # fp16 the patch embedding rounds the pixels (2^-11 relative), which alone moved a token of the 2D-RoPE
+    # outlier model to cosine 0.977 (0.998 in fp32; docs/precision.md). They are at most a quarter of the layers.
+    from export.precision.fallback import fallback_style
+
+    fallback_kept = [e["node"] for e in result.recipe.get("fallback", {}).get("kept_out_of_low_precision", [])
+                     if fallback_style(precision)["fp32"]]
     # Streams external weights: a > 2 GB model is never held whole, nor serialized as one protobuf.
     model = convert_file(source, path, fp16=rest == "fp16", keep_fp32_nodes=kept + fallback_kept)
     for leftover in (path.with_name(QDQ_ONNX_NAME), path.with_name(QDQ_ONNX_NAME + DATA_SUFFIX),
