@@ -9,8 +9,10 @@ cosine to 0.77). Rule, on calibration images only (never the parity photos):
        stop (the usual case: one extra pass over FALLBACK_IMAGES images)
     2. else rank the quantized layers by the damage each does alone (only that layer quantized)
     3. return layers to float, one at a time, until the targets are met, at most MAX_KEPT_FRACTION of
-       them (a quarter for int8, half for fp8): each step the one among the SEARCH_POOL worst alone that, with those already returned,
-       leaves the smallest shortfall (greedy forward selection); they then stay in fp32, as judged
+       them (a quarter for int8, half for fp8). int8: each step the one among the SEARCH_POOL worst alone
+       that, with those already returned, leaves the smallest shortfall (greedy forward selection); they
+       then stay in fp32, as judged. fp8 keeps its own fallback (OWN_FALLBACK): the order of the damage
+       each does alone, kept in the rest's precision
 
 Targets: the parity threshold of each output (export.models.families.TOLERANCES) with three quarters of its allowance
 kept as margin, because photos calibration never saw do worse than the calibration images.
@@ -177,8 +179,9 @@ def keep_sensitive_layers_out(src: Path, qdq: Path, feeds: list[dict], precision
     feeds = feeds[:style["images"]]
     report: dict = {
         "rule": f"judge the Q/DQ graph against fp32 on {len(feeds)} calibration images; when an output's minimum "
-                f"cosine misses its target, return the layers that do the most damage alone to float, worst "
-                f"first, until every target is met (at most {MAX_KEPT_FRACTION[precision]:.0%} of the quantized layers)",
+                f"cosine misses its target, return layers to float one at a time "
+                f"({'greedy: the one leaving the smallest shortfall' if style['greedy'] else 'worst alone first'}), "
+                f"until every target is met (at most {MAX_KEPT_FRACTION[precision]:.0%} of the quantized layers)",
         "targets_min_cosine": {n: round(t, 6) for n, t in targets.items()},
         "kept_out_of_low_precision": [],
     }
