@@ -179,13 +179,18 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
         parity = None
         if opts.parity:
-            from export.check.parity import onnx_parity
+            from export.check.parity import calibration_target_check, onnx_parity
 
-            parity = steps.run("Checking parity against PyTorch on photos", onnx_parity, ckpt, shape, onnx_path,
-                               precision=opts.precision, references=references)
+            parity = steps.run("Checking parity against PyTorch on the held-out views", onnx_parity, ckpt, shape,
+                               onnx_path, precision=opts.precision, references=references)
             if torch_side.packed_references:
                 _add_packed_parity(parity, torch_side.packed_references, ckpt, onnx_path, opts.precision)
             parity.checks.insert(0, graph_check(graph_error))
+            # a recipe that missed its own calibration targets is a row, never silent (parity.py says when it fails)
+            recipe_row = calibration_target_check(precision.recipe.get("fallback") if precision else None,
+                                                  parity.passed)
+            if recipe_row is not None:
+                parity.checks.append(recipe_row)
             log(parity.checklist())
             write_json(stage / PARITY_NAME, parity.to_json())
         else:
@@ -388,7 +393,7 @@ def _manifest(opts, ckpt, shape, rope, attention, files, parity, engine, steps: 
         "rope_lowering": rope,  # model.onnx's; the engine's graph and lowering are under "engine"
         "attention_lowering": attention,  # likewise
         "engine": engine,
-        "parity": None if parity is None else {"passed": parity.passed, "worst": parity.worst()},
+        "parity": None if parity is None else parity.manifest_summary(),
         "onnx_checker": graph_error or "passed",
         "artifacts": {Path(f).name: {"sha256": sha256(Path(f)), "bytes": Path(f).stat().st_size} for f in files},
         "versions": _versions(),

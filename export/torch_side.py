@@ -119,7 +119,7 @@ def _picklable(exc: BaseException) -> BaseException:
 
 def torch_steps(request: TorchRequest, log: Callable[[str], None]) -> TorchResult:
     """Load the checkpoint, validate the shape options against it, trace model.onnx and (for parity)
-    run the PyTorch reference on the parity photos. Runs anywhere; run_torch_side runs it in a child."""
+    run the PyTorch reference on the held-out views. Runs anywhere; run_torch_side runs it in a child."""
     from export.core.steps import Steps
     from export.graph.trace import export_canonical, validate_hidden_layer, validate_image_size
     from export.models.loading import load_checkpoint
@@ -140,7 +140,7 @@ def torch_steps(request: TorchRequest, log: Callable[[str], None]) -> TorchResul
     if request.parity:
         from export.check.parity import reference_outputs
 
-        references = steps.run("Running the PyTorch reference on the parity photos", reference_outputs, ckpt, shape)
+        references = steps.run("Running the PyTorch reference on the held-out views", reference_outputs, ckpt, shape)
     else:
         steps.skip("PyTorch reference skipped (--skip-parity)")
     packed = None

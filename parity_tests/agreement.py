@@ -16,8 +16,6 @@ from export.models.families import TOLERANCES
 LEDGER_METRICS = {
     **METRICS,
     "rel_l2": ("<=", "||a - b|| / ||a|| over the whole output"),
-    "nn_top1": (">=", "nearest-neighbour agreement among pooled embeddings (top-1)"),
-    "nn_top5": (">=", "nearest-neighbour overlap among pooled embeddings (top-5)"),
     "invariant_rel_l2": ("<=", "worst ||row - same row elsewhere|| / ||row|| (batch invariants)"),
 }
 

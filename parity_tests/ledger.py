@@ -422,7 +422,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"stage groups to run (default: all): {' '.join(STAGE_GROUPS)}")
     add_url(p, note="HTTP, serving this folder: adds the triton stage")
     add_served_model(p, aliases=["--triton-model"])
-    p.add_argument("--photos", type=int, help="how many held-out photo views to use (default: all 28)")
+    p.add_argument("--photos", type=int, help="how many held-out photo views to use (default: every view of "
+                                                      "export.core.images.held_out_photos)")
     p.add_argument("--invariant-max-batch", type=int,
                    help=f"largest batch for the invariants (default: min(max_batch, {INVARIANT_MAX_BATCH}))")
     add_native_budget_arguments(p, "native mode", prefix="native-", max_help=(

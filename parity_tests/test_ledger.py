@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export.core.images import HELD_OUT_PHOTOS, held_out_photos
+from export.core.images import HELD_OUT_PHOTOS, VIEWS, held_out_photos
 from export.core.interface import INPUT_NAME
 from export.core.metrics import nn_agreement
 from export.pipeline import BuildOptions, build
@@ -169,7 +169,10 @@ def test_layer_tensors_are_found_in_both_families(exported, family):
 def test_held_out_photos_never_calibrate():
     assert not set(HELD_OUT_PHOTOS) & set(SKIMAGE_CALIBRATION)
     photos = held_out_photos()
-    assert len(photos) == 28 and len({p.name for p in photos}) == 28
+    assert len(photos) == len(HELD_OUT_PHOTOS) * len(VIEWS) >= 48 and len({p.name for p in photos}) == len(photos)
+    # every prefix of one round covers every photograph, each in a different view
+    first = photos[:len(HELD_OUT_PHOTOS)]
+    assert {p.identity for p in first} == set(HELD_OUT_PHOTOS) and len({p.name.split("/")[1] for p in first}) > 1
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):

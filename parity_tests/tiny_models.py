@@ -21,18 +21,23 @@ OUTLIER_GAIN = 60.0
 
 
 def save_outlier_checkpoint(family: ModelFamily, folder: Path, *, seed: int = 0, gain: float = OUTLIER_GAIN,
-                            channels: tuple[int, ...] = OUTLIER_CHANNELS) -> Path:
+                            channels: tuple[int, ...] = OUTLIER_CHANNELS, layers: int | None = None,
+                            bias: float | None = None) -> Path:
     """`family`'s tiny model at hidden OUTLIER_HIDDEN whose layer_norm1/layer_norm2 (before attention and
-    before the MLP, in every layer) have gain `gain` on `channels`; saved like save_tiny_checkpoint."""
+    before the MLP, in every layer) have gain `gain` on `channels`; saved like save_tiny_checkpoint.
+
+    layers: encoder depth (None: the family's tiny one); bias: also a LayerNorm bias of `bias` on those
+    channels (an outlier that is an offset as well as a scale, one sign on every token)."""
     from dataclasses import replace
     from typing import Any
 
     import torch
 
     folder = Path(folder)
-    wide = replace(family, tiny_config={**family.tiny_config, "hidden_size": OUTLIER_HIDDEN,
-                                        "intermediate_size": 2 * OUTLIER_HIDDEN})
-    save_tiny_checkpoint(wide, folder, seed=seed)
+    config = {**family.tiny_config, "hidden_size": OUTLIER_HIDDEN, "intermediate_size": 2 * OUTLIER_HIDDEN}
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+    save_tiny_checkpoint(replace(family, tiny_config=config), folder, seed=seed)
     model_class: Any = family.model_class()
     model = model_class.from_pretrained(folder)
     norms = [m for name, m in model.named_modules() if name.endswith(("layer_norm1", "layer_norm2"))]
@@ -40,5 +45,7 @@ def save_outlier_checkpoint(family: ModelFamily, folder: Path, *, seed: int = 0,
     with torch.no_grad():
         for norm in norms:
             norm.weight[list(channels)] = gain
+            if bias is not None:
+                norm.bias[list(channels)] = bias
     model.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -47,6 +47,7 @@ ENGINE_ERROR_NAME = "engine_error.txt"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # Written beside model.onnx by the int8/fp8 recipe (export/precision/recipe.py) and removed before publishing.
 SMOOTHED_ONNX_NAME = "smoothed.onnx"
+SPLIT_ONNX_NAME = "split.onnx"
 QDQ_ONNX_NAME = "qdq.onnx"
 # --projector: the VLM's image_newline, which the served AnyRes packing appends to every feature-map row.
 IMAGE_NEWLINE_NAME = "image_newline.npy"

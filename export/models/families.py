@@ -135,9 +135,13 @@ def _mlcd_tracing_context():
 # Measured on the outlier test models (peak ~30): correct exports 7e-6..1.4e-5, one weight
 # perturbed by 0.1% 3e-4..5e-4 (its cosine, 0.9999999, would pass); issue 9's run: 4.7e-5.
 # fp16/int8: the issue's pooled-cosine bars plus per-token cosine and SQNR on last_hidden_state.
+# RETRIEVAL: the pooled output's retrieval on the held-out views (export.check.parity): recall_at_1 of the deployed
+# embeddings against the PyTorch gallery is judged where listed (fp32 and fp16 retrieve exactly as PyTorch does);
+# int8/fp8, and nearest-neighbour agreement, are reported beside the ideal 1.0.
+RETRIEVAL = "retrieval"
 TOLERANCES = {
-    "fp32": {"*": {"min_cosine": 0.99999, "max_abs_rel": 1e-4}},
-    "fp16": {"*": {"min_cosine": 0.999, "sqnr_db": 30.0}},
+    "fp32": {"*": {"min_cosine": 0.99999, "max_abs_rel": 1e-4}, RETRIEVAL: {"recall_at_1": 1.0}},
+    "fp16": {"*": {"min_cosine": 0.999, "sqnr_db": 30.0}, RETRIEVAL: {"recall_at_1": 1.0}},
     "int8": {"*": {"min_cosine": 0.99, "sqnr_db": 20.0}, "last_hidden_state": {"min_cosine": 0.98}},
     "fp8": {"*": {"min_cosine": 0.99, "sqnr_db": 15.0}, "last_hidden_state": {"min_cosine": 0.98}},
 }

@@ -30,9 +30,13 @@ QUANTIZED_OP_TYPES = ["MatMul", "Gemm", "Conv"]
 
 
 def quantizable_nodes(model) -> list[str]:
+    """The linear layers (constant weight) and convolutions, except outlier splitting's float side paths."""
+    from export.precision.split import FLOAT_PATH_SUFFIX
+
     weights = {t.name for t in model.graph.initializer}
     return [n.name for n in model.graph.node
-            if (n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[1:])) or n.op_type == "Conv"]
+            if ((n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[1:])) or n.op_type == "Conv")
+            and not n.name.endswith(FLOAT_PATH_SUFFIX)]
 
 
 def calibration_tensors(model) -> list[str]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.core.errors import OptionError
-from export.core.folder import DATA_SUFFIX, QDQ_ONNX_NAME, SMOOTHED_ONNX_NAME
+from export.core.folder import DATA_SUFFIX, QDQ_ONNX_NAME, SMOOTHED_ONNX_NAME, SPLIT_ONNX_NAME
 from export.precision.islands import FP16_MAX, FP32_ISLANDS, HEADROOM
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
@@ -35,7 +35,7 @@ class PrecisionResult:
                     f"exceeds fp16 max {FP16_MAX:g} / headroom {HEADROOM:g} = {FP16_MAX / HEADROOM:g}",
             "kept_fp32": [f.to_json() for f in self.overflow],
             "fp32_island_op_types": FP32_ISLANDS,
-            **{key: self.recipe[key] for key in ("smoothing", "fallback") if key in self.recipe},
+            **{key: self.recipe[key] for key in ("splitting", "smoothing", "fallback") if key in self.recipe},
         }
 
 
@@ -83,10 +83,18 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
         result.overflow = localize_overflow(path, feeds, log=log)
         _log_overflow(result.overflow, log)
     kept = [f.node for f in result.overflow]
+    # The layers the fallback kept out of int8 stay in fp32, as it judged them (fp8 keeps its own fallback): in
+    # fp16 the patch embedding rounds the pixels (2^-11 relative), which alone moved a token of the 2D-RoPE
+    # outlier model to cosine 0.977 (0.998 in fp32; docs/precision.md). They are at most a quarter of the layers.
+    from export.precision.fallback import fallback_style
+
+    fallback_kept = [e["node"] for e in result.recipe.get("fallback", {}).get("kept_out_of_low_precision", [])
+                     if fallback_style(precision)["fp32"]]
     # Streams external weights: a > 2 GB model is never held whole, nor serialized as one protobuf.
-    model = convert_file(source, path, fp16=rest == "fp16", keep_fp32_nodes=kept)
+    model = convert_file(source, path, fp16=rest == "fp16", keep_fp32_nodes=kept + fallback_kept)
     for leftover in (path.with_name(QDQ_ONNX_NAME), path.with_name(QDQ_ONNX_NAME + DATA_SUFFIX),
-                     path.with_name(SMOOTHED_ONNX_NAME), path.with_name(SMOOTHED_ONNX_NAME + DATA_SUFFIX)):
+                     path.with_name(SMOOTHED_ONNX_NAME), path.with_name(SMOOTHED_ONNX_NAME + DATA_SUFFIX),
+                     path.with_name(SPLIT_ONNX_NAME)):
         leftover.unlink(missing_ok=True)
     # Folds the weights back into model.onnx when they now fit under the threshold.
     save_onnx(onnx.load(str(path), load_external_data=False), path, threshold=external_data_threshold)
@@ -96,6 +104,7 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
         **({"quant_target": quant_target} if precision in QUANTIZED else {}),
         "fp32_island_op_types": sorted(FP32_ISLANDS),
         "fp32_nodes_from_overflow": kept,
+        **({"fp32_nodes_from_fallback": fallback_kept} if precision in QUANTIZED else {}),
         "float16_initializers": count_float16_initializers(model),
         "interface": "float32",
     })
@@ -122,6 +131,7 @@ def _quantize(path: Path, precision: str, feeds: list[dict], calib_method: str, 
     from export.precision.overflow import float_intermediates, overflow_findings
     from export.precision.qdq import calibration_tensors, quantize_qdq, weight_only_on_vectors
     from export.precision.smooth import smooth_with_factors, smoothing_tensors
+    from export.precision.split import split_outlier_channels
     from export.precision.stats import collect_stats
 
     fp16_rest = quant_target != "cpu"
@@ -140,14 +150,20 @@ def _quantize(path: Path, precision: str, feeds: list[dict], calib_method: str, 
     result.overflow = overflow_findings(graph, producers, run.stats)
     _log_overflow(result.overflow, log)
 
-    # Smoothing (smooth.py): LayerNorm outlier channels migrate into the next weights before Q/DQ.
-    smoothed = path.with_name(SMOOTHED_ONNX_NAME)  # written only when a LayerNorm has outlier channels
-    result.recipe["smoothing"], factors = smooth_with_factors(path, feeds, dtype=precision, dst=smoothed,
+    # Splitting (split.py): a LayerNorm's few outlier channels take a float path, the rest stays int8.
+    # Smoothing (smooth.py) then takes the LayerNorms with more outlier channels: they migrate into the
+    # next weights before Q/DQ. Each writes its model only when it changes something.
+    split = path.with_name(SPLIT_ONNX_NAME)
+    result.recipe["splitting"], split_stats = split_outlier_channels(path, split, run.stats, dtype=precision, log=log)
+    source = split if result.recipe["splitting"]["split"] else path
+    smoothed = path.with_name(SMOOTHED_ONNX_NAME)
+    result.recipe["smoothing"], factors = smooth_with_factors(source, feeds, dtype=precision, dst=smoothed,
                                                               stats=run.stats, log=log)
-    float_model = smoothed if result.recipe["smoothing"]["smoothed"] else path
+    float_model = smoothed if result.recipe["smoothing"]["smoothed"] else source
     calibration = None
     if calibrated:
         calibration = {name: run.stats[name] for name in calibrated}
+        calibration.update(split_stats)
         calibration.update({name: run.stats[name].divided(s) for name, s in factors.items()})
     qdq = path.with_name(QDQ_ONNX_NAME)
     result.recipe[precision] = quantize_qdq(float_model, qdq, feeds, precision, calib_method, large=large,

@@ -59,6 +59,17 @@ class TensorStats:
         return TensorStats(min=float(lo.min()), max=float(hi.max()), channel_max=hi, channel_min=lo,
                            finite=self.finite)
 
+    def masked(self, keep: np.ndarray) -> "TensorStats":
+        """The statistics of x * keep (keep [C] bool: channels kept, the others set to 0), from the per-channel
+        ones: what outlier splitting (split.py) hands the int8 path."""
+        if self.channel_max is None or self.channel_min is None:
+            raise ValueError("masking statistics per channel needs per_channel statistics")
+        keep = np.asarray(keep, bool)
+        hi = np.where(keep, self.channel_max, 0.0)  # (C,)
+        lo = np.where(keep, self.channel_min, 0.0)  # (C,)
+        return TensorStats(min=float(lo.min()), max=float(hi.max()), channel_max=hi, channel_min=lo,
+                           finite=self.finite)
+
     @property
     def max_abs(self) -> float:
         """Largest |value| seen; inf when a non-finite value was seen."""

@@ -10,6 +10,7 @@ import pytest
 
 from export import build_engine
 from export.core.folder import sha256
+from export.core.images import held_out_photos
 from export.pipeline import BuildOptions, build
 
 
@@ -35,7 +36,19 @@ def test_build_writes_model_manifest_and_parity(tiny_folders, tmp_path, capsys):
         assert sha256(out / name) == meta["sha256"]
     assert set(manifest["interface"]["outputs"]) == {"last_hidden_state", "pooler_output", "hidden_state"}
     parity = json.loads((out / "parity.json").read_text())
-    assert parity["passed"] and {c["case"] for c in parity["checks"]} == {"graph", "batch 1 @ 56x56", "batch 3 @ 56x56"}
+    assert parity["passed"] and {c["case"] for c in parity["checks"]} == {"graph", "49 views @ 56x56"}
+    # judged on every held-out view; per output the worst and the 5th percentile, and retrieval; the manifest too
+    assert parity["views"] == 49 and parity["retrieval"]["recall_at_1"] == 1.0
+    assert {"nn_top1", "nn_top5"} <= set(parity["retrieval"]) and parity["retrieval"]["identities"] == 7
+    for name in ("last_hidden_state", "pooler_output", "hidden_state"):
+        worst, p5 = parity["worst"][name]["min_cosine"], parity["p5"][name]["min_cosine"]
+        assert 0.99999 <= worst <= p5 <= 1.0 + 1e-9 and "/" in parity["outputs"][name]["min_cosine"]["worst_view"]
+    assert {m["view"] for m in parity["measured"]} == {v.name for v in held_out_photos()}
+    summary = manifest["parity"]
+    assert summary["views"] == 49 and summary["worst"] == parity["worst"] and summary["p5"] == parity["p5"]
+    assert summary["retrieval"] == parity["retrieval"]
+    retrieval = {c["metric"]: c for c in parity["checks"] if c["output"] == "retrieval"}
+    assert retrieval["recall_at_1"]["enforced"] and not retrieval["nn_top1"]["enforced"]  # fp32: judged; nn: reported
     # fixed resolution, dynamic batch
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     (pixels,) = session.get_inputs()
