@@ -4,7 +4,7 @@
     .venv/bin/python scripts/outlier_int8.py --code-root ../old-checkout --label "before"   # another recipe
     .venv/bin/python scripts/outlier_int8.py --models rope-g80-c2-l3 --markdown out.md
 
-Each model is a tiny checkpoint with the trained-ViT pattern (parity_tests.tiny_models.save_outlier_checkpoint:
+Each model is a tiny checkpoint with the trained-ViT pattern (export.models.testing.save_outlier_checkpoint:
 a few LayerNorm channels with a large gain, optionally a bias), exported with
 `python -m export.build_engine --precision int8 --runtime none` from `--code-root` (a checkout of this project:
 compare recipes on the same models), then judged here, by this checkout, on every held-out view
@@ -69,7 +69,7 @@ def held_out(ckpt, onnx_path: Path) -> dict[str, float]:
 def measure(model: OutlierModel, code_root: Path, work: Path, precision: str = "int8") -> dict:
     from export.models.families import family_by_name
     from export.models.loading import load_folder
-    from parity_tests.tiny_models import save_outlier_checkpoint
+    from export.models.testing import save_outlier_checkpoint
 
     folder = save_outlier_checkpoint(family_by_name(model.family), work / "ckpt", gain=model.gain,
                                      channels=model.channels, layers=model.layers, bias=model.bias)

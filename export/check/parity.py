@@ -168,6 +168,7 @@ def onnx_parity(checkpoint: Checkpoint, shape: ExportShape, onnx_path: Path, *, 
         modes = {judged: True} if precision in ("fp32", "fp16") else {judged: True, "optimized": False}
     report = ParityReport(precision)
     output_names = checkpoint.family.output_names(shape.hidden_layer)
+    pooled_name = checkpoint.family.pooled_output  # retrieval is judged on it
     main_size = references[0].size if references else ""
     report.views = sum(r.batch for r in references if r.size == main_size)
     # One onnxruntime session at a time: for large Q/DQ graphs the "optimized" session folds the
@@ -203,9 +204,9 @@ def onnx_parity(checkpoint: Checkpoint, shape: ExportShape, onnx_path: Path, *, 
                         for metric in thresholds:
                             per_view.setdefault(ref.size, {}).setdefault(name, {}).setdefault(metric, []).append(
                                 (measured[metric], view))
-                if ref.size == main_size:
-                    pooled["reference"].append(ref.outputs[checkpoint.family.pooled_output])
-                    pooled["actual"].append(actual[checkpoint.family.pooled_output])
+                if ref.size == main_size and pooled_name in output_names:  # a --projector graph has none
+                    pooled["reference"].append(ref.outputs[pooled_name])
+                    pooled["actual"].append(actual[pooled_name])
                     pooled["views"] += list(ref.views)
         finally:
             runner.deactivate()
