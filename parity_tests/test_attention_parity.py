@@ -1,5 +1,6 @@
 """Every --attention form against transformers/PyTorch, in every family, on the held-out views (batches of
-1 and 3, a non-square size where the export allows one); the ONNX reference evaluator runs the portable form through its body."""
+1 and 3, a non-square size where the export allows one); the ONNX reference evaluator runs the portable form
+through its body."""
 
 from __future__ import annotations
 
