@@ -35,7 +35,7 @@ from export import engine as engines
 from export.core.errors import EngineUnavailableError, OptionError
 from export.core.folder import MANIFEST_NAME, ONNX_NAME, PLAN_NAME, rebuilt_engine_onnx, sha256
 from export.core.manifest import EngineEntry, Manifest, ManifestLike, engine_entry, read_manifest, write_manifest
-from export.graph.attention import check_engine_attention
+from export.graph.attention import check_engine_attention, resolve_attention
 from export.precision.recipe import cpu_quantized
 
 
@@ -134,8 +134,6 @@ def _wanted_lowering(manifest: Manifest, target: engines.EngineTarget) -> tuple[
 
 def _wanted_attention(manifest: Manifest, target: engines.EngineTarget) -> str:
     """The attention form the export would give this runtime's engine (its --attention, resolved as build does)."""
-    from export.graph.attention import resolve_attention
-
     return resolve_attention(manifest.attention, target.rope_runtime, manifest.precision)
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export.core.images import held_out_photos, identity_of, pixel_values
+from export.core.images import HELD_OUT_PHOTOS, VIEWS, held_out_photos, identity_of, pixel_values
 from export.core.interface import INPUT_NAME
-from export.core.metrics import Check, compare, nn_agreement, recall_at_1, thresholds_for, worst_and_p5
+from export.core.metrics import Check, compare, nn_agreement, passes, recall_at_1, thresholds_for, worst_and_p5
 from export.graph.trace import ExportShape
 from export.models.families import RETRIEVAL
+from export.models.flops import flops_per_image
 from export.models.loading import Checkpoint
 from export.runners.base import ort_mode_for
 from export.runners.ort import OnnxRuntimeRunner
@@ -44,9 +45,6 @@ RETRIEVAL_IDEAL = {"recall_at_1": 1.0, "nn_top1": 1.0, "nn_top5": 1.0}
 
 def default_view_count(config, size: tuple[int, int]) -> int:
     """Held-out views the export's parity judges for a model `config` at `size` (H, W)."""
-    from export.core.images import HELD_OUT_PHOTOS, VIEWS
-    from export.models.flops import flops_per_image
-
     every = len(HELD_OUT_PHOTOS) * len(VIEWS)
     tflops = flops_per_image(config, *size)["total"] / 1e12
     return max(min(MIN_VIEWS, every), min(every, int(VIEW_BUDGET_TFLOPS / max(tflops, 1e-9))))
@@ -247,8 +245,6 @@ def calibration_target_check(fallback: dict | None, held_out_passed: bool) -> Ch
 
 def _summarize(summary: dict, output: str, metric: str, worst: float, p5: float, view: str) -> None:
     """Keep, per (output, metric), the worse of what `summary` holds (another size) and these figures."""
-    from export.core.metrics import passes
-
     entry = summary.setdefault(output, {}).get(metric)
     if entry is None:
         summary[output][metric] = {"worst": worst, "p5": p5, "worst_view": view}

@@ -107,11 +107,21 @@ def rel_l2(reference: np.ndarray, actual: np.ndarray) -> float:
     return float(np.linalg.norm(ref - act) / max(float(np.linalg.norm(ref)), 1e-30))
 
 
-def neighbour_ranks(embeddings: np.ndarray) -> np.ndarray:
-    """(N, N-1) indices of the other images, most similar first (cosine), ties by index."""
+def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    """(N, C) float64 rows of unit length (cosines are their dot products)."""
     x = embeddings.astype(np.float64).reshape(len(embeddings), -1)  # (N, C)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-    sim = x @ x.T  # (N, N)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+
+
+def _cosine_matrix(embeddings: np.ndarray) -> np.ndarray:
+    x = _unit_rows(embeddings)
+    return x @ x.T  # (N, N)
+
+
+def neighbour_ranks(embeddings: np.ndarray, sim: np.ndarray | None = None) -> np.ndarray:
+    """(N, N-1) indices of the other images, most similar first (cosine), ties by index.
+    `sim`: their (N, N) cosine matrix, when the caller has it."""
+    sim = (_cosine_matrix(embeddings) if sim is None else sim).copy()
     np.fill_diagonal(sim, -np.inf)  # an image is not its own neighbour
     order = np.argsort(-sim, axis=1, kind="stable")  # (N, N)
     return order[:, :-1]  # the last column is the image itself (-inf)
@@ -135,11 +145,7 @@ def recall_at_1(gallery: np.ndarray, queries: np.ndarray, identities) -> float:
     closer to a reference view of its own photograph than to any other photograph's."""
     if gallery.shape != queries.shape:
         raise ValueError(f"shape mismatch: gallery {gallery.shape} vs queries {queries.shape}")
-    g = gallery.astype(np.float64).reshape(len(gallery), -1)  # (N, C)
-    q = queries.astype(np.float64).reshape(len(queries), -1)  # (N, C)
-    g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-30)
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
-    nearest = np.argmax(q @ g.T, axis=1)  # (N,) the gallery row closest to each query
+    nearest = np.argmax(_unit_rows(queries) @ _unit_rows(gallery).T, axis=1)  # (N,) the closest gallery row
     ids = np.asarray(list(identities))
     return float(np.mean(ids[nearest] == ids))
 
@@ -149,12 +155,6 @@ def recall_at_1(gallery: np.ndarray, queries: np.ndarray, identities) -> float:
 # 1e-6..4e-5 in cosine, so their order is float noise, not retrieval (measured on the tiny int8 models: every
 # top-1 disagreement was such a tie within one photograph).
 NN_TIE_COSINE = 1e-4
-
-
-def _cosine_matrix(embeddings: np.ndarray) -> np.ndarray:
-    x = embeddings.astype(np.float64).reshape(len(embeddings), -1)  # (N, C)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-    return x @ x.T  # (N, N)
 
 
 def nn_agreement(reference: np.ndarray, actual: np.ndarray, k: int = 5, tie: float = NN_TIE_COSINE) -> dict[str, float]:
@@ -172,8 +172,8 @@ def nn_agreement(reference: np.ndarray, actual: np.ndarray, k: int = 5, tie: flo
     if n < 3:
         raise ValueError(f"nearest-neighbour agreement needs at least 3 images, got {n}")
     k = min(k, n - 1)
-    ref, act = neighbour_ranks(reference), neighbour_ranks(actual)  # (N, N-1)
     sim = _cosine_matrix(reference)  # (N, N) the reference's own similarities
+    ref, act = neighbour_ranks(reference, sim), neighbour_ranks(actual)  # (N, N-1)
     rows = np.arange(n)
     top1 = sim[rows, act[:, 0]] >= sim[rows, ref[:, 0]] - tie  # (N,)
     kth = sim[rows, ref[:, k - 1]]  # (N,) the reference's k-th nearest
