@@ -9,6 +9,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_steps_in_process():
+    """Builds in a test's own process run their PyTorch steps there: the worker has imported torch and
+    transformers once, a child per build would import them again. Builds the tests start as commands (the
+    CLI tests) run the child as users do, and tests/export/test_loading.py checks the child itself."""
+    from export import torch_side
+
+    torch_side.RUN_IN = "in-process"
+    yield
+    torch_side.RUN_IN = "child"
+
+
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory):
     """{family name: what --model takes (a checkpoint folder; UNICOM: a released-format .pt file)}, plus
@@ -47,6 +59,7 @@ def exported(tiny_folders, tmp_path_factory):
     return get
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marks (tests/test_test_runner.py)
 def pytest_collection_modifyitems(config, items):
     """Parallel runs (pyproject: -n auto --dist loadgroup) send each test to any worker, except tests of a module
     that shares a module- or class-scoped fixture (a served repository, an export): those stay on one worker,

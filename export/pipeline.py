@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from export import __version__, engine as engines
+from export import __version__, engine as engines, torch_side
 from export.core import memory
 from export.core.errors import OptionError
 from export.core.folder import (
@@ -154,14 +154,14 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
         onnx_path = stage / ONNX_NAME
         # Steps 1-3 (load, trace, PyTorch reference) in a child process: its memory (the weights, and
         # the copies tracing keeps) is returned before the ONNX steps start (torch_side.py).
-        torch_side = run_torch_side(TorchRequest(
+        torch_result = run_torch_side(TorchRequest(
             opts.model, opts.random_weights, opts.image_size, opts.dynamic_resolution, opts.hidden_layer,
             onnx_path, opts.parity, first_step=steps.n, total_steps=steps.total, num_heads=opts.num_heads,
             projector=opts.projector), log)
-        ckpt, shape, references = torch_side.checkpoint, torch_side.shape, torch_side.references
+        ckpt, shape, references = torch_result.checkpoint, torch_result.shape, torch_result.references
         steps.n += 3
-        steps.timings.update(torch_side.timings)
-        steps.peaks_mib.update(torch_side.peaks_mib)
+        steps.timings.update(torch_result.timings)
+        steps.peaks_mib.update(torch_result.peaks_mib)
         precision = None
         if opts.precision == "fp32":
             steps.skip("Precision fp32: the traced graph as it is")
@@ -183,8 +183,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
 
             parity = steps.run("Checking parity against PyTorch on the held-out views", onnx_parity, ckpt, shape,
                                onnx_path, precision=opts.precision, references=references)
-            if torch_side.packed_references:
-                _add_packed_parity(parity, torch_side.packed_references, ckpt, onnx_path, opts.precision)
+            if torch_result.packed_references:
+                _add_packed_parity(parity, torch_result.packed_references, ckpt, onnx_path, opts.precision)
             parity.checks.insert(0, graph_check(graph_error))
             # a recipe that missed its own calibration targets is a row, never silent (parity.py says when it fails)
             recipe_row = calibration_target_check(precision.recipe.get("fallback") if precision else None,
@@ -418,5 +418,7 @@ def _versions() -> dict:
 def _peak_rss_mib() -> dict[str, float]:
     """Peak resident memory of this process (the ONNX steps) and of the PyTorch child (load, trace):
     the build's peak is the larger, as they never overlap."""
-    onnx_steps, torch_steps = memory.peak_mib(), memory.peak_mib(children=True)
+    onnx_steps = memory.peak_mib()
+    # in-process (torch_side.RUN_IN): one process did both, its peak is both's
+    torch_steps = onnx_steps if torch_side.RUN_IN == "in-process" else memory.peak_mib(children=True)
     return {"build": max(onnx_steps, torch_steps), "onnx_steps": onnx_steps, "torch_steps": torch_steps}

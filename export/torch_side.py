@@ -51,12 +51,21 @@ class TorchResult:
     packed_references: list | None = None
 
 
+# Where run_torch_side runs the steps: "child" (above), or "in-process" for a debugger and for the test suite
+# (conftest.py), whose builds would each pay the child's imports of torch and transformers again (seconds a tiny
+# build); it gives back no memory. Users, the CLI and the tests of the child itself run "child".
+RUN_IN = "child"
+
+
 def run_torch_side(request: TorchRequest, log: Callable[[str], None]) -> TorchResult:
     """Run `torch_steps(request)` in a child interpreter; forward its log lines; return its result."""
     import os
     import pickle
     import subprocess
     import sys
+
+    if RUN_IN == "in-process":  # what the parent gets is what survives pickling, as from the child
+        return pickle.loads(pickle.dumps(torch_steps(request, log)))
 
     work = Path(request.onnx_path).parent
     request_file, result_file = work / ".torch-request.pkl", work / ".torch-result.pkl"

@@ -30,7 +30,9 @@ find_links=()
 for dir in ${PIP_FIND_LINKS:-} $(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true); do
     [ -d "$dir" ] && find_links+=(--find-links "$dir")
 done
-uv pip sync --quiet --python .venv/bin/python --require-hashes "${find_links[@]}" "$lock" || {
+# --compile-bytecode: the .pyc files are written once here; where PYTHONDONTWRITEBYTECODE is set (CI machines) every
+# interpreter would otherwise compile transformers, onnx, ... again: ~4 s a process, and a build starts one.
+uv pip sync --quiet --compile-bytecode --python .venv/bin/python --require-hashes "${find_links[@]}" "$lock" || {
     echo "setup: installing $lock failed; if torch 2.13.0+cpu was not found, set UV_EXTRA_INDEX_URL to PyTorch's CPU" \
          "wheel index (or UV_FIND_LINKS to a folder holding the wheel)" >&2
     exit 1

@@ -21,7 +21,7 @@ fi
 [ -x .venv/bin/uv ] || { echo "setup_server_env: no .venv/bin/uv; run scripts/setup.sh first" >&2; exit 1; }
 # The lock is complete (nvidia-pytriton's own dependencies, pyzmq, tritonclient, ..., are for PyTriton's Python
 # API, which we do not use, and are left out on purpose): sync installs exactly what it lists.
-.venv/bin/uv pip sync --quiet --python "$env_dir/bin/python3" --require-hashes "${MVT_SERVER_LOCK:-locks/server.txt}"
+.venv/bin/uv pip sync --quiet --compile-bytecode --python "$env_dir/bin/python3" --require-hashes "${MVT_SERVER_LOCK:-locks/server.txt}"
 
 # The python-backend stub links libpython<X.Y>.so.1.0 (Debian: libpython<X.Y>).
 pyver=$("$env_dir/bin/python3" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
