@@ -154,7 +154,8 @@ def _quantize(path: Path, precision: str, feeds: list[dict], calib_method: str, 
     # Smoothing (smooth.py) then takes the LayerNorms with more outlier channels: they migrate into the
     # next weights before Q/DQ. Each writes its model only when it changes something.
     split = path.with_name(SPLIT_ONNX_NAME)
-    result.recipe["splitting"], split_stats = split_outlier_channels(path, split, run.stats, dtype=precision, log=log)
+    result.recipe["splitting"], split_stats = split_outlier_channels(path, split, run.stats, feeds, dtype=precision,
+                                                                     log=log)
     source = split if result.recipe["splitting"]["split"] else path
     smoothed = path.with_name(SMOOTHED_ONNX_NAME)
     result.recipe["smoothing"], factors = smooth_with_factors(source, feeds, dtype=precision, dst=smoothed,
