@@ -271,6 +271,11 @@ def _int8_holds(result, out: Path, ckpt) -> None:
     still = {n.name for n in quantized_layers(model)}
     assert not still & {e["node"] for e in kept} and len(still) == quantized - len(kept)
     assert set(recipe["fp32_nodes_from_fallback"]) == {e["node"] for e in kept}
+    # the split's float paths stay fp32 in the fp16 rest (split.float_path_nodes)
+    from export.precision.split import FLOAT_PATH_SUFFIX
+
+    side = {n.name for n in model.graph.node if n.name.endswith(FLOAT_PATH_SUFFIX)}
+    assert side and side <= set(recipe["fp32_nodes_from_splitting"])
     report = json.loads((out / "overflow_report.json").read_text())
     assert report["splitting"]["split"] == split and report["fallback"] == fallback
 

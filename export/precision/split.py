@@ -247,6 +247,34 @@ def _through_attention(edit: _GraphEdit, site: _AttentionSite, picked: str, v_ro
     return z_int8
 
 
+def float_path_nodes(model, kept: list[str]) -> list[str]:
+    """The nodes of `model`'s split float paths, which stay fp32 where the rest of an int8 graph is fp16: each
+    Gather of outlier channels, each outlier part's MatMul and the Add that joins it to its layer (the outlier
+    channels are the model's largest values and dominate the attention logits; in fp32 their part is exact, for
+    GEMMs of depth |O|); and the mask on the input of the layers in `kept` (the fallback's, in fp32), so that they
+    read what the fallback judged. The outlier models are chaotic at the token level: with these in fp16, one ulp
+    of layer 0's q moved held-out figures (model.onnx) across the parity thresholds: 2D-RoPE (gain 80, 3 layers)
+    tokens 0.944 (0.9865 with them in fp32), CLIP-style (gain 100, bias 4) pooled 0.9947 (0.9965)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    kept_names = set(kept)
+    found: list[str] = []
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.name.startswith(f"{node.input[0]}/gather_outliers"):
+            found.append(node.name)
+        for add in readers.get(node.output[0], []) if node.output else []:
+            if add.op_type == "Add" and add.name.startswith(f"{node.name}/add_outliers"):
+                side = [producer[i] for i in add.input if i in producer and producer[i] is not node]
+                found += [add.name] + [n.name for n in side if n.name.endswith(FLOAT_PATH_SUFFIX)]
+        mask = producer.get(node.input[0]) if node.name in kept_names and node.input else None
+        if mask is not None and mask.op_type == "Mul" and mask.name.startswith(f"{mask.input[0]}/mask"):
+            found.append(mask.name)
+    return list(dict.fromkeys(found))
+
+
 Dim = int | str | None  # a static size, a named dynamic one, or unknown
 
 
