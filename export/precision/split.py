@@ -135,8 +135,8 @@ def split_outlier_channels(path: Path, dst: Path, stats: dict, feeds: list[dict]
             out = site.out_proj.output[0]
             carried_inputs.append(_through_attention(edit, site, picked, weight[channels], out_weight,
                                                      shapes[site.attention.input[1]]))
-            if out in stats:
-                derived[site.out_proj.output[0]] = stats[out]  # renamed to its int8 part, like y above
+            if out in stats:  # out_proj's output, now renamed to its int8 part: a range as for y above
+                derived[site.out_proj.output[0]] = stats[out]
             through_attention.append({"v_projection": linear.name, "out_projection": site.out_proj.name,
                                       "heads": site.heads, "float_depth": site.heads * len(channels)})
             log(f"      carrying the split of {linear.name} through attention: {len(channels)} outlier columns per "
