@@ -28,6 +28,11 @@ put around the Softmax) and keeps the scaled q and k^T as they are, so RoPE2D st
                 dedicated kernel" (checked here, head sizes 16, 64, 104). onnxruntime 1.32's CPU kernel for
                 it materializes the scores (6.6 GB peak at S = 16,384, 6 heads; measured), so it is an
                 engine form, not the portable one.
+
+V may have more columns per head than q and k: int8's outlier splitting carries a LayerNorm's outlier channels
+through attention as extra columns of V (export/precision/split.py). MultiHeadAttention takes such a V (its
+CPU FlashAttention too); TensorRT's IAttention wants key and value of one shape ("Key and Value must have the
+same shape", TensorRT-RTX 1.7), so the onnx23 form pads q and k with zero columns, which leave q k^T as it was.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class AttentionSite:
     k: str | None = None
     k_scale: str | None = None
     k_nodes: tuple[str, ...] = ()  # the chain above, removed with the site
+    v_extra: int = 0  # columns per head V has beyond q and k (value_info; split.py widens V)
 
 
 def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
@@ -117,6 +123,7 @@ def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
     for output in graph.output:  # a graph output is read too
         readers.setdefault(output.name, []).append(output)
     heads = _static_dims(model)
+    widths = _static_dims(model, axis=3)  # head sizes of [B, H, S, D] tensors
     sites = []
     for softmax in graph.node:
         if softmax.op_type != "Softmax" or _axis(softmax) != -1:
@@ -146,8 +153,10 @@ def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
             continue  # an intermediate is read elsewhere (an output, a statistic): leave it
         q, k_t = scores.input
         k, k_scale, k_nodes = _traced_key(k_t, producer, readers)
-        sites.append(AttentionSite(q, k_t, down.input[1], down.output[0], tuple(n.name for n in chain),
-                                   heads.get(q, heads.get(down.input[1])), k, k_scale, k_nodes))
+        v = down.input[1]
+        v_extra = widths[v] - widths[q] if v in widths and q in widths else 0
+        sites.append(AttentionSite(q, k_t, v, down.output[0], tuple(n.name for n in chain),
+                                   heads.get(q, heads.get(v)), k, k_scale, k_nodes, max(v_extra, 0)))
     return sites
 
 
@@ -259,11 +268,16 @@ def _restore_decomposed(model: onnx.ModelProto) -> None:
             removed = parts + [node]
             key = k_t.input[0]  # k^T [B, H, D, S] (perm 0 3 1 2), or the scaled k [B, H, S, D] (perm 0 2 1 3)
         elif node.domain in ("", "ai.onnx") and node.op_type == ATTENTION_OP:
-            k = up(node.input[1], "Transpose")
+            q, key, v, out = node.input[0], node.input[1], node.input[2], node.output[0]
+            pads = [up(name, "Pad") for name in (q, key)]
+            pads = pads if all(pad is not None and pad.name.endswith(("/attention/q_pad", "/attention/k_pad"))
+                               for pad in pads) else []  # ours only: zero columns for a wider v
+            if pads:
+                q, key = pads[0].input[0], pads[1].input[0]
+            k = up(key, "Transpose")
             k = k if k is not None and k.name.endswith("/attention/k") else None  # ours only
-            q, v, out = node.input[0], node.input[2], node.output[0]
-            removed = [node] if k is None else [k, node]
-            key = node.input[1] if k is None else k.input[0]
+            removed = pads + ([node] if k is None else [k, node])
+            key = key if k is None else k.input[0]
             k_t = k
         else:
             continue
@@ -357,8 +371,9 @@ def _mha_nodes(site: AttentionSite):
 
 
 def _attention23_nodes(site: AttentionSite):
-    """Attention(q [B,H,S,D], k [B,H,S,D], v [B,H,S,D], scale=1) -> [B,H,S,D]."""
-    from onnx import helper
+    """Attention(q [B,H,S,D], k [B,H,S,D], v [B,H,S,D], scale=1) -> [B,H,S,D]; q and k padded with zeros to v's
+    head size where v is wider (the module docstring)."""
+    from onnx import TensorProto, helper
 
     p = site.nodes[-1] + "/attention/"
     n = helper.make_node
@@ -366,12 +381,15 @@ def _attention23_nodes(site: AttentionSite):
         key = n("Mul", [site.k, site.k_scale], [p + "k"], name=p + "k")  # (B, H, S, D), scaled as k^T was
     else:
         key = n("Transpose", [site.k_t], [p + "k"], perm=[0, 1, 3, 2], name=p + "k")  # (B, H, S, D)
-    nodes = [
-        key,
-        # scale 1: q and k arrive scaled by sqrt(scale) each, which TensorRT's fusion asks for
-        n(ATTENTION_OP, [site.q, p + "k", site.v], [site.out], scale=1.0, name=p + "attention"),
-    ]
-    return nodes, []
+    nodes, inits, q, k = [key], [], site.q, p + "k"
+    if site.v_extra:  # IAttention wants k and v of one shape: zero columns leave q k^T as it was
+        inits.append(helper.make_tensor(p + "pads", TensorProto.INT64, [8], [0] * 7 + [site.v_extra]))
+        nodes += [n("Pad", [q, p + "pads"], [p + "q_padded"], name=p + "q_pad"),  # (B, H, S, D + extra)
+                  n("Pad", [k, p + "pads"], [p + "k_padded"], name=p + "k_pad")]
+        q, k = p + "q_padded", p + "k_padded"
+    # scale 1: q and k arrive scaled by sqrt(scale) each, which TensorRT's fusion asks for
+    nodes.append(n(ATTENTION_OP, [q, k, site.v], [site.out], scale=1.0, name=p + "attention"))
+    return nodes, inits
 
 
 def _key_bshd(site: AttentionSite, p: str) -> list:
@@ -439,13 +457,14 @@ def attach_mha_function(model: onnx.ModelProto) -> None:
     model.functions.append(mha_function_proto(opset))
 
 
-def _static_dims(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor name -> axis 1 (the head count of a [B, H, S, D] tensor), where the value_info says."""
+def _static_dims(model: onnx.ModelProto, axis: int = 1) -> dict[str, int]:
+    """Tensor name -> `axis` of a [B, H, S, D] tensor (1: the head count, 3: the head size), where the
+    value_info says."""
     dims = {}
     for v in list(model.graph.value_info) + list(model.graph.input):
         shape = v.type.tensor_type.shape.dim
-        if len(shape) == 4 and shape[1].HasField("dim_value"):
-            dims[v.name] = shape[1].dim_value
+        if len(shape) == 4 and shape[axis].HasField("dim_value"):
+            dims[v.name] = shape[axis].dim_value
     return dims
 
 

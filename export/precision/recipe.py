@@ -90,8 +90,13 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
 
     fallback_kept = [e["node"] for e in result.recipe.get("fallback", {}).get("kept_out_of_low_precision", [])
                      if fallback_style(precision)["fp32"]]
+    # Outlier splitting's float paths stay fp32 too, and the masks the fallback's layers read (split.py says why).
+    from export.precision.split import float_path_nodes
+
+    split_kept = (float_path_nodes(onnx.load(str(source), load_external_data=False), fallback_kept)
+                  if result.recipe.get("splitting", {}).get("split") and rest == "fp16" else [])
     # Streams external weights: a > 2 GB model is never held whole, nor serialized as one protobuf.
-    model = convert_file(source, path, fp16=rest == "fp16", keep_fp32_nodes=kept + fallback_kept)
+    model = convert_file(source, path, fp16=rest == "fp16", keep_fp32_nodes=kept + fallback_kept + split_kept)
     for leftover in (path.with_name(QDQ_ONNX_NAME), path.with_name(QDQ_ONNX_NAME + DATA_SUFFIX),
                      path.with_name(SMOOTHED_ONNX_NAME), path.with_name(SMOOTHED_ONNX_NAME + DATA_SUFFIX),
                      path.with_name(SPLIT_ONNX_NAME)):
@@ -105,6 +110,7 @@ def apply_precision(path: Path, precision: str, feeds: list[dict] | None, *, cal
         "fp32_island_op_types": sorted(FP32_ISLANDS),
         "fp32_nodes_from_overflow": kept,
         **({"fp32_nodes_from_fallback": fallback_kept} if precision in QUANTIZED else {}),
+        **({"fp32_nodes_from_splitting": split_kept} if split_kept else {}),
         "float16_initializers": count_float16_initializers(model),
         "interface": "float32",
     })
@@ -154,7 +160,8 @@ def _quantize(path: Path, precision: str, feeds: list[dict], calib_method: str, 
     # Smoothing (smooth.py) then takes the LayerNorms with more outlier channels: they migrate into the
     # next weights before Q/DQ. Each writes its model only when it changes something.
     split = path.with_name(SPLIT_ONNX_NAME)
-    result.recipe["splitting"], split_stats = split_outlier_channels(path, split, run.stats, dtype=precision, log=log)
+    result.recipe["splitting"], split_stats = split_outlier_channels(path, split, run.stats, feeds, dtype=precision,
+                                                                     log=log)
     source = split if result.recipe["splitting"]["split"] else path
     smoothed = path.with_name(SMOOTHED_ONNX_NAME)
     result.recipe["smoothing"], factors = smooth_with_factors(source, feeds, dtype=precision, dst=smoothed,
