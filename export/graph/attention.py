@@ -32,7 +32,8 @@ put around the Softmax) and keeps the scaled q and k^T as they are, so RoPE2D st
 V may have more columns per head than q and k: int8's outlier splitting carries a LayerNorm's outlier channels
 through attention as extra columns of V (export/precision/split.py). MultiHeadAttention takes such a V (its
 CPU FlashAttention too); TensorRT's IAttention wants key and value of one shape ("Key and Value must have the
-same shape", TensorRT-RTX 1.7), so the onnx23 form pads q and k with zero columns, which leave q k^T as it was.
+same shape", TensorRT-RTX 1.7), so the onnx23 form pads q and k with zero columns, which leave q k^T as it was,
+and all three up to a multiple of HEAD_SIZE_ALIGN (v's zero columns are sliced off the output).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ MHA_VERSION = 1
 ATTENTION_OP = "Attention"  # the standard op, default domain
 ATTENTION_OPSET = 23
 IATTENTION_SINCE = (10, 14)  # TensorRT version whose ONNX parser maps Attention to IAttention
+# A V widened by the outlier split is padded (q, k and v) up to a head size in multiples of this: flash-style fused
+# attention kernels take head sizes in multiples of 8 (64 + 3 outlier columns would not be one).
+HEAD_SIZE_ALIGN = 8
 # Precisions whose attention runs in fp16 inside the graph (int8/fp8 quantize the linear layers, fp16 elsewhere)
 HALF_ATTENTION_PRECISIONS = ("fp16", "int8", "fp8")
 
@@ -107,6 +111,7 @@ class AttentionSite:
     k_scale: str | None = None
     k_nodes: tuple[str, ...] = ()  # the chain above, removed with the site
     v_extra: int = 0  # columns per head V has beyond q and k (value_info; split.py widens V)
+    v_width: int = 0  # V's head size, where v_extra is known
 
 
 def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
@@ -156,7 +161,7 @@ def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
         v = down.input[1]
         v_extra = widths[v] - widths[q] if v in widths and q in widths else 0
         sites.append(AttentionSite(q, k_t, v, down.output[0], tuple(n.name for n in chain),
-                                   heads.get(q, heads.get(v)), k, k_scale, k_nodes, max(v_extra, 0)))
+                                   heads.get(q, heads.get(v)), k, k_scale, k_nodes, max(v_extra, 0), widths.get(v, 0)))
     return sites
 
 
@@ -274,6 +279,10 @@ def _restore_decomposed(model: onnx.ModelProto) -> None:
                                for pad in pads) else []  # ours only: zero columns for a wider v
             if pads:
                 q, key = pads[0].input[0], pads[1].input[0]
+                v_pad, out_slice = up(v, "Pad"), down(out, "Slice")
+                if v_pad is not None and out_slice is not None and v_pad.name.endswith("/attention/v_pad"):
+                    v, out = v_pad.input[0], out_slice.output[0]  # the head size rounded up (HEAD_SIZE_ALIGN)
+                    pads += [v_pad, out_slice]
             k = up(key, "Transpose")
             k = k if k is not None and k.name.endswith("/attention/k") else None  # ours only
             removed = pads + ([node] if k is None else [k, node])
@@ -381,14 +390,25 @@ def _attention23_nodes(site: AttentionSite):
         key = n("Mul", [site.k, site.k_scale], [p + "k"], name=p + "k")  # (B, H, S, D), scaled as k^T was
     else:
         key = n("Transpose", [site.k_t], [p + "k"], perm=[0, 1, 3, 2], name=p + "k")  # (B, H, S, D)
-    nodes, inits, q, k = [key], [], site.q, p + "k"
-    if site.v_extra:  # IAttention wants k and v of one shape: zero columns leave q k^T as it was
-        inits.append(helper.make_tensor(p + "pads", TensorProto.INT64, [8], [0] * 7 + [site.v_extra]))
-        nodes += [n("Pad", [q, p + "pads"], [p + "q_padded"], name=p + "q_pad"),  # (B, H, S, D + extra)
-                  n("Pad", [k, p + "pads"], [p + "k_padded"], name=p + "k_pad")]
+    nodes, inits, q, k, v, out = [key], [], site.q, p + "k", site.v, site.out
+    if site.v_extra:  # IAttention wants k and v of one shape: zero columns leave q k^T (and v's part) as they were
+        width = -(-site.v_width // HEAD_SIZE_ALIGN) * HEAD_SIZE_ALIGN
+        qk_pad, v_pad = width - (site.v_width - site.v_extra), width - site.v_width
+        inits.append(helper.make_tensor(p + "qk_pads", TensorProto.INT64, [8], [0] * 7 + [qk_pad]))
+        nodes += [n("Pad", [q, p + "qk_pads"], [p + "q_padded"], name=p + "q_pad"),  # (B, H, S, width)
+                  n("Pad", [k, p + "qk_pads"], [p + "k_padded"], name=p + "k_pad")]
         q, k = p + "q_padded", p + "k_padded"
+        if v_pad:
+            inits += [helper.make_tensor(p + "v_pads", TensorProto.INT64, [8], [0] * 7 + [v_pad]),
+                      helper.make_tensor(p + "v_width", TensorProto.INT64, [1], [site.v_width]),
+                      helper.make_tensor(p + "zero", TensorProto.INT64, [1], [0]),
+                      helper.make_tensor(p + "last_axis", TensorProto.INT64, [1], [3])]
+            nodes.append(n("Pad", [v, p + "v_pads"], [p + "v_padded"], name=p + "v_pad"))  # (B, H, S, width)
+            v, out = p + "v_padded", p + "out_padded"
     # scale 1: q and k arrive scaled by sqrt(scale) each, which TensorRT's fusion asks for
-    nodes.append(n(ATTENTION_OP, [q, k, site.v], [site.out], scale=1.0, name=p + "attention"))
+    nodes.append(n(ATTENTION_OP, [q, k, v], [out], scale=1.0, name=p + "attention"))
+    if out != site.out:  # (B, H, S, width) -> (B, H, S, v_width)
+        nodes.append(n("Slice", [out, p + "zero", p + "v_width", p + "last_axis"], [site.out], name=p + "out_slice"))
     return nodes, inits
 
 

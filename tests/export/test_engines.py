@@ -36,6 +36,29 @@ def test_profiles_cover_batch_and_resolution():
 
 
 @needs_rtx
+def test_tensorrt_rtx_builds_int8_with_outlier_channels_carried_through_attention(tmp_path):
+    """The outlier split widens V by the outlier channels (export/precision/split.py); TensorRT's fused attention
+    wants q, k and v of one head size, so the engine form pads all three to a multiple of HEAD_SIZE_ALIGN
+    (TensorRT-RTX 1.7 refused the unpadded graph: "Key and Value must have the same shape")."""
+    from export.graph.attention import HEAD_SIZE_ALIGN
+    from export.models.families import family_by_name
+    from export.models.testing import save_outlier_checkpoint
+
+    ckpt = save_outlier_checkpoint(family_by_name("mlcd-rope2d"), tmp_path / "ckpt")
+    out = tmp_path / "int8"
+    proc = _cli("--model", ckpt, "--out", out, "--precision", "int8", "--runtime", "tensorrt-rtx",
+                "--compute-capability", "8.9", "--max-batch", "2", "--skip-parity")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    carried = [c for e in manifest["precision_recipe"]["splitting"]["split"] for c in e.get("through_attention", [])]
+    assert carried and manifest["engine"]["built"] and manifest["engine"]["attention_lowering"] == "onnx23"
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(out / "engine.onnx"), load_external_data=False)).graph
+    dims = {v.name: v.type.tensor_type.shape.dim for v in graph.value_info}
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    sizes = {dims[name][3].dim_value for n in attention for name in n.input[:3] if name in dims}
+    assert len(attention) == len(carried) and sizes and all(s % HEAD_SIZE_ALIGN == 0 for s in sizes), sizes
+
+@needs_rtx
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "fp8"])
 def test_tensorrt_rtx_builds_an_engine_on_cpu(tiny_folders, tmp_path, precision):
     out = tmp_path / precision

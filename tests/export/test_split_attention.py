@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from export.core.interface import INPUT_NAME
-from export.graph.attention import lower_attention
+from export.graph.attention import HEAD_SIZE_ALIGN, lower_attention
 from export.precision.qdq import quantizable_nodes
 from export.precision.smooth import smoothable
 from export.precision.split import FLOAT_PATH_SUFFIX, split_outlier_channels
@@ -82,11 +82,15 @@ def test_attention_carries_the_split_exactly_in_every_lowering(exported, family,
         lowered = lower_attention(split, form)
         ops = Counter(n.op_type for n in lowered.graph.node)
         assert ops[op] == layers, form  # the widened V keeps each attention one op
-        # TensorRT's IAttention wants k and v of one shape: q and k get zero columns
-        assert ops["Pad"] == (2 * layers if form == "onnx23" else 0)
+        # TensorRT's IAttention wants k and v of one shape: q and k get zero columns, and all three a head size
+        # that flash-style kernels take (v's extra zero columns are sliced off again)
+        assert ops["Pad"] == (ops["Attention"] * 3 if form == "onnx23" else 0)
+        if form == "onnx23":
+            wide = ckpt.config.hidden_size // ckpt.config.num_attention_heads + len(SPIKED)
+            assert _attention_head_sizes(lowered) == {-(-wide // HEAD_SIZE_ALIGN) * HEAD_SIZE_ALIGN}
         _assert_same(before, _outputs(lowered, feeds[0]))
     back = lower_attention(lower_attention(split, "onnx23"), "decomposed")
-    assert not [n for n in back.graph.node if n.op_type == "Pad"]
+    assert not [n for n in back.graph.node if n.op_type == "Pad" or n.name.endswith("/attention/out_slice")]
 
 
 def test_a_v_outside_the_traced_pattern_is_split_as_before(exported, tmp_path):
@@ -114,3 +118,13 @@ def test_a_v_outside_the_traced_pattern_is_split_as_before(exported, tmp_path):
             assert v + FLOAT_PATH_SUFFIX in side and v not in {c["v_projection"] for c in carried}
             assert len(carried) == ckpt.config.num_hidden_layers - 1  # the other layers' V still carried
         _assert_same(_outputs(model, feeds[0]), _outputs(split, feeds[0]))
+
+
+def _attention_head_sizes(model) -> set[int]:
+    """Head sizes of the q, k and v every Attention node reads (shape inference)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {v.name: v.type.tensor_type.shape.dim for v in inferred.graph.value_info}
+    return {dims[name][3].dim_value for node in inferred.graph.node if node.op_type == "Attention"
+            for name in node.input[:3]}
