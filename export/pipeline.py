@@ -147,7 +147,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildResult
     engine_attention = resolve_attention(opts.attention, target.rope_runtime, opts.precision)
     attention = PORTABLE_ATTENTION if opts.attention == "auto" else engine_attention
     if target.skip_reason is None:
-        check_engine_attention(engine_attention, opts.precision, target.runtime)
+        check_engine_attention(engine_attention, opts.precision, target.runtime, target.version)
     steps = Steps(7, log)
 
     with staged_output(out, opts.force) as stage:

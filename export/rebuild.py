@@ -214,7 +214,7 @@ def rebuild_engine(opts: RebuildOptions, log: Callable[[str], None] = print) -> 
     if why:
         log(f"      RoPE: {why}")
     attention = _wanted_attention(manifest, target)
-    check_engine_attention(attention, manifest.precision, target.runtime)
+    check_engine_attention(attention, manifest.precision, target.runtime, target.version)
     recorded = _recorded_graph(manifest, lowering, attention)
     temporaries: list[Path] = []  # removed whatever happens: the recorded artifacts stay as they are
     try:

@@ -31,9 +31,11 @@ put around the Softmax) and keeps the scaled q and k^T as they are, so RoPE2D st
 
 V may have more columns per head than q and k: int8's outlier splitting carries a LayerNorm's outlier channels
 through attention as extra columns of V (export/precision/split.py). MultiHeadAttention takes such a V (its
-CPU FlashAttention too); TensorRT's IAttention wants key and value of one shape ("Key and Value must have the
-same shape", TensorRT-RTX 1.7), so the onnx23 form pads q and k with zero columns, which leave q k^T as it was,
-and all three up to a multiple of HEAD_SIZE_ALIGN (v's zero columns are sliced off the output).
+CPU FlashAttention too; on CUDA its flash kernel wants one head size and its memory-efficient one sizes in
+multiples of 8, so such a layer takes the unfused kernel there: onnxruntime's multihead_attention.cc).
+TensorRT's IAttention wants key and value of one shape ("Key and Value must have the same shape", TensorRT-RTX
+1.7), so the onnx23 form pads q and k with zero columns, which leave q k^T as it was, and all three up to a
+multiple of HEAD_SIZE_ALIGN (v's zero columns are sliced off the output).
 """
 
 from __future__ import annotations
@@ -85,12 +87,19 @@ def resolve_attention(requested: str, engine: tuple[str, str] | None, precision:
     return "onnx23" if half and major_minor >= IATTENTION_SINCE else "decomposed"
 
 
-def check_engine_attention(lowering: str, precision: str, runtime: str | None) -> None:
-    """Refuse `--attention onnx23` for an fp32 engine before any slow work: the build would fail."""
-    if lowering == "onnx23" and runtime in ("tensorrt", "tensorrt-rtx") and precision not in HALF_ATTENTION_PRECISIONS:
+def check_engine_attention(lowering: str, precision: str, runtime: str | None, version: str | None = None) -> None:
+    """Refuse `--attention onnx23` where the engine build would fail, before any slow work: an fp32 engine, or a
+    TensorRT (`version`, when known) whose ONNX parser has no Attention importer."""
+    if lowering != "onnx23" or runtime not in ("tensorrt", "tensorrt-rtx"):
+        return
+    if precision not in HALF_ATTENTION_PRECISIONS:
         raise OptionError(f"--attention onnx23 with --precision {precision}: TensorRT's ONNX parser makes the "
                           "Attention op a fused IAttention, which has kernels for fp16/bf16 only; use --attention "
                           "decomposed (or auto) for an fp32 engine, or --precision fp16")
+    if runtime == "tensorrt" and version and tuple(int(p) for p in version.split(".")[:2]) < IATTENTION_SINCE:
+        since = ".".join(map(str, IATTENTION_SINCE))
+        raise OptionError(f"--attention onnx23: TensorRT {version}'s ONNX parser has no Attention importer (it "
+                          f"came with {since}); use --attention decomposed (or auto), or TensorRT >= {since}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,7 @@ def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
         readers.setdefault(output.name, []).append(output)
     heads = _static_dims(model)
     widths = _static_dims(model, axis=3)  # head sizes of [B, H, S, D] tensors
+    constants = {t.name: t for t in graph.initializer}
     sites = []
     for softmax in graph.node:
         if softmax.op_type != "Softmax" or _axis(softmax) != -1:
@@ -160,6 +170,9 @@ def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
         k, k_scale, k_nodes = _traced_key(k_t, producer, readers)
         v = down.input[1]
         v_extra = widths[v] - widths[q] if v in widths and q in widths else 0
+        if not (v in widths and q in widths):  # value_info lost (a graph edited elsewhere): the split's own sizes
+            v_extra, v_width = _widened_by_split(down.output[0], readers, constants)
+            widths[v] = v_width or widths.get(v, 0)
         sites.append(AttentionSite(q, k_t, v, down.output[0], tuple(n.name for n in chain),
                                    heads.get(q, heads.get(v)), k, k_scale, k_nodes, max(v_extra, 0), widths.get(v, 0)))
     return sites
@@ -475,6 +488,22 @@ def attach_mha_function(model: onnx.ModelProto) -> None:
     model.functions.extend(keep)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     model.functions.append(mha_function_proto(opset))
+
+
+def _widened_by_split(out: str, readers: dict, constants: dict) -> tuple[int, int]:
+    """(extra columns, V's head size) of an attention output that int8's outlier split cuts into [d, |O|]
+    (export/precision/split.py: a Split on the last axis with constant sizes); (0, 0) for any other."""
+    import onnx
+    from onnx import numpy_helper
+
+    nodes = readers.get(out, [])
+    split = nodes[0] if len(nodes) == 1 and isinstance(nodes[0], onnx.NodeProto) else None
+    if split is None or split.op_type != "Split" or len(split.input) < 2 or split.input[1] not in constants:
+        return 0, 0
+    if next((a.i for a in split.attribute if a.name == "axis"), 0) not in (-1, 3):
+        return 0, 0
+    sizes = numpy_helper.to_array(constants[split.input[1]]).tolist()
+    return (int(sizes[1]), int(sum(sizes))) if len(sizes) == 2 else (0, 0)
 
 
 def _static_dims(model: onnx.ModelProto, axis: int = 1) -> dict[str, int]:

@@ -112,6 +112,9 @@ def test_unknown_form_and_fp32_iattention_are_refused():
         check_engine_attention("onnx23", "fp32", "tensorrt-rtx")
     check_engine_attention("onnx23", "fp32", "none")  # no engine: onnxruntime runs it
     check_engine_attention("onnx23", "fp16", "tensorrt")
+    check_engine_attention("onnx23", "fp16", "tensorrt", "10.14.1")
+    with pytest.raises(OptionError, match="no Attention importer"):  # the parser of 10.9-10.13
+        check_engine_attention("onnx23", "fp16", "tensorrt", "10.13.0")
 
 
 def test_manifest_fallback_for_exports_before_the_option():
