@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from export.core.errors import OptionError
+from export.graph.lowering import major_minor
 
 if TYPE_CHECKING:
     import onnx
@@ -83,8 +84,7 @@ def resolve_attention(requested: str, engine: tuple[str, str] | None, precision:
     half = precision in HALF_ATTENTION_PRECISIONS
     if runtime == "tensorrt-rtx":
         return "onnx23" if half else "decomposed"
-    major_minor = tuple(int(p) for p in version.split(".")[:2])
-    return "onnx23" if half and major_minor >= IATTENTION_SINCE else "decomposed"
+    return "onnx23" if half and major_minor(version) >= IATTENTION_SINCE else "decomposed"
 
 
 def check_engine_attention(lowering: str, precision: str, runtime: str | None, version: str | None = None) -> None:
@@ -96,7 +96,7 @@ def check_engine_attention(lowering: str, precision: str, runtime: str | None, v
         raise OptionError(f"--attention onnx23 with --precision {precision}: TensorRT's ONNX parser makes the "
                           "Attention op a fused IAttention, which has kernels for fp16/bf16 only; use --attention "
                           "decomposed (or auto) for an fp32 engine, or --precision fp16")
-    if runtime == "tensorrt" and version and tuple(int(p) for p in version.split(".")[:2]) < IATTENTION_SINCE:
+    if runtime == "tensorrt" and version and major_minor(version) < IATTENTION_SINCE:
         since = ".".join(map(str, IATTENTION_SINCE))
         raise OptionError(f"--attention onnx23: TensorRT {version}'s ONNX parser has no Attention importer (it "
                           f"came with {since}); use --attention decomposed (or auto), or TensorRT >= {since}")
@@ -169,12 +169,12 @@ def attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
         q, k_t = scores.input
         k, k_scale, k_nodes = _traced_key(k_t, producer, readers)
         v = down.input[1]
-        v_extra = widths[v] - widths[q] if v in widths and q in widths else 0
-        if not (v in widths and q in widths):  # value_info lost (a graph edited elsewhere): the split's own sizes
+        if v in widths and q in widths:
+            v_extra, v_width = widths[v] - widths[q], widths[v]
+        else:  # value_info lost (a graph edited elsewhere): the split's own sizes
             v_extra, v_width = _widened_by_split(down.output[0], readers, constants)
-            widths[v] = v_width or widths.get(v, 0)
         sites.append(AttentionSite(q, k_t, v, down.output[0], tuple(n.name for n in chain),
-                                   heads.get(q, heads.get(v)), k, k_scale, k_nodes, max(v_extra, 0), widths.get(v, 0)))
+                                   heads.get(q, heads.get(v)), k, k_scale, k_nodes, max(v_extra, 0), v_width))
     return sites
 
 
@@ -186,7 +186,8 @@ def _traced_key(k_t: str, producer: dict, readers: dict) -> tuple[str | None, st
     outer = producer.get(mul.input[0])
     flip = producer.get(outer.input[0]) if outer is not None and outer.op_type == "Reshape" else None
     inner = producer.get(flip.input[0]) if flip is not None and flip.op_type == "Transpose" else None
-    if inner is None or flip is None or outer is None or inner.op_type != "Reshape" or _perm(flip) != [0, 2, 1]:
+    if (inner is None or flip is None or outer is None or inner.op_type != "Reshape"
+            or transpose_perm(flip) != [0, 2, 1]):
         return None, None, ()
     chain = (inner, flip, outer, mul)
     if any(len(readers.get(n.output[0], [])) != 1 for n in chain):
@@ -194,7 +195,8 @@ def _traced_key(k_t: str, producer: dict, readers: dict) -> tuple[str | None, st
     return inner.input[0], mul.input[1], tuple(n.name for n in chain)
 
 
-def _perm(node) -> list[int]:
+def transpose_perm(node) -> list[int]:
+    """A Transpose node's perm attribute ([] when it has none)."""
     return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
 
 
@@ -306,7 +308,7 @@ def _restore_decomposed(model: onnx.ModelProto) -> None:
         p = out + "/decomposed/"
         n = helper.make_node
         nodes = []
-        if k_t is None or _perm(k_t) not in ([0, 3, 1, 2], [0, 1, 3, 2]):  # key is k [B, H, S, D]
+        if k_t is None or transpose_perm(k_t) not in ([0, 3, 1, 2], [0, 1, 3, 2]):  # key is k [B, H, S, D]
             nodes.append(n("Transpose", [key], [p + "k_t"], perm=[0, 1, 3, 2], name=p + "k_t"))  # (B, H, D, S)
             key = p + "k_t"
         nodes.append(n("MatMul", [q, key], [p + "scores"], name=p + "scores"))  # (B, H, S, S)

@@ -43,7 +43,7 @@ def unbuildable(lowering: str, engine: tuple[str, str], found: Callable[[str], b
     runtime, version = engine
     if lowering == "plugin" and runtime == "tensorrt-rtx":
         return "TensorRT-RTX cannot load Python plugins"
-    if runtime == "tensorrt" and lowering in MIN_TENSORRT and _major_minor(version) < MIN_TENSORRT[lowering]:
+    if runtime == "tensorrt" and lowering in MIN_TENSORRT and major_minor(version) < MIN_TENSORRT[lowering]:
         return f"TensorRT parses it from {'.'.join(map(str, MIN_TENSORRT[lowering]))} on"
     missing = [m for m in BUILD_MODULES.get(lowering, ()) if not found(m)]
     if missing:
@@ -52,7 +52,8 @@ def unbuildable(lowering: str, engine: tuple[str, str], found: Callable[[str], b
     return None
 
 
-def _major_minor(version: str) -> tuple[int, ...]:
+def major_minor(version: str) -> tuple[int, ...]:
+    """"10.13.0" -> (10, 13): what the TensorRT version thresholds compare."""
     return tuple(int(p) for p in version.split(".")[:2])
 
 

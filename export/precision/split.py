@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from export.graph.attention import transpose_perm
+
 # A channel is an outlier when its peak |X_j| on the calibration images exceeds this many times the median
 # channel's (smooth.MIN_SPREAD: the same rule decides that a LayerNorm needs either treatment).
 OUTLIER_RATIO = 4.0
@@ -98,7 +100,8 @@ def split_outlier_channels(path: Path, dst: Path, stats: dict, feeds: list[dict]
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     edit = _GraphEdit(graph, set(inits) | {o for n in graph.node for o in n.output})
-    shapes = _inferred_shapes(model)
+    graph_readers = _readers(graph)  # the rewrites below change a layer's own nodes, never who reads whom elsewhere
+    shapes: dict[str, list[Dim]] = {}  # shape inference, run once a split LayerNorm is found (most models have none)
     carried_inputs: list[str] = []  # out_proj inputs that attention now carries without the outlier part
 
     for target in smoothable(model)[0]:
@@ -106,6 +109,7 @@ def split_outlier_channels(path: Path, dst: Path, stats: dict, feeds: list[dict]
         channels = outlier_channels(peaks)
         if not channels or len(channels) > MAX_SPLIT_CHANNELS:
             continue
+        shapes = shapes or _inferred_shapes(model)  # before the first rewrite: on the graph as traced
         x = target.tensor
         keep = np.ones(len(peaks), np.float32)  # (C,)
         keep[channels] = 0
@@ -123,7 +127,7 @@ def split_outlier_channels(path: Path, dst: Path, stats: dict, feeds: list[dict]
             linear.input[0], linear.output[0] = masked, int8_part
             if y in stats:  # outputs are not quantized; the quantizer still asks for a range
                 derived[int8_part] = stats[y]
-            site = _attention_site(model, y, shapes, inits)
+            site = _attention_site(model, y, shapes, inits, graph_readers)
             if site is None:
                 rows = edit.constant(weight[channels], f"{linear.input[1]}/outlier_rows")  # (|O|, out)
                 float_part = edit.fresh(f"{y}/outlier_part")
@@ -256,10 +260,7 @@ def float_path_nodes(model, kept: list[str]) -> list[str]:
     of layer 0's q moved held-out figures (model.onnx) across the parity thresholds: 2D-RoPE (gain 80, 3 layers)
     tokens 0.944 (0.9865 with them in fp32), CLIP-style (gain 100, bias 4) pooled 0.9947 (0.9965)."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(model.graph)
     kept_names = set(kept)
     found: list[str] = []
     for node in model.graph.node:
@@ -306,7 +307,8 @@ def _inferred_shapes(model) -> dict[str, list[Dim]]:
     return shapes
 
 
-def _attention_site(model, y: str, shapes: dict[str, list[Dim]], inits: dict) -> _AttentionSite | None:
+def _attention_site(model, y: str, shapes: dict[str, list[Dim]], inits: dict,
+                    readers: dict[str, list]) -> _AttentionSite | None:
     """The traced attention that V = `y` (a linear layer's output [B, N, C]) feeds, or None for any other reader:
 
         y [-> Add(bias)] -> Reshape [B, N, h, d] -> Transpose (0 2 1 3) -> MatMul(P, ·) [B, h, N, d]
@@ -317,10 +319,6 @@ def _attention_site(model, y: str, shapes: dict[str, list[Dim]], inits: dict) ->
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:  # Unsqueeze and Split take their axes / sizes as inputs from opset 13
         return None
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
 
     def only_reader(name: str):
@@ -343,7 +341,7 @@ def _attention_site(model, y: str, shapes: dict[str, list[Dim]], inits: dict) ->
     if not isinstance(heads, int) or not isinstance(head_dim, int) or heads * head_dim != before[2]:
         return None
     split = only_reader(node.output[0])
-    if split is None or split.op_type != "Transpose" or _perm(split) != [0, 2, 1, 3]:
+    if split is None or split.op_type != "Transpose" or transpose_perm(split) != [0, 2, 1, 3]:
         return None
     attention = only_reader(split.output[0])
     if attention is None or attention.op_type != "MatMul" or list(attention.input).index(split.output[0]) != 1:
@@ -357,7 +355,7 @@ def _attention_site(model, y: str, shapes: dict[str, list[Dim]], inits: dict) ->
         if reader is None or reader.input[0] != tensor:
             return None
         if reader.op_type == "Transpose":
-            perm = _perm(reader)
+            perm = transpose_perm(reader)
             if sorted(perm) != list(range(len(axes))):
                 return None
             axes, sizes = [axes[p] for p in perm], [sizes[p] for p in perm]
@@ -397,5 +395,10 @@ def _merge_axes(axes: list[tuple[str, ...]], sizes: list[Dim], out: list[Dim] | 
     return (merged, list(out)) if i == len(axes) else None
 
 
-def _perm(node) -> list[int]:
-    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+def _readers(graph) -> dict[str, list]:
+    """{tensor: the nodes that read it}."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
